@@ -1,0 +1,170 @@
+//! Code generation: the parsed arguments and the user's function in, the rewritten
+//! function out. Nothing here parses or validates arguments.
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
+use syn::{Block, Expr, ItemFn, Path, ReturnType, Stmt, Type};
+
+use crate::args::{Args, Concurrent};
+
+/// The two shapes the attribute accepts.
+pub(crate) enum Shape<'a> {
+    /// `async fn f(..) -> R { body }`.
+    AsyncFn { ret: &'a Type },
+    /// What `#[async_trait]` makes of an `async fn` before this attribute runs:
+    /// `fn f(..) -> Pin<Box<dyn Future<Output = R> + ..>> { X(async move { body }) }`.
+    /// The async block inside is wrapped instead of the function's body.
+    BoxedAsyncBlock,
+}
+
+impl<'a> Shape<'a> {
+    /// Recognises the function's shape by its structure, or says why it cannot be used.
+    pub(crate) fn of(item: &'a ItemFn) -> syn::Result<Self> {
+        if item.sig.asyncness.is_some() {
+            return match &item.sig.output {
+                ReturnType::Type(_, ret) => Ok(Shape::AsyncFn { ret }),
+                ReturnType::Default => Err(syn::Error::new(
+                    item.sig.ident.span(),
+                    "`#[idempotent]` functions must return `Result<T, E>`; this one returns `()`",
+                )),
+            };
+        }
+        if boxed_async_block(&item.block).is_some() {
+            return Ok(Shape::BoxedAsyncBlock);
+        }
+        Err(syn::Error::new(
+            item.sig.fn_token.span,
+            "`#[idempotent]` goes on an `async fn`; make this function `async`",
+        ))
+    }
+}
+
+/// The `async move { .. }` block that is the single argument of the block's tail call.
+fn boxed_async_block(block: &Block) -> Option<&syn::ExprAsync> {
+    let [Stmt::Expr(Expr::Call(call), None)] = block.stmts.as_slice() else {
+        return None;
+    };
+    match call.args.iter().collect::<Vec<_>>().as_slice() {
+        [Expr::Async(inner)] if inner.capture.is_some() => Some(inner),
+        _ => None,
+    }
+}
+
+fn boxed_async_block_mut(block: &mut Block) -> Option<&mut syn::ExprAsync> {
+    let [Stmt::Expr(Expr::Call(call), None)] = block.stmts.as_mut_slice() else {
+        return None;
+    };
+    match call.args.iter_mut().next() {
+        Some(Expr::Async(inner)) => Some(inner),
+        _ => None,
+    }
+}
+
+/// Rewrites `item` so its body runs through the engine.
+pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
+    let krate: Path = args
+        .krate
+        .clone()
+        .unwrap_or_else(|| syn::parse_quote!(::idempotent_runtime));
+    let prelude = prelude(args, key, &item, &krate);
+    match Shape::of(&item) {
+        Ok(Shape::AsyncFn { ret }) => {
+            let ret = ret.clone();
+            let block = &item.block;
+            // The typed `let` gives the body's `?` and `return` their type, and makes a
+            // type error point at the user's return type.
+            // Spanned at the return type: an unusable type is reported there, once.
+            let run_fn = respan(quote!(#krate::__private::run), ret.span());
+            let run = quote_spanned! {ret.span()=>
+                #run_fn::<#ret, _, _, _>(__idempotent_call, move || async move {
+                    let __idempotent_ret: #ret = #block;
+                    #[allow(unreachable_code)]
+                    __idempotent_ret
+                })
+                .await
+            };
+            *item.block = syn::parse_quote!({ #prelude #run });
+        }
+        Ok(Shape::BoxedAsyncBlock) => {
+            if let Some(inner) = boxed_async_block_mut(&mut item.block) {
+                let body = &inner.block;
+                // `#[async_trait]` rebinds every argument inside its block; one used only
+                // by the key (read above, outside) would warn as unused there.
+                inner.block = syn::parse_quote!({
+                    #prelude
+                    #[allow(unused_variables)]
+                    let __idempotent_body = move || async move #body;
+                    #krate::__private::run::<_, _, _, _>(__idempotent_call, __idempotent_body).await
+                });
+            }
+        }
+        Err(e) => return e.to_compile_error(),
+    }
+    item.into_token_stream()
+}
+
+/// `tokens` with every span set to `span`, so errors inside them point there.
+fn respan(tokens: TokenStream, span: proc_macro2::Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut tt| {
+            if let proc_macro2::TokenTree::Group(g) = &tt {
+                let mut group = proc_macro2::Group::new(g.delimiter(), respan(g.stream(), span));
+                group.set_span(span);
+                tt = proc_macro2::TokenTree::Group(group);
+            } else {
+                tt.set_span(span);
+            }
+            tt
+        })
+        .collect()
+}
+
+/// The statements before the body: engine, key and fingerprint are evaluated once, in
+/// statements of their own, so their borrows of the arguments end before the body takes
+/// the arguments.
+fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path) -> TokenStream {
+    let engine = match &args.store {
+        Some(store) => quote_spanned!(store.span()=> #krate::__private::engine(#store)),
+        None => quote!(#krate::__private::engine(#krate::__private::default_engine())),
+    };
+    let key_ref = quote_spanned!(key.span()=> &(#key));
+    let scope = match &args.scope {
+        Some(scope) => scope.to_token_stream(),
+        None => {
+            let name = item.sig.ident.to_string();
+            quote!(::core::concat!(::core::module_path!(), "::", #name))
+        }
+    };
+    let mut settings = TokenStream::new();
+    if let Some(ttl) = args.ttl {
+        let (s, n) = (ttl.as_secs(), ttl.subsec_nanos());
+        settings.extend(quote!(.ttl(::core::time::Duration::new(#s, #n))));
+    }
+    if let Some(lease) = args.lease {
+        let (s, n) = (lease.as_secs(), lease.subsec_nanos());
+        settings.extend(quote!(.lease(::core::time::Duration::new(#s, #n))));
+    }
+    match args.concurrent {
+        Some(Concurrent::Reject) => {
+            settings.extend(quote!(.concurrency(#krate::Concurrency::Reject)))
+        }
+        Some(Concurrent::Wait) => settings.extend(quote!(.concurrency(#krate::Concurrency::Wait))),
+        None => {}
+    }
+    let fingerprint = args.fingerprint.as_ref().map(|fp| {
+        let value = quote_spanned!(fp.span()=> #krate::__private::fingerprint(&(#fp)));
+        quote!(let __idempotent_call = #krate::__private::with_fingerprint(__idempotent_call, #value);)
+    });
+    let store_errors = args
+        .cache_errors
+        .then(|| quote!(let __idempotent_call = __idempotent_call.store_errors();));
+    quote! {
+        let __idempotent_engine = #engine;
+        let __idempotent_call = #krate::__private::call(&__idempotent_engine, #scope, #key_ref)
+            #settings;
+        #fingerprint
+        #store_errors
+    }
+}

@@ -1,0 +1,143 @@
+//! The hit-path ratios, measured interleaved: each round times 10,000 calls of every
+//! variant back to back, and the ratio is taken within the round. On a shared machine
+//! whose speed drifts from second to second, this keeps the drift out of the ratios,
+//! where timing each variant for seconds on its own (as criterion does) does not.
+//! Prints the median over the rounds.
+//!
+//! ```text
+//! cargo bench -p idempotent-runtime --bench hit_ratio
+//! ```
+
+mod common;
+#[path = "common/hit_fns.rs"]
+mod hit_fns;
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use common::{receipt, Receipt};
+use hit_fns::{cached_place, place};
+use idempotent_runtime::{Codec, Error, Idempotency};
+
+const ROUNDS: usize = 200;
+const CALLS: usize = 10_000;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let json = Idempotency::memory();
+    let compact = Idempotency::builder()
+        .codec(Codec::Postcard)
+        .build()
+        .expect("engine");
+    let sync: moka::sync::Cache<String, bytes::Bytes> = moka::sync::Cache::new(100_000);
+    let fut: moka::future::Cache<String, bytes::Bytes> = moka::future::Cache::new(100_000);
+    let bytes = bytes::Bytes::from(serde_json::to_vec(&receipt()).expect("encode"));
+    rt.block_on(async {
+        for idem in [&json, &compact] {
+            let _: Receipt = idem
+                .call("order-1001")
+                .scope("bench")
+                .run(|| async { Ok::<_, Error>(receipt()) })
+                .await
+                .expect("first");
+        }
+        sync.insert("bench|order-1001".to_owned(), bytes.clone());
+        fut.insert("bench|order-1001".to_owned(), bytes.clone())
+            .await;
+        cached_place("order-1001").await.expect("first");
+    });
+
+    let names = [
+        "raw moka sync get + serde_json decode",
+        "raw moka future get + serde_json decode",
+        "Idempotency::run on a stored key",
+        "#[idempotent] fn on a stored key",
+        "Idempotency::run, Postcard codec",
+        "cached crate #[cached(sync_writes = \"by_key\")]",
+    ];
+    let mut per_call: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    rt.block_on(async {
+        for _ in 0..ROUNDS {
+            let mut t = [0f64; 6];
+            let start = Instant::now();
+            for _ in 0..CALLS {
+                let b = sync.get(black_box("bench|order-1001")).expect("stored");
+                black_box(serde_json::from_slice::<Receipt>(&b).expect("decode"));
+            }
+            t[0] = start.elapsed().as_nanos() as f64 / CALLS as f64;
+            let start = Instant::now();
+            for _ in 0..CALLS {
+                let b = fut
+                    .get(black_box("bench|order-1001"))
+                    .await
+                    .expect("stored");
+                black_box(serde_json::from_slice::<Receipt>(&b).expect("decode"));
+            }
+            t[1] = start.elapsed().as_nanos() as f64 / CALLS as f64;
+            let start = Instant::now();
+            for _ in 0..CALLS {
+                let r: Receipt = json
+                    .call(black_box("order-1001"))
+                    .scope("bench")
+                    .run(|| async { Ok::<_, Error>(receipt()) })
+                    .await
+                    .expect("hit");
+                black_box(r);
+            }
+            t[2] = start.elapsed().as_nanos() as f64 / CALLS as f64;
+            let start = Instant::now();
+            for _ in 0..CALLS {
+                black_box(place(&json, black_box("order-1001")).await.expect("hit"));
+            }
+            t[3] = start.elapsed().as_nanos() as f64 / CALLS as f64;
+            let start = Instant::now();
+            for _ in 0..CALLS {
+                let r: Receipt = compact
+                    .call(black_box("order-1001"))
+                    .scope("bench")
+                    .run(|| async { Ok::<_, Error>(receipt()) })
+                    .await
+                    .expect("hit");
+                black_box(r);
+            }
+            t[4] = start.elapsed().as_nanos() as f64 / CALLS as f64;
+            let start = Instant::now();
+            for _ in 0..CALLS {
+                black_box(cached_place(black_box("order-1001")).await.expect("hit"));
+            }
+            t[5] = start.elapsed().as_nanos() as f64 / CALLS as f64;
+            for i in 0..names.len() {
+                per_call[i].push(t[i]);
+                ratios[i].push(t[i] / t[0]);
+            }
+        }
+    });
+    println!("{ROUNDS} rounds of {CALLS} calls each, interleaved; medians over rounds");
+    println!(
+        "{:<50} {:>10} {:>16} {:>18}",
+        "variant", "ns/call", "vs moka sync", "vs moka future"
+    );
+    for i in 0..names.len() {
+        let fut_ratio: Vec<f64> = per_call[i]
+            .iter()
+            .zip(&per_call[1])
+            .map(|(a, b)| a / b)
+            .collect();
+        println!(
+            "{:<50} {:>10.1} {:>15.2}x {:>17.2}x",
+            names[i],
+            median(per_call[i].clone()),
+            median(ratios[i].clone()),
+            median(fut_ratio)
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! One call's settings, and how they resolve against the engine's defaults.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec::Codec;
+use crate::engine::{Concurrency, Idempotency, Outcome, Request, Settings};
+use crate::error::{CodecError, Error, KeyError};
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+
+/// A call being set up: `idem.call(key)`, then any settings, then [`Call::run`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_runtime::Error> {
+/// use idempotent_runtime::{Concurrency, Idempotency};
+/// use std::time::Duration;
+///
+/// #[derive(serde::Serialize)]
+/// struct Refund { order: u64, cents: u64 }
+///
+/// let idem = Idempotency::memory();
+/// let req = Refund { order: 7, cents: 1250 };
+/// let id: String = idem
+///     .call("refund-7")
+///     .scope("refunds")
+///     .fingerprint(&req)
+///     .ttl(Duration::from_secs(3600))
+///     .concurrency(Concurrency::Reject)
+///     .run(|| async { Ok::<_, idempotent_runtime::Error>(format!("rf_{}", req.order)) })
+///     .await?;
+/// assert_eq!(id, "rf_7");
+/// # Ok(()) }
+/// ```
+#[must_use = "a call does nothing until `.run(..)` is awaited"]
+pub struct Call<'a, K, P = DiscardErrors> {
+    engine: &'a Idempotency,
+    key: K,
+    scope: Option<Cow<'a, str>>,
+    fingerprint: Option<Result<Fingerprint, CodecError>>,
+    ttl: Option<Duration>,
+    lease: Option<Duration>,
+    concurrency: Option<Concurrency>,
+    policy: PhantomData<P>,
+}
+
+impl<K, P> fmt::Debug for Call<'_, K, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Call")
+            .field("scope", &self.scope)
+            .field("ttl", &self.ttl)
+            .field("lease", &self.lease)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, K: CallKey> Call<'a, K> {
+    pub(crate) fn new(engine: &'a Idempotency, key: K) -> Self {
+        Self {
+            engine,
+            key,
+            scope: None,
+            fingerprint: None,
+            ttl: None,
+            lease: None,
+            concurrency: None,
+            policy: PhantomData,
+        }
+    }
+}
+
+impl<'a, K: CallKey, P> Call<'a, K, P> {
+    /// The key's namespace: equal keys in two scopes are two keys.
+    ///
+    /// Without one, the scope is the operation closure's type name, which holds the module
+    /// path and function it is written in. That name changes when the code is moved or
+    /// renamed, and records stored under the old one are then not found: a retry that
+    /// spans such a deploy runs again. Two closures in one function also share that name.
+    /// Give every operation whose records must outlive a deploy an explicit scope.
+    pub fn scope(mut self, scope: impl Into<Cow<'a, str>>) -> Self {
+        self.scope = Some(scope.into());
+        self
+    }
+
+    /// A value that identifies the request's payload. Reusing the key with a value whose
+    /// fingerprint differs fails with [`Error::Mismatch`] and runs nothing. Calls without a
+    /// fingerprint are not compared.
+    pub fn fingerprint<V: Serialize + ?Sized>(mut self, value: &V) -> Self {
+        self.fingerprint = Some(Fingerprint::of(value));
+        self
+    }
+
+    /// Sets a fingerprint computed beforehand (for the attribute's generated code).
+    pub(crate) fn fingerprint_result(mut self, fp: Result<Fingerprint, CodecError>) -> Self {
+        self.fingerprint = Some(fp);
+        self
+    }
+
+    /// How long the result is replayed.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// How long the claim holds without renewal.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// Wait for or reject a duplicate of this call that arrives while it runs.
+    pub fn concurrency(mut self, concurrency: Concurrency) -> Self {
+        self.concurrency = Some(concurrency);
+        self
+    }
+
+    /// Store `Err` results too, so a retry gets the same error rather than running again.
+    /// The error type must then be `Serialize + DeserializeOwned`.
+    pub fn store_errors(self) -> Call<'a, K, StoreErrors> {
+        Call {
+            engine: self.engine,
+            key: self.key,
+            scope: self.scope,
+            fingerprint: self.fingerprint,
+            ttl: self.ttl,
+            lease: self.lease,
+            concurrency: self.concurrency,
+            policy: PhantomData,
+        }
+    }
+
+    /// Runs `op` at most once for the key, or returns the stored result of an earlier
+    /// call; see [`Call::run_with_outcome`].
+    pub async fn run<T, E, F, Fut>(self, op: F) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.run_with_outcome(op).await.map(|(value, _)| value)
+    }
+
+    /// Like [`Call::run`], and says whether the value was executed, replayed or coalesced.
+    ///
+    /// What the caller gets:
+    /// - `Ok` or `Err` from `op` when this call ran it;
+    /// - the stored value (or stored error, with [`Call::store_errors`]) when an earlier
+    ///   call completed the key;
+    /// - the value of a concurrent call in this process that ran it;
+    /// - [`Error::InProgress`] for a duplicate in flight, in reject mode;
+    /// - [`Error::Mismatch`], [`Error::InvalidKey`], [`Error::Config`]: nothing ran;
+    /// - [`Error::Store`]: the store failed before the claim, and nothing ran.
+    ///
+    /// When `op` panics, its claim is released and the panic continues in this caller.
+    /// When this future is dropped while `op` runs, its claim is released in the
+    /// background. Either way, concurrent duplicates start over and one of them runs.
+    ///
+    /// When `op` succeeds but its claim was taken over meanwhile (its lease ran out
+    /// without renewal: the task was stalled, or the store unreachable for a whole lease),
+    /// the caller still gets its value, since the side effect happened; the result is
+    /// not stored, the key keeps the new holder's, and
+    /// [`Stats::lease_lost`](crate::Stats::lease_lost) counts it.
+    pub async fn run_with_outcome<T, E, F, Fut>(self, op: F) -> Result<(T, Outcome), E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let scope = self.scope.as_deref().unwrap_or(std::any::type_name::<F>());
+        let defaults = self.engine.inner.defaults;
+        let settings = Settings {
+            ttl: self.ttl.unwrap_or(defaults.ttl),
+            lease: self.lease.unwrap_or(defaults.lease),
+            concurrency: self.concurrency.unwrap_or(defaults.concurrency),
+            max_key_len: defaults.max_key_len,
+        };
+        settings.check().map_err(Error::Config)?;
+        let fingerprint = self.fingerprint.transpose().map_err(Error::Codec)?;
+        let key = self
+            .key
+            .into_store_key(scope, settings.max_key_len)
+            .map_err(Error::InvalidKey)?;
+        let req = Request {
+            key,
+            fingerprint,
+            settings,
+        };
+        self.engine.inner.run::<T, E, P, F, Fut>(req, op).await
+    }
+}
+
+/// What a call's key can be: anything `Display`, formatted into its scope when the call
+/// runs, or a key the `#[idempotent]` attribute prepared beforehand.
+pub trait CallKey {
+    /// The store key in `scope`, checked against `max_len` bytes.
+    #[doc(hidden)]
+    fn into_store_key(self, scope: &str, max_len: usize) -> Result<StoreKey, KeyError>;
+}
+
+impl<K: fmt::Display> CallKey for K {
+    fn into_store_key(self, scope: &str, max_len: usize) -> Result<StoreKey, KeyError> {
+        StoreKey::new(scope, &self, max_len)
+    }
+}
+
+/// A key already formatted into its scope, so the hit path formats it once. Made by the
+/// attribute's generated code; the call's scope setting does not apply to it.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct PreparedKey(pub(crate) Result<StoreKey, KeyError>);
+
+impl CallKey for PreparedKey {
+    fn into_store_key(self, _scope: &str, _max_len: usize) -> Result<StoreKey, KeyError> {
+        self.0
+    }
+}
+
+/// Whether a call stores its `Err` results, chosen by [`Call::store_errors`].
+///
+/// Sealed: [`DiscardErrors`] and [`StoreErrors`] are the only policies.
+pub trait ErrorPolicy<E>: sealed::Sealed {
+    /// The encoded error to store, or `None` to store nothing.
+    #[doc(hidden)]
+    fn encode(err: &E, codec: Codec) -> Option<Result<Bytes, CodecError>>;
+    /// A stored error, decoded.
+    #[doc(hidden)]
+    fn decode(bytes: &[u8], codec: Codec) -> Result<E, CodecError>;
+}
+
+/// The default: `Err` results are not stored, so a retry runs the operation again.
+#[derive(Debug, Clone, Copy)]
+pub enum DiscardErrors {}
+
+/// `Err` results are stored and replayed like `Ok` ones.
+#[derive(Debug, Clone, Copy)]
+pub enum StoreErrors {}
+
+impl<E> ErrorPolicy<E> for DiscardErrors {
+    fn encode(_: &E, _: Codec) -> Option<Result<Bytes, CodecError>> {
+        None
+    }
+
+    fn decode(_: &[u8], _: Codec) -> Result<E, CodecError> {
+        // Another call with this key stored an error; this one cannot decode it.
+        Err(CodecError::unexpected_stored_error())
+    }
+}
+
+impl<E: Serialize + DeserializeOwned> ErrorPolicy<E> for StoreErrors {
+    fn encode(err: &E, codec: Codec) -> Option<Result<Bytes, CodecError>> {
+        Some(codec.encode(err))
+    }
+
+    fn decode(bytes: &[u8], codec: Codec) -> Result<E, CodecError> {
+        codec.decode(bytes)
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::DiscardErrors {}
+    impl Sealed for super::StoreErrors {}
+}

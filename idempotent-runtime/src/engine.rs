@@ -1,0 +1,580 @@
+//! The protocol, written once for every store: check, claim, run (renewing the claim),
+//! complete or release, and wait for duplicates, in this process and across processes.
+
+use std::fmt;
+use std::future::Future;
+use std::panic::{resume_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::debug;
+
+use crate::call::{Call, ErrorPolicy};
+use crate::codec::Codec;
+use crate::error::{ConfigError, Error, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::flight::{Flight, FlightGuard, Flights, Joined, Landing};
+use crate::key::StoreKey;
+use crate::lease::HeldClaim;
+use crate::record::{Record, RecordState, StoredResult};
+use crate::stats::{bump, Counters, Stats};
+use crate::store::{Claim, MemoryStore, Store};
+
+/// How long results are replayed unless set otherwise: 24 hours.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// How long a claim holds without renewal unless set otherwise: 10 seconds. A live holder
+/// renews it; a crashed one frees its key this long after its last renewal.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+/// The longest key accepted unless set otherwise, in bytes (Stripe's limit).
+pub const DEFAULT_MAX_KEY_LEN: usize = 255;
+/// The longest pause between two looks at a key held in another process.
+const MAX_POLL: Duration = Duration::from_millis(100);
+const FIRST_POLL: Duration = Duration::from_millis(2);
+
+/// What a duplicate does when it arrives while the first call with its key still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Concurrency {
+    /// Wait for the first call and return its result (the default).
+    #[default]
+    Wait,
+    /// Fail at once with [`Error::InProgress`] (HTTP's 409).
+    Reject,
+}
+
+/// How a call got its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// This call ran the operation.
+    Executed,
+    /// The value was stored by an earlier call and replayed.
+    Replayed,
+    /// A concurrent call in this process ran the operation (or fetched the stored value),
+    /// and this call shared its value.
+    Coalesced,
+}
+
+/// The engine: runs each operation at most once per key, replays stored results, and
+/// makes duplicates wait for (or be refused by) the call in flight.
+///
+/// Clones share the same store, flights and counters.
+#[derive(Clone)]
+pub struct Idempotency {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) codec: Codec,
+    pub(crate) flights: Flights,
+    pub(crate) defaults: Settings,
+    pub(crate) stats: Counters,
+}
+
+/// The settings one call runs with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub(crate) ttl: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) concurrency: Concurrency,
+    pub(crate) max_key_len: usize,
+}
+
+impl Settings {
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
+        if self.ttl.is_zero() {
+            return Err(ConfigError::ZeroTtl);
+        }
+        // Leases are kept in milliseconds by stores; shorter would be zero.
+        if self.lease < Duration::from_millis(1) {
+            return Err(ConfigError::ZeroLease);
+        }
+        if self.max_key_len == 0 {
+            return Err(ConfigError::ZeroMaxKeyLen);
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Idempotency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("store", &self.inner.store)
+            .field("defaults", &self.inner.defaults)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Engine-wide defaults; each call may override them.
+#[derive(Debug)]
+pub struct IdempotencyBuilder {
+    store: Option<Arc<dyn Store>>,
+    codec: Codec,
+    memory_capacity: u64,
+    settings: Settings,
+}
+
+impl IdempotencyBuilder {
+    /// The store (default: a new [`MemoryStore`]).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// The format results are stored in (default [`Codec::Json`]). Engines that share a
+    /// store must use the same one.
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// How long a result is replayed (default [`DEFAULT_TTL`]). After it the key is new.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.settings.ttl = ttl;
+        self
+    }
+
+    /// How long a claim holds without renewal (default [`DEFAULT_LEASE`]). The holder
+    /// renews it every third of it, so this bounds how long a crashed holder blocks its
+    /// key, not how long an operation may run.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.settings.lease = lease;
+        self
+    }
+
+    /// Wait for or reject duplicates in flight (default [`Concurrency::Wait`]).
+    pub fn concurrency(mut self, concurrency: Concurrency) -> Self {
+        self.settings.concurrency = concurrency;
+        self
+    }
+
+    /// The longest key accepted, in bytes (default [`DEFAULT_MAX_KEY_LEN`]).
+    pub fn max_key_len(mut self, bytes: usize) -> Self {
+        self.settings.max_key_len = bytes;
+        self
+    }
+
+    /// How many keys the default memory store keeps (default
+    /// [`DEFAULT_MEMORY_CAPACITY`](crate::store::DEFAULT_MEMORY_CAPACITY)); ignored when a store is set.
+    pub fn memory_capacity(mut self, keys: u64) -> Self {
+        self.memory_capacity = keys;
+        self
+    }
+
+    /// Builds the engine, or says which setting is out of range.
+    pub fn build(self) -> Result<Idempotency, Error> {
+        self.settings.check()?;
+        Ok(self.assemble())
+    }
+
+    /// The engine, settings already checked.
+    fn assemble(self) -> Idempotency {
+        let store = match self.store {
+            Some(store) => store,
+            None => Arc::new(
+                MemoryStore::builder()
+                    .capacity(self.memory_capacity)
+                    .build(),
+            ),
+        };
+        Idempotency {
+            inner: Arc::new(Inner {
+                store,
+                codec: self.codec,
+                flights: Flights::default(),
+                defaults: self.settings,
+                stats: Counters::default(),
+            }),
+        }
+    }
+}
+
+impl Idempotency {
+    /// An engine over a new in-memory store, with the default settings.
+    pub fn memory() -> Self {
+        Self::new(MemoryStore::new())
+    }
+
+    /// An engine over `store`, with the default settings.
+    pub fn new(store: impl Store) -> Self {
+        // The default settings are in range; nothing to check.
+        Self::builder().store(store).assemble()
+    }
+
+    /// Settings for an engine.
+    pub fn builder() -> IdempotencyBuilder {
+        IdempotencyBuilder {
+            store: None,
+            codec: Codec::Json,
+            memory_capacity: crate::store::DEFAULT_MEMORY_CAPACITY,
+            settings: Self::default_settings(),
+        }
+    }
+
+    fn default_settings() -> Settings {
+        Settings {
+            ttl: DEFAULT_TTL,
+            lease: DEFAULT_LEASE,
+            concurrency: Concurrency::Wait,
+            max_key_len: DEFAULT_MAX_KEY_LEN,
+        }
+    }
+
+    /// Runs `op` at most once for `key` with the engine's defaults, and returns its
+    /// result, or the stored result of an earlier call with the same key.
+    ///
+    /// The default scope is the closure's type name (module path and function); see
+    /// [`Call::scope`] for why long-lived records want an explicit one.
+    pub async fn run<K, T, E, F, Fut>(&self, key: K, op: F) -> Result<T, E>
+    where
+        K: fmt::Display,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.call(key).run(op).await
+    }
+
+    /// A call with per-call settings: scope, fingerprint, TTL, lease, concurrency, and
+    /// whether errors are stored.
+    pub fn call<K: fmt::Display>(&self, key: K) -> Call<'_, K> {
+        Call::new(self, key)
+    }
+
+    /// A call on a key formatted beforehand, for the attribute's generated code.
+    pub(crate) fn call_prepared(
+        &self,
+        scope: &str,
+        key: &(impl fmt::Display + ?Sized),
+    ) -> Call<'_, crate::call::PreparedKey> {
+        let key = StoreKey::new(scope, key, self.inner.defaults.max_key_len);
+        Call::new(self, crate::call::PreparedKey(key))
+    }
+
+    /// The counters since the engine was built.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats.snapshot()
+    }
+
+    /// The store the engine runs on.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// How many keys are being run or waited on in this process right now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.flights.len()
+    }
+}
+
+/// A call, resolved: what the protocol needs beyond the operation.
+pub(crate) struct Request {
+    pub(crate) key: StoreKey,
+    pub(crate) fingerprint: Option<Fingerprint>,
+    pub(crate) settings: Settings,
+}
+
+type Answer<T, E> = Result<(T, Outcome), E>;
+
+impl Inner {
+    /// The protocol. Each branch that can use `op` returns, so it runs at most once.
+    pub(crate) async fn run<T, E, P, F, Fut>(self: &Arc<Self>, req: Request, op: F) -> Answer<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        if let Some(rec) = self.store.peek_completed(&req.key) {
+            return self.replay_record::<T, E, P>(&req, rec);
+        }
+        // Boxed, so a hit does not carry (and move) the futures of the slower paths.
+        Box::pin(self.join_or_lead::<T, E, P, F, Fut>(req, op)).await
+    }
+
+    async fn join_or_lead<T, E, P, F, Fut>(self: &Arc<Self>, req: Request, op: F) -> Answer<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        loop {
+            match self.flights.join(&req.key, req.fingerprint) {
+                // Claiming, waiting on another process, running and renewing make a future
+                // of over a kilobyte: boxed apart, only the caller that talks to the store
+                // pays for it, not each of a thousand followers.
+                Joined::Leader(flight) => {
+                    return Box::pin(self.lead::<T, E, P, F, Fut>(&req, flight, op)).await
+                }
+                Joined::Follower(flight) => {
+                    if let Some(answer) = self.follow::<T, E, P>(&req, &flight).await {
+                        return match answer {
+                            Followed::Answer(a) => a,
+                            Followed::TookOver(guard, token) => {
+                                let held =
+                                    HeldClaim::new(self.clone(), req.key.clone(), token, guard);
+                                Box::pin(self.execute::<T, E, P, F, Fut>(&req, held, op)).await
+                            }
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Leads the key in this process: claims it in the store and runs, replays, or waits
+    /// for a holder elsewhere. Local followers wait on `flight` meanwhile.
+    async fn lead<T, E, P, F, Fut>(
+        self: &Arc<Self>,
+        req: &Request,
+        flight: FlightGuard,
+        op: F,
+    ) -> Answer<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let mut pause = FIRST_POLL;
+        loop {
+            flight.flight().beat();
+            let claim = self
+                .store
+                .claim(&req.key, req.fingerprint, req.settings.lease)
+                .await
+                .map_err(|e| self.store_failed(req, e))?;
+            match claim {
+                Claim::Acquired(token) => {
+                    debug!(scope = req.key.scope(), key = %req.key.digest(), token = token.get(), "idempotency key claimed");
+                    let held = HeldClaim::new(self.clone(), req.key.clone(), token, flight);
+                    return self.execute::<T, E, P, F, Fut>(req, held, op).await;
+                }
+                Claim::Completed(rec) => {
+                    let (fingerprint, result) = completed(rec)?;
+                    flight.land(Landing::Result {
+                        result: result.clone(),
+                        fingerprint,
+                    });
+                    return self.replay::<T, E, P>(req, fingerprint, result, Outcome::Replayed);
+                }
+                Claim::InProgress(rec) => {
+                    self.check_fingerprint(req, rec.fingerprint)?;
+                    if req.settings.concurrency == Concurrency::Reject {
+                        return Err(self.reject(req).into());
+                    }
+                    // Held in another process (or by an engine beside this one): look again
+                    // until it completes, is released, or its lease runs out.
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_POLL).min(req.settings.lease / 4);
+                }
+            }
+        }
+    }
+
+    /// Waits for the local leader. `None`: start over (the leader landed nothing).
+    async fn follow<T, E, P>(
+        self: &Arc<Self>,
+        req: &Request,
+        flight: &Arc<Flight>,
+    ) -> Option<Followed<T, E>>
+    where
+        T: DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+    {
+        if let Err(e) = self.check_fingerprint(req, flight.fingerprint()) {
+            return Some(Followed::Answer(Err(e.into())));
+        }
+        if req.settings.concurrency == Concurrency::Reject {
+            return Some(Followed::Answer(Err(self.reject(req).into())));
+        }
+        // One follower at a time times the leader (a timer for each of a thousand
+        // followers costs more than the rest of their wait); the others wait for the
+        // landing, or for the timing follower to leave, and then one of them takes over.
+        let mut watch = None;
+        let mut seen = flight.beats();
+        loop {
+            if watch.is_none() {
+                watch = flight.watch_leader();
+            }
+            let landing = match &watch {
+                None => tokio::select! {
+                    landing = flight.landed() => landing,
+                    () = flight.watcher_left() => continue,
+                },
+                Some(_) => tokio::select! {
+                    landing = flight.landed() => landing,
+                    () = tokio::time::sleep(req.settings.lease) => {
+                        let now = flight.beats();
+                        if now != seen {
+                            seen = now;
+                            continue;
+                        }
+                        // A whole lease without a beat: the leader's future is not being
+                        // polled (held but never awaited, or its task is stuck). Its claim
+                        // has lapsed or will; go to the store rather than wait forever.
+                        return Some(match self.store.claim(&req.key, req.fingerprint, req.settings.lease).await {
+                            Err(e) => Followed::Answer(Err(self.store_failed(req, e).into())),
+                            Ok(Claim::Acquired(token)) => {
+                                debug!(scope = req.key.scope(), key = %req.key.digest(), "stalled leader's claim taken over");
+                                Followed::TookOver(self.flights.take_over(&req.key, req.fingerprint), token)
+                            }
+                            Ok(Claim::Completed(rec)) => Followed::Answer(self.replay_record::<T, E, P>(req, rec)),
+                            Ok(Claim::InProgress(_)) => continue,
+                        });
+                    }
+                },
+            };
+            return match landing {
+                Landing::Retry => None,
+                Landing::Result {
+                    result,
+                    fingerprint,
+                } => Some(Followed::Answer(self.replay::<T, E, P>(
+                    req,
+                    fingerprint,
+                    result,
+                    Outcome::Coalesced,
+                ))),
+            };
+        }
+    }
+
+    /// Runs the operation under a held claim, then completes or releases it.
+    async fn execute<T, E, P, F, Fut>(&self, req: &Request, held: HeldClaim, op: F) -> Answer<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        bump(&self.stats.executed);
+        let body = AssertUnwindSafe(op()).catch_unwind();
+        let ran = held.renewing(body, req.settings.lease).await;
+        match ran {
+            Err(panic) => {
+                held.release().await;
+                resume_unwind(panic)
+            }
+            Ok(Ok(value)) => match self.codec.encode(&value) {
+                Ok(bytes) => {
+                    held.complete(StoredResult::Ok(bytes), req.settings.ttl)
+                        .await;
+                    debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed", "idempotent call");
+                    Ok((value, Outcome::Executed))
+                }
+                Err(e) => {
+                    held.release().await;
+                    Err(Error::Codec(e).into())
+                }
+            },
+            Ok(Err(err)) => {
+                match P::encode(&err, self.codec) {
+                    Some(Ok(bytes)) => {
+                        held.complete(StoredResult::Err(bytes), req.settings.ttl)
+                            .await
+                    }
+                    Some(Err(e)) => {
+                        // The caller's own error says more than the codec's; give that back
+                        // and leave the key free for a retry.
+                        tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
+                            "could not encode error for storage; not stored");
+                        held.release().await;
+                    }
+                    None => held.release().await,
+                }
+                debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed_err", "idempotent call");
+                Err(err)
+            }
+        }
+    }
+
+    /// Answers from a completed record found in the store.
+    fn replay_record<T, E, P>(&self, req: &Request, rec: Record) -> Answer<T, E>
+    where
+        T: DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+    {
+        let (fingerprint, result) = completed(rec)?;
+        self.replay::<T, E, P>(req, fingerprint, result, Outcome::Replayed)
+    }
+
+    /// Answers with a stored result, unless the call's fingerprint differs from its own.
+    fn replay<T, E, P>(
+        &self,
+        req: &Request,
+        fingerprint: Option<Fingerprint>,
+        result: StoredResult,
+        outcome: Outcome,
+    ) -> Answer<T, E>
+    where
+        T: DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+    {
+        self.check_fingerprint(req, fingerprint)?;
+        let counter = match outcome {
+            Outcome::Coalesced => &self.stats.coalesced,
+            _ => &self.stats.replayed,
+        };
+        bump(counter);
+        debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = ?outcome, "idempotent call");
+        match result {
+            StoredResult::Ok(bytes) => {
+                Ok((self.codec.decode(&bytes).map_err(Error::Codec)?, outcome))
+            }
+            StoredResult::Err(bytes) => Err(P::decode(&bytes, self.codec).map_err(Error::Codec)?),
+        }
+    }
+
+    /// Refuses a call whose fingerprint differs from the one the key was claimed with.
+    /// A side without a fingerprint is not compared.
+    fn check_fingerprint(&self, req: &Request, stored: Option<Fingerprint>) -> Result<(), Error> {
+        match (req.fingerprint, stored) {
+            (Some(mine), Some(theirs)) if mine != theirs => {
+                bump(&self.stats.mismatched);
+                debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "mismatch", "idempotent call");
+                Err(Error::Mismatch)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn reject(&self, req: &Request) -> Error {
+        bump(&self.stats.rejected);
+        debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "rejected", "idempotent call");
+        Error::InProgress
+    }
+
+    fn store_failed(&self, req: &Request, err: StoreError) -> Error {
+        bump(&self.stats.store_errors);
+        debug!(scope = req.key.scope(), key = %req.key.digest(), error = %err, "idempotency store failed; not running");
+        Error::Store(err)
+    }
+}
+
+/// The fingerprint and result of a record a store answered as completed.
+fn completed(rec: Record) -> Result<(Option<Fingerprint>, StoredResult), Error> {
+    match rec.state {
+        RecordState::Completed { result, .. } => Ok((rec.fingerprint, result)),
+        RecordState::InProgress { .. } => Err(Error::Store(StoreError::msg(
+            "store answered a claim as completed with a record in progress",
+        ))),
+    }
+}
+
+enum Followed<T, E> {
+    Answer(Answer<T, E>),
+    TookOver(FlightGuard, crate::record::FencingToken),
+}

@@ -1,0 +1,210 @@
+//! In-process single-flight: concurrent callers of one key in this process share one
+//! leader, which alone talks to the store; the rest wait for what it lands.
+//!
+//! The map holds one [`Flight`] per key in flight. Its lock (a dashmap shard) is held only
+//! to look up, insert or remove an entry, never across an `.await`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use std::sync::atomic::AtomicBool;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use tokio::sync::{watch, Notify};
+
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::record::StoredResult;
+
+/// What a leader hands its followers when it is done.
+#[derive(Debug, Clone)]
+pub(crate) enum Landing {
+    /// The key's result (fresh or replayed), with the fingerprint stored beside it.
+    Result {
+        result: StoredResult,
+        fingerprint: Option<Fingerprint>,
+    },
+    /// Nothing to share (an unstored error, a panic, a cancellation, a lost claim):
+    /// followers start over, and one of them leads.
+    Retry,
+}
+
+/// One key in flight.
+#[derive(Debug)]
+pub(crate) struct Flight {
+    fingerprint: Option<Fingerprint>,
+    landing: watch::Sender<Option<Landing>>,
+    // Bumped by the leader while its future is being polled; a follower that sees it still
+    // after a whole lease knows the leader is stalled and goes to the store itself.
+    beats: AtomicU64,
+    // Whether a follower is timing the leader; one suffices.
+    watched: AtomicBool,
+    // Wakes a waiting follower to take the timing over when the one doing it leaves.
+    watcher_left: Notify,
+}
+
+impl Flight {
+    fn new(fingerprint: Option<Fingerprint>) -> Arc<Self> {
+        Arc::new(Self {
+            fingerprint,
+            landing: watch::Sender::new(None),
+            beats: AtomicU64::new(0),
+            watched: AtomicBool::new(false),
+            watcher_left: Notify::new(),
+        })
+    }
+
+    /// The fingerprint the leader runs with.
+    pub(crate) fn fingerprint(&self) -> Option<Fingerprint> {
+        self.fingerprint
+    }
+
+    /// Records that the leader is alive.
+    pub(crate) fn beat(&self) {
+        self.beats.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times the leader has beaten so far.
+    pub(crate) fn beats(&self) -> u64 {
+        self.beats.load(Ordering::Relaxed)
+    }
+
+    /// Makes the caller the follower that times the leader, unless another one already
+    /// does. The role ends when the guard drops, and passes to a waiting follower.
+    pub(crate) fn watch_leader(self: &Arc<Self>) -> Option<WatchGuard> {
+        self.watched
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| WatchGuard(self.clone()))
+    }
+
+    /// Completes when the follower timing the leader has left (or already had).
+    pub(crate) async fn watcher_left(&self) {
+        self.watcher_left.notified().await;
+    }
+
+    /// Waits for the landing. Cancel-safe: a follower may be dropped at any point.
+    pub(crate) async fn landed(&self) -> Landing {
+        let mut rx = self.landing.subscribe();
+        // The sender lives as long as `self`, so the channel cannot close while we wait;
+        // if it somehow did, starting over is the safe answer.
+        let landing = match rx.wait_for(Option::is_some).await {
+            Ok(landing) => landing.clone().unwrap_or(Landing::Retry),
+            Err(_) => Landing::Retry,
+        };
+        landing
+    }
+
+    fn land(&self, landing: Landing) {
+        self.landing.send_replace(Some(landing));
+    }
+}
+
+/// The role of timing a flight's leader; dropping it hands the role on.
+pub(crate) struct WatchGuard(Arc<Flight>);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.watched.store(false, Ordering::Release);
+        // Stores a permit if no follower is waiting yet, so the hand-over is never lost.
+        self.0.watcher_left.notify_one();
+    }
+}
+
+/// Whether the caller leads its key or follows another caller.
+pub(crate) enum Joined {
+    Leader(FlightGuard),
+    Follower(Arc<Flight>),
+}
+
+/// The keys in flight in this process.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Flights {
+    map: Arc<DashMap<String, Arc<Flight>>>,
+}
+
+impl Flights {
+    /// Joins the flight for `key`, or starts one and leads it.
+    pub(crate) fn join(&self, key: &StoreKey, fingerprint: Option<Fingerprint>) -> Joined {
+        // Most joins of a busy key find a leader: a read needs no owned copy of the key.
+        if let Some(flight) = self.map.get(key.as_str()) {
+            return Joined::Follower(flight.clone());
+        }
+        match self.map.entry(key.as_str().to_owned()) {
+            Entry::Occupied(e) => Joined::Follower(e.get().clone()),
+            Entry::Vacant(e) => {
+                let flight = Flight::new(fingerprint);
+                e.insert(flight.clone());
+                Joined::Leader(self.guard(key, flight))
+            }
+        }
+    }
+
+    /// Makes the caller the leader of `key` in place of whatever flight is there, because
+    /// it now holds the key's claim in the store (the old leader stalled). The replaced
+    /// flight's followers are told to start over, so they follow the new leader.
+    pub(crate) fn take_over(
+        &self,
+        key: &StoreKey,
+        fingerprint: Option<Fingerprint>,
+    ) -> FlightGuard {
+        let flight = Flight::new(fingerprint);
+        if let Some(old) = self.map.insert(key.as_str().to_owned(), flight.clone()) {
+            old.land(Landing::Retry);
+        }
+        self.guard(key, flight)
+    }
+
+    fn guard(&self, key: &StoreKey, flight: Arc<Flight>) -> FlightGuard {
+        FlightGuard {
+            map: self.map.clone(),
+            key: key.as_str().to_owned(),
+            flight,
+            landed: false,
+        }
+    }
+
+    /// How many keys are in flight (for tests and diagnostics).
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// The leader's hold on its flight. Landing it, or dropping it, removes the flight from
+/// the map and wakes every follower; a dropped guard lands [`Landing::Retry`].
+#[derive(Debug)]
+pub(crate) struct FlightGuard {
+    map: Arc<DashMap<String, Arc<Flight>>>,
+    key: String,
+    flight: Arc<Flight>,
+    landed: bool,
+}
+
+impl FlightGuard {
+    pub(crate) fn flight(&self) -> &Flight {
+        &self.flight
+    }
+
+    pub(crate) fn land(mut self, landing: Landing) {
+        self.finish(landing);
+    }
+
+    fn finish(&mut self, landing: Landing) {
+        if self.landed {
+            return;
+        }
+        self.landed = true;
+        // Remove before landing, so a follower that starts over finds the key free; and
+        // only our own flight, which a new leader may already have replaced.
+        self.map
+            .remove_if(&self.key, |_, f| Arc::ptr_eq(f, &self.flight));
+        self.flight.land(landing);
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        self.finish(Landing::Retry);
+    }
+}

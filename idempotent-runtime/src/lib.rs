@@ -1,0 +1,292 @@
+//! Make any async function safe to retry.
+//!
+//! Networks drop responses, clients and load balancers retry, queues redeliver: the same
+//! intent arrives twice. `idempotent` runs an operation at most once per idempotency key,
+//! replays its stored result to every retry, and makes duplicates that arrive while it
+//! runs wait for it (or be refused), in this process and, with a shared store, in others.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_runtime::Error> {
+//! use idempotent_runtime::{idempotent, Error};
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//!
+//! static CHARGES: AtomicU32 = AtomicU32::new(0);
+//!
+//! #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+//! struct Receipt { id: u32 }
+//!
+//! #[idempotent(key = order_id, ttl = "24h")]
+//! async fn charge(order_id: u64, cents: u64) -> Result<Receipt, Error> {
+//!     Ok(Receipt { id: CHARGES.fetch_add(1, Ordering::SeqCst) })
+//! }
+//!
+//! let first = charge(42, 999).await?;
+//! // The client never saw the answer and retries: the charge is not made again.
+//! let again = charge(42, 999).await?;
+//! assert_eq!(first, again);
+//! assert_eq!(CHARGES.load(Ordering::SeqCst), 1);
+//! # Ok(()) }
+//! ```
+//!
+//! The same without the attribute, through the engine, which also says how each value was
+//! obtained:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_runtime::Error> {
+//! use idempotent_runtime::{Idempotency, Outcome};
+//!
+//! let idem = Idempotency::memory();
+//! let charge = || async { Ok::<_, idempotent_runtime::Error>("ch_42".to_owned()) };
+//! let (first, how) = idem.call("order-42").scope("charge").run_with_outcome(charge).await?;
+//! assert_eq!(how, Outcome::Executed);
+//! let (again, how) = idem.call("order-42").scope("charge").run_with_outcome(charge).await?;
+//! assert_eq!((again, how), (first, Outcome::Replayed));
+//! # Ok(()) }
+//! ```
+//!
+//! # The `#[idempotent]` attribute
+//! One line on an `async fn` that returns `Result<T, E>` (any alias of it, such as
+//! `anyhow::Result<T>` or `std::io::Result<T>`), with `T: Serialize + DeserializeOwned`
+//! and `E: From<idempotent_runtime::Error>`. The function is called as before. It works on
+//! free functions, methods with `&self`, `&mut self` or `self`, generic functions, `impl
+//! Trait` and pattern arguments, beside other attributes such as
+//! `#[tracing::instrument]` (in either order), with early `return` and `?` in the body,
+//! and in trait impls: native `async fn` in traits directly; with `#[async_trait]`, put
+//! `#[async_trait]` on the impl block and `#[idempotent]` on the method, as below.
+//!
+//! | argument | meaning | default |
+//! |---|---|---|
+//! | `key = <expr>` | the idempotency key: an expression over the arguments, evaluated once before the body; any `Display` value | required |
+//! | `ttl = "24h"` | how long the result is replayed (a humantime string, checked at compile time) | the engine's (24 h) |
+//! | `lease = "30s"` | how long a claim holds without renewal; bounds how long a crashed holder blocks the key | the engine's (10 s) |
+//! | `store = <expr>` | the engine, an expression of type `&Idempotency` (`&self.idem`, an argument, `&*STATIC`) | one in-memory engine per process |
+//! | `scope = "name"` | the key's namespace | the function's module path and name |
+//! | `fingerprint = <expr>` | any `Serialize` value; the key reused with another fingerprint gets `Error::Mismatch` | none |
+//! | `cache_errors = true` | store `Err` results too (then `E` must be `Serialize + DeserializeOwned`) | `false` |
+//! | `concurrent = "wait" \| "reject"` | a duplicate in flight waits for the first, or gets `Error::InProgress` | `"wait"` |
+//! | `crate = "path"` | where the runtime is, for crates that re-export it | `::idempotent_runtime` |
+//!
+//! The default scope changes when the function is moved or renamed, and records stored
+//! under the old one are then not found: give functions whose records must survive a
+//! deploy an explicit `scope`.
+//!
+//! ## What it expands to
+//! ```text
+//! #[idempotent(key = order.id, ttl = "1h", fingerprint = order.total)]
+//! async fn place(order: Order) -> Result<Receipt, Error> { body }
+//! ```
+//! becomes, give or take paths:
+//! ```text
+//! async fn place(order: Order) -> Result<Receipt, Error> {
+//!     let __idempotent_engine = __private::engine(__private::default_engine());
+//!     let __idempotent_call = __private::call(
+//!         &__idempotent_engine,
+//!         concat!(module_path!(), "::", "place"),
+//!         &(order.id),
+//!     )
+//!     .ttl(Duration::new(3600, 0));
+//!     let __idempotent_call =
+//!         __private::with_fingerprint(__idempotent_call, __private::fingerprint(&(order.total)));
+//!     __private::run::<Result<Receipt, Error>, _, _, _>(__idempotent_call, move || async move {
+//!         let __idempotent_ret: Result<Receipt, Error> = { body };
+//!         __idempotent_ret
+//!     })
+//!     .await
+//! }
+//! ```
+//! Key and fingerprint are read before the body takes the arguments; the body runs as an
+//! async block, so `return` and `?` keep their meaning.
+//!
+//! ## Each argument
+//! `key`, with any `Display` value:
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! # use idempotent_runtime::{idempotent, Error};
+//! #[idempotent(key = format!("{user}:{day}"))]
+//! async fn daily_bonus(user: u64, day: u32) -> Result<u32, Error> { Ok(100) }
+//! assert_eq!(daily_bonus(7, 20).await.unwrap(), 100);
+//! # }
+//! ```
+//! `ttl` and `lease`:
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! # use idempotent_runtime::{idempotent, Error};
+//! #[idempotent(key = id, ttl = "7 days", lease = "5s")]
+//! async fn export(id: u64) -> Result<String, Error> { Ok(format!("export-{id}.csv")) }
+//! assert_eq!(export(1).await.unwrap(), "export-1.csv");
+//! # }
+//! ```
+//! `store`, on a method of a service that owns its engine:
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use idempotent_runtime::{idempotent, Error, Idempotency};
+//!
+//! struct Payments { idem: Idempotency, made: std::sync::Mutex<Vec<u64>> }
+//!
+//! impl Payments {
+//!     #[idempotent(key = order, store = &self.idem)]
+//!     async fn pay(&self, order: u64) -> Result<usize, Error> {
+//!         let mut made = self.made.lock().unwrap();
+//!         made.push(order);
+//!         Ok(made.len())
+//!     }
+//! }
+//!
+//! let p = Payments { idem: Idempotency::memory(), made: Default::default() };
+//! assert_eq!(p.pay(1).await.unwrap(), 1);
+//! assert_eq!(p.pay(1).await.unwrap(), 1);
+//! assert_eq!(p.made.lock().unwrap().len(), 1);
+//! # }
+//! ```
+//! `scope`, so that a rename keeps the records:
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! # use idempotent_runtime::{idempotent, Error};
+//! #[idempotent(key = id, scope = "billing.invoice.v1")]
+//! async fn send_invoice(id: u64) -> Result<(), Error> { Ok(()) }
+//! send_invoice(9).await.unwrap();
+//! # }
+//! ```
+//! `fingerprint`, refusing a reused key with another payload:
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use idempotent_runtime::{idempotent, Error};
+//!
+//! #[idempotent(key = id, fingerprint = (&to, cents))]
+//! async fn transfer(id: &str, to: String, cents: u64) -> Result<u64, Error> { Ok(cents) }
+//!
+//! assert_eq!(transfer("t-1", "bob".into(), 5).await.unwrap(), 5);
+//! assert!(matches!(transfer("t-1", "eve".into(), 5).await, Err(Error::Mismatch)));
+//! # }
+//! ```
+//! `cache_errors`, replaying a definitive failure instead of running again:
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use idempotent_runtime::{idempotent, Error};
+//!
+//! #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+//! enum Refused { Blocked, Engine(String) }
+//! impl From<Error> for Refused {
+//!     fn from(e: Error) -> Self { Refused::Engine(e.to_string()) }
+//! }
+//!
+//! #[idempotent(key = card, cache_errors = true)]
+//! async fn authorize(card: u64) -> Result<u32, Refused> { Err(Refused::Blocked) }
+//!
+//! assert_eq!(authorize(4).await, Err(Refused::Blocked));
+//! assert_eq!(authorize(4).await, Err(Refused::Blocked)); // replayed, not run
+//! # }
+//! ```
+//! `concurrent = "reject"`, for callers that prefer a fast refusal (HTTP 409) to waiting:
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! # use idempotent_runtime::{idempotent, Error};
+//! #[idempotent(key = job, concurrent = "reject")]
+//! async fn rebuild_index(job: u64) -> Result<(), Error> { Ok(()) }
+//! rebuild_index(1).await.unwrap();
+//! # }
+//! ```
+//! `crate`, for a crate that re-exports the runtime:
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! mod framework {
+//!     pub mod idem { pub use idempotent_runtime::*; }
+//! }
+//! use framework::idem::{idempotent, Error};
+//!
+//! #[idempotent(key = id, crate = "framework::idem")]
+//! async fn handle(id: u64) -> Result<u64, Error> { Ok(id) }
+//! assert_eq!(handle(3).await.unwrap(), 3);
+//! # }
+//! ```
+//! With `#[async_trait]`, on the impl block, and `#[idempotent]` on the method:
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use idempotent_runtime::{idempotent, Error, Idempotency};
+//!
+//! #[async_trait::async_trait]
+//! trait Handler { async fn handle(&self, id: u64) -> Result<u64, Error>; }
+//!
+//! struct H { idem: Idempotency }
+//!
+//! #[async_trait::async_trait]
+//! impl Handler for H {
+//!     #[idempotent(key = id, store = &self.idem)]
+//!     async fn handle(&self, id: u64) -> Result<u64, Error> { Ok(id * 2) }
+//! }
+//!
+//! let h: Box<dyn Handler + Send + Sync> = Box::new(H { idem: Idempotency::memory() });
+//! assert_eq!(h.handle(4).await.unwrap(), 8);
+//! # }
+//! ```
+//!
+//! # The protocol
+//! Every call goes through the same steps, written once in the engine for every store:
+//! 1. **Check**: a result stored for the key within its TTL is decoded and returned
+//!    (`Outcome::Replayed`), unless the call's fingerprint differs ([`Error::Mismatch`]).
+//! 2. **Coalesce**: concurrent calls with one key in this process share one leader; the
+//!    others wait for its result (`Outcome::Coalesced`), or get [`Error::InProgress`] in
+//!    reject mode.
+//! 3. **Claim**: the leader claims the key in the store, atomically, with a short lease
+//!    and a fencing token. A key held elsewhere is polled until it completes, is released,
+//!    or its lease runs out and it can be taken over.
+//! 4. **Run**: the operation runs while the claim is renewed every third of its lease, so
+//!    a slow operation never loses its key and a crashed holder frees it within one lease.
+//! 5. **Complete or release**: an `Ok` result is stored for the TTL (only by the current
+//!    token); an `Err` releases the key so a retry runs again, unless the call stores
+//!    errors; a panic or a cancellation releases it too.
+//!
+//! # Stores and features
+//! - [`store::MemoryStore`], the default: in this process, bounded, no server.
+//! - `store::RedisStore` (feature `redis`) and `store::PostgresStore` (feature `postgres`):
+//!   one guarantee across every process that shares the server.
+//! - `http::IdempotencyLayer` (feature `tower`): the `Idempotency-Key` header protocol as
+//!   a tower layer for axum, hyper or tonic.
+//!
+//! Every store passes the same conformance suite; the protocol lives once, in the engine.
+//!
+//! # Keys and scopes
+//! A key is anything `Display`: a `String`, an integer, a UUID. It lives in a scope, so
+//! equal keys of two operations never collide. The scope defaults to the operation's
+//! type name, which changes when code moves: give long-lived operations an explicit
+//! [`Call::scope`].
+//!
+//! # Observability
+//! [`Idempotency::stats`] counts executions, replays, coalesced calls, rejections,
+//! mismatches and store errors. The engine emits `tracing` events at debug level naming
+//! the scope and a hash of the key, never the key or any payload.
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+#![deny(unreachable_pub)]
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+mod call;
+pub mod clock;
+pub mod codec;
+mod engine;
+mod error;
+mod fingerprint;
+mod flight;
+#[cfg(feature = "tower")]
+pub mod http;
+mod key;
+mod lease;
+mod record;
+mod stats;
+pub mod store;
+
+/// Makes an `async fn` idempotent; see [the crate docs](crate#the-idempotent-attribute).
+pub use idempotent_macros::idempotent;
+
+pub use call::{Call, CallKey, DiscardErrors, ErrorPolicy, StoreErrors};
+pub use codec::Codec;
+pub use engine::{
+    Concurrency, Idempotency, IdempotencyBuilder, Outcome, DEFAULT_LEASE, DEFAULT_MAX_KEY_LEN,
+    DEFAULT_TTL,
+};
+pub use error::{CodecError, CodecErrorKind, ConfigError, Error, KeyError, StoreError};
+pub use fingerprint::Fingerprint;
+pub use key::{KeyDigest, StoreKey, SCOPE_SEPARATOR};
+pub use record::{FencingToken, Record, RecordState, StoredResult};
+pub use stats::Stats;

@@ -1,0 +1,150 @@
+//! The storage contract, and the stores that implement it.
+//!
+//! A store only stores: it answers each of the operations below atomically for one key and
+//! decides nothing else. The protocol built on them (check, claim, run, renew, complete,
+//! release, wait) lives once, in the engine, so every store behaves the same.
+//!
+//! Expiry is decided by the store against its own clock: a claim whose lease has run out,
+//! and a result whose TTL has run out, count as absent in every operation.
+//!
+//! Every store must pass the conformance suite in the workspace's `tests` crate
+//! (`idempotent_tests::store_conformance!`).
+
+mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "redis")]
+mod redis;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use self::memory::{
+    MemoryStore, MemoryStoreBuilder, DEFAULT_CAPACITY as DEFAULT_MEMORY_CAPACITY,
+};
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PostgresStore, DEFAULT_TABLE as DEFAULT_POSTGRES_TABLE};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisStore, DEFAULT_PREFIX as DEFAULT_REDIS_PREFIX};
+use crate::error::StoreError;
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::record::{FencingToken, Record, StoredResult};
+
+/// The answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The key was free (never used, released, expired, or its holder's lease ran out) and
+    /// now belongs to the caller, who must complete or release it with this token.
+    Acquired(FencingToken),
+    /// Another caller holds the key within its lease. The record shows its fingerprint.
+    InProgress(Record),
+    /// The key has a stored result within its TTL.
+    Completed(Record),
+}
+
+/// Whether an operation that needs the claim was done by its current holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Fence {
+    /// The token held the claim, and the operation took effect.
+    Held,
+    /// The token no longer holds the claim (its lease ran out, another caller took the key
+    /// over, or it was released); nothing changed.
+    Lost,
+}
+
+/// Storage for idempotency records.
+///
+/// Implementations must make each method atomic for its key, across every process that
+/// shares the store.
+#[async_trait]
+pub trait Store: fmt::Debug + Send + Sync + 'static {
+    /// Claims `key` for a caller, in one atomic step:
+    /// - no live record: write an in-progress record with a new token, `fingerprint`, and a
+    ///   lease of `lease`; answer [`Claim::Acquired`];
+    /// - a claim within its lease: change nothing; answer [`Claim::InProgress`];
+    /// - a result within its TTL: change nothing; answer [`Claim::Completed`].
+    ///
+    /// Tokens grow: each one granted is larger than any granted before by this store.
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError>;
+
+    /// Extends the lease of `token`'s claim to `lease` from now, if `token` still holds a
+    /// live claim on `key`.
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Fence, StoreError>;
+
+    /// Replaces `token`'s live claim with the completed `result`, kept for `ttl`. The
+    /// record keeps the fingerprint it was claimed with.
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        result: StoredResult,
+        ttl: Duration,
+    ) -> Result<Fence, StoreError>;
+
+    /// Deletes `token`'s claim, so the key is free at once (after an error that is not
+    /// stored, a panic or a cancellation).
+    async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<Fence, StoreError>;
+
+    /// A completed record the store can hand over without I/O (one held in this process's
+    /// memory), or `None`. The engine asks this first on every call, so a hit on a local
+    /// tier costs no allocation of a future and no round trip. Stores without such a tier
+    /// keep the default.
+    fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
+        let _ = key;
+        None
+    }
+}
+
+#[async_trait]
+impl<S: Store + ?Sized> Store for Arc<S> {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        (**self).claim(key, fingerprint, lease).await
+    }
+
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Fence, StoreError> {
+        (**self).renew(key, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        result: StoredResult,
+        ttl: Duration,
+    ) -> Result<Fence, StoreError> {
+        (**self).complete(key, token, result, ttl).await
+    }
+
+    async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<Fence, StoreError> {
+        (**self).release(key, token).await
+    }
+
+    fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
+        (**self).peek_completed(key)
+    }
+}

@@ -1,0 +1,404 @@
+//! The Redis store: one record per key, shared by every process that uses the same Redis.
+//!
+//! A claim is one plain `SET key record NX PX lease GET`: it either creates the claim or
+//! answers with the record already there, atomically and in one round trip, so a hit
+//! costs one cheap command. Renewal, completion and release compare the holder's token
+//! first, in Lua scripts (one round trip each): a first execution is two round trips.
+//! Records expire with their key (`PX`): a claim after its lease, a result after its TTL,
+//! so Redis itself frees the key of a crashed holder.
+//!
+//! A record is one binary string: a state byte (`p` in progress, `c` completed, `e` a
+//! stored error), the token and the end of its lease or TTL (big-endian `u64`s), a
+//! fingerprint flag and 32 bytes, then the result's bytes.
+//!
+//! Fencing tokens come from the claiming process: its wall clock in microseconds, made
+//! strictly increasing within the process. Completion, renewal and release only act for
+//! the token in the record, so a holder whose lease ran out can never overwrite or delete
+//! the record of the caller that took the key over.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use moka::sync::Cache;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+use super::{Claim, Fence, Store};
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::error::{Error, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::record::{FencingToken, Record, RecordState, StoredResult};
+
+/// The key prefix unless set otherwise.
+pub const DEFAULT_PREFIX: &str = "idempotent:";
+
+/// Where each part of an encoded record starts.
+const TOKEN_AT: usize = 1;
+const ENDS_AT: usize = 9;
+const FP_FLAG_AT: usize = 17;
+const FP_AT: usize = 18;
+const RESULT_AT: usize = 50;
+
+// ARGV[1]: the holder's token (8 bytes). Lua's strings are 1-based: the token is 2..9.
+const RENEW: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 1) ~= 'p' or string.sub(v, 2, 9) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], 'p' .. ARGV[1] .. ARGV[2] .. string.sub(v, 18), 'PX', ARGV[3])
+return 1
+"#;
+
+const COMPLETE: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 1) ~= 'p' or string.sub(v, 2, 9) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2] .. ARGV[1] .. ARGV[3] .. string.sub(v, 18, 50) .. ARGV[4], 'PX', ARGV[5])
+return 1
+"#;
+
+const RELEASE: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 1) ~= 'p' or string.sub(v, 2, 9) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+return 1
+"#;
+
+/// A [`Store`] on Redis, through the `redis` crate's connection manager, which reconnects
+/// by itself after the server comes back.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), idempotent_runtime::Error> {
+/// use idempotent_runtime::{store::RedisStore, Idempotency};
+///
+/// let store = RedisStore::connect("redis://127.0.0.1:6379")
+///     .await?
+///     .with_prefix("billing:idem:")
+///     .with_local_cache(10_000);
+/// let idem = Idempotency::new(store);
+/// # let _ = idem; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: Arc<str>,
+    scripts: Arc<Scripts>,
+    local: Option<Cache<String, Local>>,
+}
+
+struct Scripts {
+    renew: Script,
+    complete: Script,
+    release: Script,
+}
+
+/// A completed record in the local tier, with how long it may stay there.
+#[derive(Clone)]
+struct Local {
+    record: Record,
+    keep_for: Duration,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field(
+                "local_cache",
+                &self.local.as_ref().map(|c| c.policy().max_capacity()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects to the Redis at `url` (`redis://host:port/db`). Operations time out after
+    /// two seconds, so an unreachable server fails a call rather than hanging it.
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        let client = redis::Client::open(url).map_err(|e| StoreError::new("redis: bad url", e))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| StoreError::new("redis: connect", e))?;
+        Ok(Self::from_manager(conn))
+    }
+
+    /// A store on an existing connection manager.
+    pub fn from_manager(conn: ConnectionManager) -> Self {
+        Self {
+            conn,
+            prefix: Arc::from(DEFAULT_PREFIX),
+            scripts: Arc::new(Scripts {
+                renew: Script::new(RENEW),
+                complete: Script::new(COMPLETE),
+                release: Script::new(RELEASE),
+            }),
+            local: None,
+        }
+    }
+
+    /// Puts every Redis key of this store under `prefix` (default [`DEFAULT_PREFIX`]).
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Arc::from(prefix.into());
+        self
+    }
+
+    /// Keeps up to `capacity` completed results in this process as well, so a hit on one
+    /// of them costs no round trip. A result enters the local tier the first time a claim
+    /// finds it in Redis, and stays no longer than its TTL left there (read with the
+    /// claim, in the same round trip). Claims in progress are never kept locally.
+    pub fn with_local_cache(mut self, capacity: u64) -> Self {
+        self.local = Some(
+            Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(LocalExpiry)
+                .build(),
+        );
+        self
+    }
+
+    /// The connection manager, for commands of the application's own.
+    pub fn manager(&self) -> &ConnectionManager {
+        &self.conn
+    }
+
+    fn redis_key(&self, key: &StoreKey) -> String {
+        let mut k = String::with_capacity(self.prefix.len() + key.as_str().len());
+        k.push_str(&self.prefix);
+        k.push_str(key.as_str());
+        k
+    }
+
+    async fn fenced(
+        &self,
+        op: &'static str,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<Fence, StoreError> {
+        let mut conn = self.conn.clone();
+        let held: i64 = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| StoreError::new(op, e))?;
+        Ok(if held == 1 { Fence::Held } else { Fence::Lost })
+    }
+}
+
+/// A token larger than any this process handed out before, from the wall clock in µs.
+fn next_token() -> FencingToken {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let next = |prev: u64| Some(now.max(prev + 1));
+    // `fetch_update` with a closure that always returns `Some` cannot fail.
+    let prev = LAST
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, next)
+        .unwrap_or_else(|p| p);
+    FencingToken::new(now.max(prev + 1))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn in_progress(token: FencingToken, lease: Duration, fingerprint: Option<Fingerprint>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(RESULT_AT);
+    v.push(b'p');
+    v.extend_from_slice(&token.get().to_be_bytes());
+    v.extend_from_slice(&SystemClock.now().after(lease).as_millis().to_be_bytes());
+    match fingerprint {
+        Some(fp) => {
+            v.push(1);
+            v.extend_from_slice(fp.as_bytes());
+        }
+        None => v.extend_from_slice(&[0; 33]),
+    }
+    v
+}
+
+/// A record from its encoded bytes.
+fn decode(v: &[u8]) -> Option<Record> {
+    let u64_at = |at: usize| Some(u64::from_be_bytes(v.get(at..at + 8)?.try_into().ok()?));
+    let token = FencingToken::new(u64_at(TOKEN_AT)?);
+    let ends_at = Timestamp::from_millis(u64_at(ENDS_AT)?);
+    let fingerprint = match v.get(FP_FLAG_AT)? {
+        1 => Some(Fingerprint::from_bytes(
+            v.get(FP_AT..RESULT_AT)?.try_into().ok()?,
+        )),
+        _ => None,
+    };
+    let result = || Bytes::copy_from_slice(v.get(RESULT_AT..).unwrap_or_default());
+    let state = match v.first()? {
+        b'p' => RecordState::InProgress {
+            token,
+            lease_expires_at: ends_at,
+        },
+        b'c' => RecordState::Completed {
+            result: StoredResult::Ok(result()),
+            expires_at: ends_at,
+        },
+        b'e' => RecordState::Completed {
+            result: StoredResult::Err(result()),
+            expires_at: ends_at,
+        },
+        _ => return None,
+    };
+    Some(Record { fingerprint, state })
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let token = next_token();
+        let rkey = self.redis_key(key);
+        let mut set = redis::cmd("SET");
+        set.arg(&rkey)
+            .arg(in_progress(token, lease, fingerprint))
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(lease))
+            .arg("GET");
+        let mut conn = self.conn.clone();
+        let sent = Instant::now();
+        let (existing, ttl_ms): (Option<Vec<u8>>, Option<i64>) = if self.local.is_some() {
+            // With a local tier, ask for the TTL left in the same round trip.
+            let mut pipe = redis::pipe();
+            pipe.add_command(set).cmd("PTTL").arg(&rkey);
+            pipe.query_async(&mut conn)
+                .await
+                .map_err(|e| StoreError::new("redis: claim", e))?
+        } else {
+            let v: Option<Vec<u8>> = set
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| StoreError::new("redis: claim", e))?;
+            (v, None)
+        };
+        let Some(bytes) = existing else {
+            return Ok(Claim::Acquired(token));
+        };
+        let record = decode(&bytes).ok_or(StoreError::msg(
+            "redis: a record under this key is not ours",
+        ))?;
+        Ok(match record.state {
+            RecordState::InProgress { .. } => Claim::InProgress(record),
+            RecordState::Completed { .. } => {
+                if let (Some(local), Some(ttl)) = (&self.local, ttl_ms) {
+                    let left = Duration::from_millis(u64::try_from(ttl).unwrap_or(0));
+                    let keep_for = left.saturating_sub(sent.elapsed());
+                    if !keep_for.is_zero() {
+                        local.insert(
+                            key.as_str().to_owned(),
+                            Local {
+                                record: record.clone(),
+                                keep_for,
+                            },
+                        );
+                    }
+                }
+                Claim::Completed(record)
+            }
+        })
+    }
+
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Fence, StoreError> {
+        let mut inv = self.scripts.renew.key(self.redis_key(key));
+        inv.arg(&token.get().to_be_bytes()[..])
+            .arg(&SystemClock.now().after(lease).as_millis().to_be_bytes()[..])
+            .arg(millis(lease));
+        self.fenced("redis: renew", &inv).await
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        result: StoredResult,
+        ttl: Duration,
+    ) -> Result<Fence, StoreError> {
+        let (state, bytes) = (if result.is_err() { "e" } else { "c" }, result.bytes());
+        let mut inv = self.scripts.complete.key(self.redis_key(key));
+        inv.arg(&token.get().to_be_bytes()[..])
+            .arg(state)
+            .arg(&SystemClock.now().after(ttl).as_millis().to_be_bytes()[..])
+            .arg(bytes.as_ref())
+            .arg(millis(ttl));
+        self.fenced("redis: complete", &inv).await
+    }
+
+    async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<Fence, StoreError> {
+        let mut inv = self.scripts.release.key(self.redis_key(key));
+        inv.arg(&token.get().to_be_bytes()[..]);
+        self.fenced("redis: release", &inv).await
+    }
+
+    fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
+        self.local.as_ref()?.get(key.as_str()).map(|l| l.record)
+    }
+}
+
+struct LocalExpiry;
+
+impl moka::Expiry<String, Local> for LocalExpiry {
+    fn expire_after_create(&self, _: &String, v: &Local, _: Instant) -> Option<Duration> {
+        Some(v.keep_for)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_through_their_encoding() {
+        let fp = Fingerprint::of("payload").unwrap();
+        let claim = decode(&in_progress(
+            FencingToken::new(42),
+            Duration::from_secs(5),
+            Some(fp),
+        ))
+        .unwrap();
+        assert_eq!(claim.fingerprint, Some(fp));
+        assert_eq!(claim.holder(), Some(FencingToken::new(42)));
+        let none = decode(&in_progress(
+            FencingToken::new(7),
+            Duration::from_secs(5),
+            None,
+        ))
+        .unwrap();
+        assert_eq!(none.fingerprint, None);
+        assert!(decode(b"").is_none());
+        assert!(decode(b"x123").is_none());
+    }
+
+    #[test]
+    fn tokens_grow_within_a_process() {
+        let mut last = next_token();
+        for _ in 0..10_000 {
+            let t = next_token();
+            assert!(t > last);
+            last = t;
+        }
+    }
+}

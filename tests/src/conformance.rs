@@ -1,0 +1,514 @@
+//! The checks, one function each. Every one fails if the store breaks the clause of the
+//! [`Store`] contract it is named for.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use idempotent_runtime::store::{Claim, Fence, Store};
+use idempotent_runtime::{
+    Concurrency, Error, FencingToken, Fingerprint, Idempotency, Outcome, RecordState, StoreKey,
+    StoredResult,
+};
+
+use crate::Harness;
+
+const TTL: Duration = Duration::from_secs(3600);
+
+fn key(scope: &str, name: &str) -> StoreKey {
+    StoreKey::new(scope, name, 255).expect("valid test key")
+}
+
+fn fp(v: u32) -> Fingerprint {
+    Fingerprint::of(&v).expect("fingerprint of an integer")
+}
+
+/// A test payload as a store holds it.
+fn bytes(s: &str) -> StoredResult {
+    StoredResult::Ok(s.as_bytes().to_vec().into())
+}
+
+async fn acquire<S: Store>(
+    store: &S,
+    k: &StoreKey,
+    f: Option<Fingerprint>,
+    lease: Duration,
+) -> FencingToken {
+    match store.claim(k, f, lease).await.expect("claim") {
+        Claim::Acquired(t) => t,
+        other => panic!("expected to acquire {k:?}, got {other:?}"),
+    }
+}
+
+/// A free key is acquired, and the answer carries a token.
+pub async fn claim_on_a_free_key_acquires<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "free");
+    acquire(&store, &k, None, h.lease()).await;
+}
+
+/// A claim within its lease is reported, with the fingerprint it was made with.
+pub async fn a_second_claim_sees_the_claim_in_progress<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "second");
+    let token = acquire(&store, &k, Some(fp(1)), h.lease()).await;
+    match store
+        .claim(&k, Some(fp(2)), h.lease())
+        .await
+        .expect("claim")
+    {
+        Claim::InProgress(rec) => {
+            assert_eq!(rec.fingerprint, Some(fp(1)));
+            assert_eq!(rec.holder(), Some(token));
+        }
+        other => panic!("expected in progress, got {other:?}"),
+    }
+}
+
+/// Completing by the holder stores the result, and claims then answer with it.
+pub async fn complete_by_the_holder_stores_the_result<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "complete");
+    let token = acquire(&store, &k, None, h.lease()).await;
+    assert_eq!(
+        store
+            .complete(&k, token, bytes("\"r1\""), TTL)
+            .await
+            .expect("complete"),
+        Fence::Held
+    );
+    match store.claim(&k, None, h.lease()).await.expect("claim") {
+        Claim::Completed(rec) => match rec.state {
+            RecordState::Completed { result, .. } => assert_eq!(result, bytes("\"r1\"")),
+            other => panic!("completed claim with state {other:?}"),
+        },
+        other => panic!("expected completed, got {other:?}"),
+    }
+    // Completing twice is refused: the claim is gone.
+    assert_eq!(
+        store
+            .complete(&k, token, bytes("\"r2\""), TTL)
+            .await
+            .expect("complete"),
+        Fence::Lost
+    );
+}
+
+/// The completed record keeps the fingerprint the key was claimed with.
+pub async fn complete_keeps_the_fingerprint_of_the_claim<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "fp");
+    let token = acquire(&store, &k, Some(fp(7)), h.lease()).await;
+    let _ = store
+        .complete(&k, token, bytes("1"), TTL)
+        .await
+        .expect("complete");
+    match store
+        .claim(&k, Some(fp(8)), h.lease())
+        .await
+        .expect("claim")
+    {
+        Claim::Completed(rec) => assert_eq!(rec.fingerprint, Some(fp(7))),
+        other => panic!("expected completed, got {other:?}"),
+    }
+}
+
+/// A stored error is kept apart from a stored value.
+pub async fn stored_errors_come_back_as_errors<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "err");
+    let token = acquire(&store, &k, None, h.lease()).await;
+    let err = StoredResult::Err(b"\"declined\"".to_vec().into());
+    let _ = store
+        .complete(&k, token, err.clone(), TTL)
+        .await
+        .expect("complete");
+    match store.claim(&k, None, h.lease()).await.expect("claim") {
+        Claim::Completed(rec) => {
+            assert!(matches!(rec.state, RecordState::Completed { result, .. } if result == err))
+        }
+        other => panic!("expected completed, got {other:?}"),
+    }
+}
+
+/// Only the current token completes.
+pub async fn a_stale_token_cannot_complete<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "stale");
+    let token = acquire(&store, &k, None, h.lease()).await;
+    let forged = FencingToken::new(token.get().wrapping_add(1000));
+    assert_eq!(
+        store
+            .complete(&k, forged, bytes("1"), TTL)
+            .await
+            .expect("complete"),
+        Fence::Lost
+    );
+    assert!(matches!(
+        store.claim(&k, None, h.lease()).await.expect("claim"),
+        Claim::InProgress(_)
+    ));
+}
+
+/// Release by the holder frees the key at once.
+pub async fn release_by_the_holder_frees_the_key<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "release");
+    let first = acquire(&store, &k, None, h.lease()).await;
+    assert_eq!(
+        store.release(&k, first).await.expect("release"),
+        Fence::Held
+    );
+    let second = acquire(&store, &k, None, h.lease()).await;
+    assert_ne!(first, second);
+}
+
+/// Release with another token leaves the holder's claim alone.
+pub async fn release_with_another_token_changes_nothing<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "release-other");
+    let token = acquire(&store, &k, None, h.lease()).await;
+    let other = FencingToken::new(token.get().wrapping_add(1000));
+    assert_eq!(
+        store.release(&k, other).await.expect("release"),
+        Fence::Lost
+    );
+    assert!(matches!(
+        store.claim(&k, None, h.lease()).await.expect("claim"),
+        Claim::InProgress(_)
+    ));
+    assert_eq!(
+        store
+            .complete(&k, token, bytes("1"), TTL)
+            .await
+            .expect("complete"),
+        Fence::Held
+    );
+}
+
+/// A renewed claim outlives its first lease.
+pub async fn renew_keeps_a_live_claim_past_its_first_lease<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "renew");
+    let lease = h.lease();
+    let token = acquire(&store, &k, None, lease).await;
+    // Renew every half lease: a late timer on a loaded machine still lands in time.
+    for _ in 0..4 {
+        h.advance(lease / 2).await;
+        assert_eq!(
+            store.renew(&k, token, lease).await.expect("renew"),
+            Fence::Held
+        );
+    }
+    // Two full leases have passed since the claim; it still holds.
+    assert!(matches!(
+        store.claim(&k, None, lease).await.expect("claim"),
+        Claim::InProgress(_)
+    ));
+    assert_eq!(
+        store
+            .complete(&k, token, bytes("1"), TTL)
+            .await
+            .expect("complete"),
+        Fence::Held
+    );
+}
+
+/// After its lease a claim is taken over with a new token; the old holder can then
+/// neither complete, renew nor release.
+pub async fn an_expired_lease_is_taken_over_and_the_old_holder_is_fenced<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "takeover");
+    let lease = h.lease();
+    let old = acquire(&store, &k, Some(fp(1)), lease).await;
+    h.advance(lease + lease / 4).await;
+    let new = acquire(&store, &k, Some(fp(1)), lease).await;
+    assert!(new > old, "tokens must grow: {old:?} then {new:?}");
+    assert_eq!(
+        store
+            .complete(&k, old, bytes("\"old\""), TTL)
+            .await
+            .expect("complete"),
+        Fence::Lost
+    );
+    assert_eq!(
+        store.renew(&k, old, lease).await.expect("renew"),
+        Fence::Lost
+    );
+    assert_eq!(store.release(&k, old).await.expect("release"), Fence::Lost);
+    assert_eq!(
+        store
+            .complete(&k, new, bytes("\"new\""), TTL)
+            .await
+            .expect("complete"),
+        Fence::Held
+    );
+    match store.claim(&k, None, lease).await.expect("claim") {
+        Claim::Completed(rec) => assert!(
+            matches!(rec.state, RecordState::Completed { result, .. } if result == bytes("\"new\""))
+        ),
+        other => panic!("expected completed, got {other:?}"),
+    }
+}
+
+/// A claim whose lease ran out cannot be renewed back to life, even if nobody took it.
+pub async fn a_lapsed_claim_cannot_be_renewed<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "lapsed");
+    let lease = h.lease();
+    let token = acquire(&store, &k, None, lease).await;
+    h.advance(lease + lease / 4).await;
+    assert_eq!(
+        store.renew(&k, token, lease).await.expect("renew"),
+        Fence::Lost
+    );
+    assert_eq!(
+        store
+            .complete(&k, token, bytes("1"), TTL)
+            .await
+            .expect("complete"),
+        Fence::Lost
+    );
+}
+
+/// A result is forgotten after its TTL, and the key is new again.
+pub async fn results_expire_after_their_ttl<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "ttl");
+    let ttl = h.lease();
+    let token = acquire(&store, &k, None, ttl).await;
+    let _ = store
+        .complete(&k, token, bytes("1"), ttl)
+        .await
+        .expect("complete");
+    h.advance(ttl / 2).await;
+    assert!(matches!(
+        store.claim(&k, None, ttl).await.expect("claim"),
+        Claim::Completed(_)
+    ));
+    h.advance(ttl / 2 + ttl / 4).await;
+    acquire(&store, &k, None, ttl).await;
+}
+
+/// Every token granted is larger than the last, across keys.
+pub async fn tokens_grow<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let mut last = None;
+    for i in 0..20 {
+        let t = acquire(&store, &key("conf-grow", &i.to_string()), None, h.lease()).await;
+        if let Some(prev) = last {
+            assert!(t > prev, "{t:?} after {prev:?}");
+        }
+        last = Some(t);
+    }
+}
+
+/// Equal keys in two scopes are two keys.
+pub async fn scopes_keep_equal_keys_apart<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let a = key("conf-a", "same");
+    let b = key("conf-b", "same");
+    let ta = acquire(&store, &a, None, h.lease()).await;
+    acquire(&store, &b, None, h.lease()).await;
+    let _ = store
+        .complete(&a, ta, bytes("1"), TTL)
+        .await
+        .expect("complete");
+    assert!(matches!(
+        store.claim(&b, None, h.lease()).await.expect("claim"),
+        Claim::InProgress(_)
+    ));
+}
+
+/// `peek_completed` shows a completed result or nothing, never a claim.
+pub async fn peek_never_shows_a_claim_in_progress<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "peek");
+    let token = acquire(&store, &k, None, h.lease()).await;
+    assert_eq!(store.peek_completed(&k), None);
+    let _ = store
+        .complete(&k, token, bytes("1"), TTL)
+        .await
+        .expect("complete");
+    if let Some(rec) = store.peek_completed(&k) {
+        assert!(matches!(rec.state, RecordState::Completed { .. }));
+    }
+}
+
+/// Of many concurrent claims on one free key, exactly one acquires.
+pub async fn concurrent_claims_acquire_once<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "race");
+    let lease = h.lease();
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let store = store.clone();
+            let k = k.clone();
+            tokio::spawn(async move { store.claim(&k, None, lease).await.expect("claim") })
+        })
+        .collect();
+    let mut acquired = 0;
+    for t in tasks {
+        if matches!(t.await.expect("task"), Claim::Acquired(_)) {
+            acquired += 1;
+        }
+    }
+    assert_eq!(acquired, 1);
+}
+
+/// Two engines on one store (as two processes would be), 100 concurrent callers split
+/// between them: one execution, one value for all.
+pub async fn two_engines_execute_once_under_concurrent_callers<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let engines = [Idempotency::new(store.clone()), Idempotency::new(store)];
+    let runs = Arc::new(AtomicU32::new(0));
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let idem = engines[i % 2].clone();
+            let runs = runs.clone();
+            tokio::spawn(async move {
+                idem.call("two-engines")
+                    .scope("conf")
+                    .run(|| async move {
+                        let n = runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok::<_, Error>(format!("value-{n}"))
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task").expect("call"), "value-0");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A body that runs three times its lease keeps its key through renewal: duplicates sent
+/// to a second engine all the while never run it again.
+pub async fn a_body_three_times_its_lease_runs_once_while_duplicates_arrive<H: Harness>(h: &H) {
+    let store = h.real_time_store().await;
+    // Long enough that a loaded machine's scheduling delays stay well inside one lease,
+    // as they must in production: the heartbeat runs every third of it.
+    let lease = Duration::from_secs(1);
+    let holder = Idempotency::builder()
+        .store(store.clone())
+        .lease(lease)
+        .build()
+        .expect("engine");
+    let other = Idempotency::builder()
+        .store(store)
+        .lease(lease)
+        .build()
+        .expect("engine");
+    let runs = Arc::new(AtomicU32::new(0));
+    let (entered_tx, entered) = tokio::sync::oneshot::channel();
+    let entered_tx = Arc::new(std::sync::Mutex::new(Some(entered_tx)));
+    let op = |runs: Arc<AtomicU32>| {
+        let entered_tx = entered_tx.clone();
+        move || async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let tx = entered_tx.lock().map(|mut g| g.take()).unwrap_or(None);
+            if let Some(tx) = tx {
+                let _ = tx.send(tokio::time::Instant::now());
+            }
+            tokio::time::sleep(lease * 3).await;
+            Ok::<_, Error>(7u32)
+        }
+    };
+    let first = {
+        let holder = holder.clone();
+        let op = op(runs.clone());
+        tokio::spawn(async move { holder.call("long").scope("conf").run_with_outcome(op).await })
+    };
+    // Duplicates start once the holder is inside its body, and stop half a lease before
+    // it ends, so each one meets the claim in progress, never a free or completed key.
+    let started = entered.await.expect("the holder enters its body");
+    let mut rejected = 0;
+    let deadline = started + lease * 3 - lease / 2;
+    while tokio::time::Instant::now() < deadline {
+        let dup = other
+            .call("long")
+            .scope("conf")
+            .concurrency(Concurrency::Reject)
+            .run(op(runs.clone()))
+            .await;
+        assert!(
+            matches!(dup, Err(Error::InProgress)),
+            "duplicate got {dup:?}"
+        );
+        rejected += 1;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(rejected > 10, "only {rejected} duplicates were sent");
+    // A waiting duplicate gets the holder's value.
+    let waited = other
+        .call("long")
+        .scope("conf")
+        .run(op(runs.clone()))
+        .await
+        .expect("wait");
+    assert_eq!(waited, 7);
+    assert_eq!(
+        first.await.expect("task").expect("call"),
+        (7, Outcome::Executed)
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(holder.stats().lease_lost, 0);
+}
+
+/// A holder that stops being polled (a crashed process, in effect) stops renewing; its
+/// key is free again within one lease of its last renewal.
+pub async fn a_holder_that_stops_renewing_frees_its_key_within_one_lease<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let lease = h.lease();
+    let crashed = Idempotency::builder()
+        .store(store.clone())
+        .lease(lease)
+        .build()
+        .expect("engine");
+    let other = Idempotency::builder()
+        .store(store)
+        .lease(lease)
+        .build()
+        .expect("engine");
+    let entered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut holder = Box::pin(crashed.call("crash").scope("conf").run(|| {
+        let entered = entered.clone();
+        async move {
+            entered.store(true, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+            Ok::<_, Error>(0u32)
+        }
+    }));
+    // Poll the holder until it has claimed the key and entered the body, then never again.
+    let polling = tokio::time::Instant::now();
+    while !entered.load(Ordering::SeqCst) {
+        assert!(
+            polling.elapsed() < Duration::from_secs(10),
+            "the holder never entered its body"
+        );
+        let step = tokio::time::timeout(Duration::from_millis(5), &mut holder).await;
+        assert!(step.is_err(), "the holder's body never returns");
+    }
+    let dup = other
+        .call("crash")
+        .scope("conf")
+        .concurrency(Concurrency::Reject)
+        .run(|| async { Ok::<_, Error>(1u32) })
+        .await;
+    assert!(
+        matches!(dup, Err(Error::InProgress)),
+        "the claim holds at first: {dup:?}"
+    );
+    h.advance(lease + lease / 10).await;
+    let (v, how) = other
+        .call("crash")
+        .scope("conf")
+        .concurrency(Concurrency::Reject)
+        .run_with_outcome(|| async { Ok::<_, Error>(1u32) })
+        .await
+        .expect("the key is free again");
+    assert_eq!((v, how), (1, Outcome::Executed));
+    std::mem::forget(holder);
+}

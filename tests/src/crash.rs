@@ -1,0 +1,68 @@
+//! A holder in another process that dies mid-operation: the check is the same for every
+//! store shared between processes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use idempotent_runtime::{Concurrency, Error, Idempotency, Outcome};
+
+/// Starts the `holder` binary (at `holder`: an integration test passes
+/// `env!("CARGO_BIN_EXE_holder")`) on the store `kind` (`redis` or `postgres`) at `url`, in
+/// `space` (a key prefix or a table), waits until it holds the key, checks that `idem`
+/// (on the same store) is refused while it lives, kills it, and checks that a waiting call
+/// on `idem` takes the key over and runs within about one lease.
+pub async fn a_crashed_holder_process_frees_its_key(
+    holder: &str,
+    kind: &str,
+    url: &str,
+    space: &str,
+    idem: &Idempotency,
+    lease: Duration,
+) {
+    let mut child = Command::new(holder)
+        .args([kind, url, space, &lease.as_millis().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the holder binary");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let claimed = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("CLAIMED"))
+    });
+    let claimed = tokio::time::timeout(Duration::from_secs(30), claimed).await;
+    assert!(
+        matches!(claimed, Ok(Ok(true))),
+        "the holder never claimed the key"
+    );
+
+    let reject = idem
+        .call("crash")
+        .scope("holder")
+        .concurrency(Concurrency::Reject)
+        .run(|| async { Ok::<u32, Error>(1) })
+        .await;
+    assert!(
+        matches!(reject, Err(Error::InProgress)),
+        "the live holder keeps the key: {reject:?}"
+    );
+
+    child.kill().expect("kill the holder");
+    let _ = child.wait();
+    let killed = Instant::now();
+    // A waiting caller takes over once the dead holder's lease runs out.
+    let got = idem
+        .call("crash")
+        .scope("holder")
+        .run_with_outcome(|| async { Ok::<u32, Error>(2) })
+        .await;
+    assert!(matches!(got, Ok((2, Outcome::Executed))), "{got:?}");
+    let waited = killed.elapsed();
+    assert!(
+        waited < lease + Duration::from_secs(1),
+        "took {waited:?} for a {lease:?} lease"
+    );
+}
