@@ -126,8 +126,18 @@ fn respan(tokens: TokenStream, span: proc_macro2::Span) -> TokenStream {
 /// the arguments.
 fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path) -> TokenStream {
     let engine = match &args.store {
-        Some(store) => quote_spanned!(store.span()=> #krate::__private::engine(#store)),
-        None => quote!(#krate::__private::engine(#krate::__private::default_engine())),
+        Some(store) if store_outlives_body(store, item) => quote_spanned! {store.span()=>
+            let __idempotent_engine = #krate::__private::borrow(#store);
+        },
+        // The body may take what `store` borrows (`&mut self`, an argument by value):
+        // an owned handle (an `Arc` clone) keeps the engine apart from it.
+        Some(store) => quote_spanned! {store.span()=>
+            let __idempotent_engine = #krate::__private::engine(#store);
+            let __idempotent_engine = &__idempotent_engine;
+        },
+        None => quote! {
+            let __idempotent_engine = #krate::__private::default_engine();
+        },
     };
     let key_ref = quote_spanned!(key.span()=> &(#key));
     let scope = match &args.scope {
@@ -161,10 +171,57 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path) -> TokenStream 
         .cache_errors
         .then(|| quote!(let __idempotent_call = __idempotent_call.store_errors();));
     quote! {
-        let __idempotent_engine = #engine;
-        let __idempotent_call = #krate::__private::call(&__idempotent_engine, #scope, #key_ref)
+        #engine
+        let __idempotent_call = #krate::__private::call(__idempotent_engine, #scope, #key_ref)
             #settings;
         #fingerprint
         #store_errors
+    }
+}
+
+/// Whether the engine `store` names can stay borrowed while the body runs: it is reached
+/// through `&self`, through an argument that is a shared reference, or through a static.
+/// Anything else (`&mut self`, `self` by value, an argument by value, an expression this
+/// cannot follow) may be moved or mutably borrowed by the body.
+fn store_outlives_body(store: &Expr, item: &ItemFn) -> bool {
+    let Some(root) = root_of(store) else {
+        return false;
+    };
+    let Some(ident) = root.get_ident() else {
+        // A path of several segments: a static or a function, not an argument.
+        return true;
+    };
+    let mut all_args_named = true;
+    for input in &item.sig.inputs {
+        match input {
+            syn::FnArg::Receiver(r) if ident == "self" => {
+                return r.reference.is_some() && r.mutability.is_none() && r.colon_token.is_none();
+            }
+            syn::FnArg::Receiver(_) => {}
+            syn::FnArg::Typed(arg) => match &*arg.pat {
+                syn::Pat::Ident(p) if p.ident == *ident => {
+                    return matches!(&*arg.ty, Type::Reference(r) if r.mutability.is_none());
+                }
+                syn::Pat::Ident(_) => {}
+                _ => all_args_named = false,
+            },
+        }
+    }
+    // Not an argument: a static or constant, unless a pattern argument bound it.
+    all_args_named && ident != "self"
+}
+
+/// The path an expression reads through: `&self.idem` and `&*ENGINE` are rooted at
+/// `self` and `ENGINE`. `None` where it is not a chain of fields, derefs and indexing:
+/// a method call's result may borrow its arguments too.
+fn root_of(expr: &Expr) -> Option<&Path> {
+    match expr {
+        Expr::Reference(e) => root_of(&e.expr),
+        Expr::Unary(e) if matches!(e.op, syn::UnOp::Deref(_)) => root_of(&e.expr),
+        Expr::Field(e) => root_of(&e.base),
+        Expr::Paren(e) => root_of(&e.expr),
+        Expr::Index(e) => root_of(&e.expr),
+        Expr::Path(e) if e.qself.is_none() => Some(&e.path),
+        _ => None,
     }
 }

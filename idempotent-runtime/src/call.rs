@@ -7,6 +7,7 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -139,15 +140,20 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
 
     /// Runs `op` at most once for the key, or returns the stored result of an earlier
     /// call; see [`Call::run_with_outcome`].
-    pub async fn run<T, E, F, Fut>(self, op: F) -> Result<T, E>
+    pub fn run<T, E, F, Fut>(self, op: F) -> impl Future<Output = Result<T, E>> + 'a
     where
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        P: ErrorPolicy<E>,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        K: 'a,
+        T: Serialize + DeserializeOwned + 'a,
+        E: From<Error> + 'a,
+        P: ErrorPolicy<E> + 'a,
+        F: FnOnce() -> Fut + 'a,
+        Fut: Future<Output = Result<T, E>> + 'a,
     {
-        self.run_with_outcome(op).await.map(|(value, _)| value)
+        // Built from the engine's one future, not from `async fn`s around it: each such
+        // layer keeps its own copy of its arguments for the whole call, and a thousand
+        // waiting callers would each carry the copies.
+        self.run_with_outcome(op)
+            .map(|answer| answer.map(|(value, _)| value))
     }
 
     /// Like [`Call::run`], and says whether the value was executed, replayed or coalesced.
@@ -170,14 +176,25 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     /// the caller still gets its value, since the side effect happened; the result is
     /// not stored, the key keeps the new holder's, and
     /// [`Stats::lease_lost`](crate::Stats::lease_lost) counts it.
-    pub async fn run_with_outcome<T, E, F, Fut>(self, op: F) -> Result<(T, Outcome), E>
+    pub fn run_with_outcome<T, E, F, Fut>(
+        self,
+        op: F,
+    ) -> impl Future<Output = Result<(T, Outcome), E>> + 'a
     where
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        P: ErrorPolicy<E>,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        K: 'a,
+        T: Serialize + DeserializeOwned + 'a,
+        E: From<Error> + 'a,
+        P: ErrorPolicy<E> + 'a,
+        F: FnOnce() -> Fut + 'a,
+        Fut: Future<Output = Result<T, E>> + 'a,
     {
+        let inner = &self.engine.inner;
+        inner.run::<K, T, E, P, F, Fut>(self, op)
+    }
+
+    /// Resolves the call's settings against the engine's and formats its key. Runs when
+    /// the call's future is first polled.
+    pub(crate) fn into_request<F>(self) -> Result<Request, Error> {
         let scope = self.scope.as_deref().unwrap_or(std::any::type_name::<F>());
         let defaults = self.engine.inner.defaults;
         let settings = Settings {
@@ -192,12 +209,11 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             .key
             .into_store_key(scope, settings.max_key_len)
             .map_err(Error::InvalidKey)?;
-        let req = Request {
+        Ok(Request {
             key,
             fingerprint,
             settings,
-        };
-        self.engine.inner.run::<T, E, P, F, Fut>(req, op).await
+        })
     }
 }
 

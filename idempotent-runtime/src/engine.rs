@@ -12,11 +12,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::debug;
 
-use crate::call::{Call, ErrorPolicy};
+use crate::call::{Call, CallKey, ErrorPolicy};
 use crate::codec::Codec;
 use crate::error::{ConfigError, Error, StoreError};
 use crate::fingerprint::Fingerprint;
-use crate::flight::{Flight, FlightGuard, Flights, Joined, Landing};
+use crate::flight::{Flight, FlightGuard, Flights, Joined, Landing, Waited};
 use crate::key::StoreKey;
 use crate::lease::HeldClaim;
 use crate::record::{Record, RecordState, StoredResult};
@@ -282,16 +282,27 @@ type Answer<T, E> = Result<(T, Outcome), E>;
 
 impl Inner {
     /// The protocol. Each branch that can use `op` returns, so it runs at most once.
-    pub(crate) async fn run<T, E, P, F, Fut>(self: &Arc<Self>, req: Request, op: F) -> Answer<T, E>
+    ///
+    /// The call's only `async fn`: what it takes it keeps until it finishes, so it takes
+    /// the call as it was built and resolves it here.
+    pub(crate) async fn run<K, T, E, P, F, Fut>(
+        self: &Arc<Self>,
+        call: Call<'_, K, P>,
+        op: F,
+    ) -> Answer<T, E>
     where
+        K: CallKey,
         T: Serialize + DeserializeOwned,
         E: From<Error>,
         P: ErrorPolicy<E>,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        let req = call.into_request::<F>()?;
         if let Some(rec) = self.store.peek_completed(&req.key) {
-            return self.replay_record::<T, E, P>(&req, rec);
+            let answer = self.replay_record::<T, E, P>(&req, rec);
+            req.key.recycle();
+            return answer;
         }
         // Boxed, so a hit does not carry (and move) the futures of the slower paths.
         Box::pin(self.join_or_lead::<T, E, P, F, Fut>(req, op)).await
@@ -402,17 +413,21 @@ impl Inner {
         // landing, or for the timing follower to leave, and then one of them takes over.
         let mut watch = None;
         let mut seen = flight.beats();
+        let mut following = flight.follow();
         loop {
             if watch.is_none() {
                 watch = flight.watch_leader();
             }
             let landing = match &watch {
-                None => tokio::select! {
-                    landing = flight.landed() => landing,
-                    () = flight.watcher_left() => continue,
+                None => match following.wait(true).await {
+                    Waited::Landed(landing) => landing,
+                    Waited::WatcherLeft => continue,
                 },
                 Some(_) => tokio::select! {
-                    landing = flight.landed() => landing,
+                    waited = following.wait(false) => match waited {
+                        Waited::Landed(landing) => landing,
+                        Waited::WatcherLeft => continue,
+                    },
                     () = tokio::time::sleep(req.settings.lease) => {
                         let now = flight.beats();
                         if now != seen {

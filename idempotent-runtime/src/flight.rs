@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -34,24 +34,41 @@ pub(crate) enum Landing {
 #[derive(Debug)]
 pub(crate) struct Flight {
     fingerprint: Option<Fingerprint>,
-    landing: watch::Sender<Option<Landing>>,
+    // The landing, and every change of who times the leader. Followers wait on this one
+    // channel only: a second waiter each (a `Notify` for the hand-over) put all of them
+    // on one more lock, taken again as each dropped its wait, which cost a thousand
+    // coalesced callers more than the rest of their wake-up.
+    progress: watch::Sender<Progress>,
     // Bumped by the leader while its future is being polled; a follower that sees it still
     // after a whole lease knows the leader is stalled and goes to the store itself.
     beats: AtomicU64,
     // Whether a follower is timing the leader; one suffices.
     watched: AtomicBool,
-    // Wakes a waiting follower to take the timing over when the one doing it leaves.
-    watcher_left: Notify,
+}
+
+/// What followers wait on.
+#[derive(Debug, Default)]
+struct Progress {
+    landing: Option<Landing>,
+    // Bumped when the follower timing the leader leaves, to wake one that takes over.
+    watchers_left: u64,
+}
+
+/// What a follower's wait ended with.
+pub(crate) enum Waited {
+    /// The leader landed.
+    Landed(Landing),
+    /// The follower timing the leader left; another may take the role.
+    WatcherLeft,
 }
 
 impl Flight {
     fn new(fingerprint: Option<Fingerprint>) -> Arc<Self> {
         Arc::new(Self {
             fingerprint,
-            landing: watch::Sender::new(None),
+            progress: watch::Sender::new(Progress::default()),
             beats: AtomicU64::new(0),
             watched: AtomicBool::new(false),
-            watcher_left: Notify::new(),
         })
     }
 
@@ -79,25 +96,42 @@ impl Flight {
             .map(|_| WatchGuard(self.clone()))
     }
 
-    /// Completes when the follower timing the leader has left (or already had).
-    pub(crate) async fn watcher_left(&self) {
-        self.watcher_left.notified().await;
-    }
-
-    /// Waits for the landing. Cancel-safe: a follower may be dropped at any point.
-    pub(crate) async fn landed(&self) -> Landing {
-        let mut rx = self.landing.subscribe();
-        // The sender lives as long as `self`, so the channel cannot close while we wait;
-        // if it somehow did, starting over is the safe answer.
-        let landing = match rx.wait_for(Option::is_some).await {
-            Ok(landing) => landing.clone().unwrap_or(Landing::Retry),
-            Err(_) => Landing::Retry,
-        };
-        landing
+    /// A follower's view of the flight, to wait on.
+    pub(crate) fn follow(self: &Arc<Self>) -> Following {
+        Following {
+            rx: self.progress.subscribe(),
+            flight: self.clone(),
+        }
     }
 
     fn land(&self, landing: Landing) {
-        self.landing.send_replace(Some(landing));
+        self.progress.send_modify(|p| p.landing = Some(landing));
+    }
+}
+
+/// A follower's subscription to its flight.
+pub(crate) struct Following {
+    rx: watch::Receiver<Progress>,
+    flight: Arc<Flight>,
+}
+
+impl Following {
+    /// Waits for the landing; with `or_watcher_left`, also returns when nobody times the
+    /// leader. Cancel-safe: a follower may be dropped at any point.
+    pub(crate) async fn wait(&mut self, or_watcher_left: bool) -> Waited {
+        let flight = &self.flight;
+        let done = |p: &Progress| {
+            p.landing.is_some() || (or_watcher_left && !flight.watched.load(Ordering::Acquire))
+        };
+        match self.rx.wait_for(done).await {
+            Ok(p) => match &p.landing {
+                Some(landing) => Waited::Landed(landing.clone()),
+                None => Waited::WatcherLeft,
+            },
+            // The sender lives as long as the flight, which we hold, so the channel
+            // cannot close; if it somehow did, starting over is the safe answer.
+            Err(_) => Waited::Landed(Landing::Retry),
+        }
     }
 }
 
@@ -107,8 +141,9 @@ pub(crate) struct WatchGuard(Arc<Flight>);
 impl Drop for WatchGuard {
     fn drop(&mut self) {
         self.0.watched.store(false, Ordering::Release);
-        // Stores a permit if no follower is waiting yet, so the hand-over is never lost.
-        self.0.watcher_left.notify_one();
+        // Wakes the waiting followers; the first to claim the role takes it, the others
+        // see it taken and wait again. A follower that subscribes later reads the flag.
+        self.0.progress.send_modify(|p| p.watchers_left += 1);
     }
 }
 

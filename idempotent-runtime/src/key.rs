@@ -1,5 +1,6 @@
 //! The key a store sees: the caller's key inside its scope, validated once.
 
+use std::cell::Cell;
 use std::fmt::{self, Write as _};
 
 use sha2::{Digest, Sha256};
@@ -9,6 +10,15 @@ use crate::error::KeyError;
 /// Separates scope from key in [`StoreKey::as_str`]; scopes may not contain it, which
 /// keeps the joined form unambiguous.
 pub const SCOPE_SEPARATOR: char = '|';
+
+thread_local! {
+    // The hit path would otherwise allocate a key buffer and free it again on every call:
+    // a hit hands its buffer back here and the next key on this thread reuses it.
+    static SPARE: Cell<String> = const { Cell::new(String::new()) };
+}
+
+/// Buffers larger than this are not kept, so one huge key cannot pin memory per thread.
+const SPARE_MAX_CAPACITY: usize = 512;
 
 /// A validated key inside its scope, as handed to a [`Store`](crate::store::Store).
 ///
@@ -27,22 +37,34 @@ impl StoreKey {
                 scope: scope.to_owned(),
             });
         }
-        let mut joined = String::with_capacity(scope.len() + 1 + 36);
+        let mut joined = SPARE.try_with(Cell::take).unwrap_or_default();
+        joined.reserve(scope.len() + 1 + 36);
         joined.push_str(scope);
         joined.push(SCOPE_SEPARATOR);
         // Writing into a String cannot fail unless the key's Display impl does.
         let _ = write!(joined, "{key}");
         let len = joined.len() - scope.len() - 1;
-        if len == 0 {
-            return Err(KeyError::Empty);
-        }
-        if len > max_len {
-            return Err(KeyError::TooLong { len, max: max_len });
+        let checked = if len == 0 {
+            Err(KeyError::Empty)
+        } else if len > max_len {
+            Err(KeyError::TooLong { len, max: max_len })
+        } else {
+            Ok(())
+        };
+        if let Err(e) = checked {
+            recycle(joined);
+            return Err(e);
         }
         Ok(Self {
             joined,
             scope_len: scope.len(),
         })
+    }
+
+    /// Gives the key's buffer back for the next key made on this thread. For keys that
+    /// are done with at once, as a hit's is.
+    pub(crate) fn recycle(self) {
+        recycle(self.joined);
     }
 
     /// The scope.
@@ -80,6 +102,14 @@ impl fmt::Debug for StoreKey {
     }
 }
 
+fn recycle(mut buffer: String) {
+    if buffer.capacity() <= SPARE_MAX_CAPACITY {
+        buffer.clear();
+        // Fails only while the thread is exiting; the buffer is then simply freed.
+        let _ = SPARE.try_with(|spare| spare.set(buffer));
+    }
+}
+
 /// The first 64 bits of a key's SHA-256, printed as hex.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyDigest(u64);
@@ -111,6 +141,21 @@ mod tests {
             Err(KeyError::TooLong { len: 256, max: 255 })
         );
         assert!(StoreKey::new("s", "x".repeat(255), 255).is_ok());
+    }
+
+    #[test]
+    fn a_reused_buffer_carries_nothing_over() {
+        StoreKey::new("payments", "order-000000000000000000000001", 255)
+            .unwrap()
+            .recycle();
+        let k = StoreKey::new("s", "k", 255).unwrap();
+        assert_eq!(k.as_str(), "s|k");
+        k.recycle();
+        assert_eq!(StoreKey::new("s", "", 255), Err(KeyError::Empty));
+        assert_eq!(StoreKey::new("t", 7, 255).unwrap().as_str(), "t|7");
+        let huge = StoreKey::new("s", "x".repeat(1000), 2000).unwrap();
+        huge.recycle();
+        assert_eq!(StoreKey::new("s", "y", 255).unwrap().as_str(), "s|y");
     }
 
     #[test]

@@ -78,9 +78,9 @@
 //! becomes, give or take paths:
 //! ```text
 //! async fn place(order: Order) -> Result<Receipt, Error> {
-//!     let __idempotent_engine = __private::engine(__private::default_engine());
+//!     let __idempotent_engine = __private::default_engine();
 //!     let __idempotent_call = __private::call(
-//!         &__idempotent_engine,
+//!         __idempotent_engine,
 //!         concat!(module_path!(), "::", "place"),
 //!         &(order.id),
 //!     )
@@ -95,7 +95,10 @@
 //! }
 //! ```
 //! Key and fingerprint are read before the body takes the arguments; the body runs as an
-//! async block, so `return` and `?` keep their meaning.
+//! async block, so `return` and `?` keep their meaning. A `store` reached through `&self`,
+//! a shared-reference argument or a static stays borrowed; one reached through `&mut self`,
+//! `self` or an argument by value is first cloned into an owned handle (an `Arc` clone),
+//! so the body may still move or mutate what it came from.
 //!
 //! ## Each argument
 //! `key`, with any `Display` value:

@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::OnceLock;
 
+use futures_util::FutureExt as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -17,6 +18,13 @@ use crate::fingerprint::Fingerprint;
 pub fn default_engine() -> &'static Idempotency {
     static ENGINE: OnceLock<Idempotency> = OnceLock::new();
     ENGINE.get_or_init(Idempotency::memory)
+}
+
+/// The engine `store` names, borrowed for the call (through `&self`, a shared-reference
+/// argument or a static). A function rather than a typed `let`, against which clippy
+/// would flag the user's `store = &*ENGINE` as an explicit auto-deref.
+pub fn borrow(engine: &Idempotency) -> &Idempotency {
+    engine
 }
 
 /// An owned handle, so the body may borrow `self` mutably after `store = &self.idem`.
@@ -93,17 +101,22 @@ pub trait EngineError: From<Error> {}
 impl<E: From<Error>> EngineError for E {}
 
 /// Runs the function's body through the engine.
-pub async fn run<R, P, F, Fut>(call: Call<'_, PreparedKey, P>, body: F) -> R
+///
+/// The call's own future, mapped, rather than another `async fn` around it: that layer
+/// would hold a second copy of the call, and the function's future would be moved
+/// whole (about a kilobyte) on every hit.
+pub fn run<'a, R, P, F, Fut>(
+    call: Call<'a, PreparedKey, P>,
+    body: F,
+) -> impl Future<Output = R> + 'a
 where
-    R: IdempotentResult,
+    R: IdempotentResult + 'a,
     R::Ok: StoredValue,
     R::Err: EngineError,
-    P: ErrorPolicy<R::Err>,
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = R>,
+    P: ErrorPolicy<R::Err> + 'a,
+    F: FnOnce() -> Fut + 'a,
+    Fut: Future<Output = R> + 'a,
 {
-    R::from_result(
-        call.run(move || async move { body().await.into_result() })
-            .await,
-    )
+    call.run(move || async move { body().await.into_result() })
+        .map(R::from_result)
 }

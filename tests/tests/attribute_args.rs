@@ -112,6 +112,45 @@ async fn store_selects_the_engine_and_the_default_is_process_wide() {
 
 // scope --------------------------------------------------------------------------------
 
+/// A handler's context, taken by value, whose engine the body may consume with it.
+struct Ctx {
+    idem: Idempotency,
+    seen: Vec<u32>,
+}
+
+#[idempotent(key = k, store = &ctx.idem, scope = "args.by_value")]
+async fn consumes_its_context(ctx: Ctx, k: u32) -> Result<usize, Error> {
+    let Ctx { idem, mut seen } = ctx;
+    seen.push(k);
+    drop(idem);
+    Ok(seen.len())
+}
+
+#[idempotent(key = k, store = &ctx.idem, scope = "args.by_mut")]
+async fn mutates_its_context(ctx: &mut Ctx, k: u32) -> Result<usize, Error> {
+    ctx.seen.push(k);
+    Ok(ctx.seen.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_may_borrow_an_argument_the_body_moves_or_mutates() {
+    let idem = Idempotency::memory();
+    let ctx = || Ctx {
+        idem: idem.clone(),
+        seen: vec![0],
+    };
+    assert_eq!(consumes_its_context(ctx(), 1).await.unwrap(), 2);
+    assert_eq!(consumes_its_context(ctx(), 1).await.unwrap(), 2);
+    let mut c = ctx();
+    assert_eq!(mutates_its_context(&mut c, 1).await.unwrap(), 2);
+    assert_eq!(mutates_its_context(&mut c, 1).await.unwrap(), 2);
+    assert_eq!(
+        c.seen,
+        vec![0, 1],
+        "the second call replays, its body does not run"
+    );
+}
+
 #[idempotent(key = k, store = idem, scope = "shared")]
 async fn shares_a(idem: &Idempotency, k: u32) -> Result<String, Error> {
     Ok("a".into())
@@ -277,9 +316,9 @@ mod shim {
     pub use idempotent_runtime::*;
     pub mod __private {
         pub use idempotent_runtime::__private::*;
-        pub fn engine(e: &idempotent_runtime::Idempotency) -> idempotent_runtime::Idempotency {
+        pub fn default_engine() -> &'static idempotent_runtime::Idempotency {
             super::super::THROUGH_SHIM.store(true, std::sync::atomic::Ordering::SeqCst);
-            e.clone()
+            idempotent_runtime::__private::default_engine()
         }
     }
 }

@@ -1,0 +1,80 @@
+//! One hit variant in a loop, for a profiler: instruction counts under callgrind, which
+//! do not drift with the machine's load as timings do, and samples under `perf`.
+//!
+//! ```text
+//! cargo bench -p idempotent-runtime --bench hit_profile --no-run
+//! valgrind --tool=callgrind target/release/deps/hit_profile-<hash> raw|engine|macro
+//! N=10000000 perf record target/release/deps/hit_profile-<hash> macro
+//! target/release/deps/hit_profile-<hash> sizes
+//! ```
+//!
+//! `N` sets the number of calls (default 200,000); `sizes` prints the size of each
+//! variant's future, which a hit moves whole.
+
+mod common;
+#[path = "common/hit_fns.rs"]
+mod hit_fns;
+
+use std::hint::black_box;
+
+use common::{receipt, Receipt};
+use hit_fns::place;
+use idempotent_runtime::{Error, Idempotency};
+
+fn main() {
+    let which = std::env::args().nth(1).unwrap_or_default();
+    let n: usize = std::env::var("N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let json = Idempotency::memory();
+    let sync: moka::sync::Cache<String, bytes::Bytes> = moka::sync::Cache::new(100_000);
+    let bytes = bytes::Bytes::from(serde_json::to_vec(&receipt()).expect("encode"));
+    rt.block_on(async {
+        let _: Receipt = json
+            .call("order-1001")
+            .scope("bench")
+            .run(|| async { Ok::<_, Error>(receipt()) })
+            .await
+            .expect("first");
+        sync.insert("bench|order-1001".to_owned(), bytes.clone());
+        match which.as_str() {
+            "raw" => {
+                for _ in 0..n {
+                    let b = sync.get(black_box("bench|order-1001")).expect("stored");
+                    black_box(serde_json::from_slice::<Receipt>(&b).expect("decode"));
+                }
+            }
+            "engine" => {
+                for _ in 0..n {
+                    let r: Receipt = json
+                        .call(black_box("order-1001"))
+                        .scope("bench")
+                        .run(|| async { Ok::<_, Error>(receipt()) })
+                        .await
+                        .expect("hit");
+                    black_box(r);
+                }
+            }
+            "macro" => {
+                for _ in 0..n {
+                    black_box(place(&json, black_box("order-1001")).await.expect("hit"));
+                }
+            }
+            "sizes" => {
+                let engine = json
+                    .call("order-1001")
+                    .scope("bench")
+                    .run(|| async { Ok::<_, Error>(receipt()) });
+                println!("Idempotency::run future: {} bytes", size_of_val(&engine));
+                let attribute = place(&json, "order-1001");
+                println!("#[idempotent] fn future: {} bytes", size_of_val(&attribute));
+            }
+            other => eprintln!("unknown variant {other:?}: raw, engine, macro or sizes"),
+        }
+    });
+}
