@@ -7,6 +7,9 @@
 //! ```text
 //! cargo bench -p idempotent-runtime --bench coalesce_ratio
 //! ```
+//!
+//! For a profiler, `ONLY=baseline` or `ONLY=engine` runs one side alone, and `ROUNDS=n`
+//! sets the number of rounds (default 100).
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use idempotent_runtime::{Error, Idempotency};
 
-const ROUNDS: usize = 100;
 const CALLERS: usize = 1_000;
 const BODY: Duration = Duration::from_millis(20);
 
@@ -75,7 +77,23 @@ fn main() {
         .build()
         .expect("runtime");
     let idem = Idempotency::memory();
-    let mut ratios = Vec::with_capacity(ROUNDS);
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let only = std::env::var("ONLY").unwrap_or_default();
+    if !only.is_empty() {
+        rt.block_on(async {
+            for round in 0..rounds {
+                match only.as_str() {
+                    "baseline" => black_box(baseline().await),
+                    _ => black_box(engine(&idem, round as u64).await),
+                };
+            }
+        });
+        return;
+    }
+    let mut ratios = Vec::with_capacity(rounds);
     let (mut base_ms, mut engine_ms) = (Vec::new(), Vec::new());
     rt.block_on(async {
         // Warm-up: the runtime's threads, the allocator, the store's first entries.
@@ -83,7 +101,7 @@ fn main() {
             baseline().await;
             engine(&idem, u64::MAX - key).await;
         }
-        for round in 0..ROUNDS {
+        for round in 0..rounds {
             let key = round as u64;
             let (b, e) = if round % 2 == 0 {
                 let b = baseline().await;
@@ -100,7 +118,7 @@ fn main() {
     for v in [&mut ratios, &mut base_ms, &mut engine_ms] {
         v.sort_by(|a, b| a.total_cmp(b));
     }
-    println!("{ROUNDS} rounds, {CALLERS} callers, {BODY:?} body, 2 worker threads");
+    println!("{rounds} rounds, {CALLERS} callers, {BODY:?} body, 2 worker threads");
     println!(
         "baseline (body + wake {} tasks): median {:.2} ms",
         CALLERS - 1,

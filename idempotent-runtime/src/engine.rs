@@ -16,7 +16,7 @@ use crate::call::{Call, CallKey, ErrorPolicy};
 use crate::codec::Codec;
 use crate::error::{ConfigError, Error, StoreError};
 use crate::fingerprint::Fingerprint;
-use crate::flight::{Flight, FlightGuard, Flights, Joined, Landing, Waited};
+use crate::flight::{Flight, FlightGuard, Flights, Following, Joined, Landing, Waited};
 use crate::key::StoreKey;
 use crate::lease::HeldClaim;
 use crate::record::{Record, RecordState, StoredResult};
@@ -305,7 +305,11 @@ impl Inner {
             return answer;
         }
         // Boxed, so a hit does not carry (and move) the futures of the slower paths.
-        Box::pin(self.join_or_lead::<T, E, P, F, Fut>(req, op)).await
+        // Each boxed future below is made in a statement of its own: made in the
+        // `.await`'s own statement, the unboxed future would be kept, moved-from, in this
+        // future's state too.
+        let rest = Box::pin(self.join_or_lead::<T, E, P, F, Fut>(req, op));
+        rest.await
     }
 
     async fn join_or_lead<T, E, P, F, Fut>(self: &Arc<Self>, req: Request, op: F) -> Answer<T, E>
@@ -322,22 +326,45 @@ impl Inner {
                 // of over a kilobyte: boxed apart, only the caller that talks to the store
                 // pays for it, not each of a thousand followers.
                 Joined::Leader(flight) => {
-                    return Box::pin(self.lead::<T, E, P, F, Fut>(&req, flight, op)).await
+                    let lead = Box::pin(self.lead::<T, E, P, F, Fut>(&req, flight, op));
+                    return lead.await;
                 }
                 Joined::Follower(flight) => {
                     if let Some(answer) = self.follow::<T, E, P>(&req, &flight).await {
                         return match answer {
                             Followed::Answer(a) => a,
                             Followed::TookOver(guard, token) => {
-                                let held =
-                                    HeldClaim::new(self.clone(), req.key.clone(), token, guard);
-                                Box::pin(self.execute::<T, E, P, F, Fut>(&req, held, op)).await
+                                let run =
+                                    self.run_taken_over::<T, E, P, F, Fut>(&req, guard, token, op);
+                                run.await
                             }
                         };
                     }
                 }
             }
         }
+    }
+
+    /// Runs the operation under the claim a follower took over from a stalled leader.
+    /// Not `async`: the claim it makes is moved into the boxed run, and kept in no
+    /// caller's future besides.
+    #[allow(clippy::type_complexity)]
+    fn run_taken_over<'s, T, E, P, F, Fut>(
+        self: &'s Arc<Self>,
+        req: &'s Request,
+        guard: FlightGuard,
+        token: crate::record::FencingToken,
+        op: F,
+    ) -> std::pin::Pin<Box<impl Future<Output = Answer<T, E>> + 's>>
+    where
+        T: Serialize + DeserializeOwned + 's,
+        E: From<Error> + 's,
+        P: ErrorPolicy<E> + 's,
+        F: FnOnce() -> Fut + 's,
+        Fut: Future<Output = Result<T, E>> + 's,
+    {
+        let held = HeldClaim::new(self.clone(), req.key.clone(), token, guard);
+        Box::pin(self.execute::<T, E, P, F, Fut>(req, held, op))
     }
 
     /// Leads the key in this process: claims it in the store and runs, replays, or waits
@@ -423,31 +450,21 @@ impl Inner {
                     Waited::Landed(landing) => landing,
                     Waited::WatcherLeft => continue,
                 },
-                Some(_) => tokio::select! {
-                    waited = following.wait(false) => match waited {
-                        Waited::Landed(landing) => landing,
-                        Waited::WatcherLeft => continue,
-                    },
-                    () = tokio::time::sleep(req.settings.lease) => {
-                        let now = flight.beats();
-                        if now != seen {
-                            seen = now;
-                            continue;
-                        }
-                        // A whole lease without a beat: the leader's future is not being
-                        // polled (held but never awaited, or its task is stuck). Its claim
-                        // has lapsed or will; go to the store rather than wait forever.
-                        return Some(match self.store.claim(&req.key, req.fingerprint, req.settings.lease).await {
-                            Err(e) => Followed::Answer(Err(self.store_failed(req, e).into())),
-                            Ok(Claim::Acquired(token)) => {
-                                debug!(scope = req.key.scope(), key = %req.key.digest(), "stalled leader's claim taken over");
-                                Followed::TookOver(self.flights.take_over(&req.key, req.fingerprint), token)
-                            }
-                            Ok(Claim::Completed(rec)) => Followed::Answer(self.replay_record::<T, E, P>(req, rec)),
-                            Ok(Claim::InProgress(_)) => continue,
-                        });
+                Some(_) => {
+                    // Boxed: the timer and the store's claim are the timing follower's
+                    // alone, and would otherwise make every follower's future larger.
+                    let timing = Box::pin(self.time_leader::<T, E, P>(
+                        req,
+                        flight,
+                        &mut following,
+                        &mut seen,
+                    ));
+                    match timing.await {
+                        Timed::Landed(landing) => landing,
+                        Timed::Again => continue,
+                        Timed::Answer(answer) => return Some(answer),
                     }
-                },
+                }
             };
             return match landing {
                 Landing::Retry => None,
@@ -461,6 +478,51 @@ impl Inner {
                     Outcome::Coalesced,
                 ))),
             };
+        }
+    }
+
+    /// The timing follower's wait: the landing, or a lease without a beat from the leader.
+    async fn time_leader<T, E, P>(
+        self: &Arc<Self>,
+        req: &Request,
+        flight: &Flight,
+        following: &mut Following,
+        seen: &mut u64,
+    ) -> Timed<T, E>
+    where
+        T: DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+    {
+        tokio::select! {
+            waited = following.wait(false) => match waited {
+                Waited::Landed(landing) => Timed::Landed(landing),
+                Waited::WatcherLeft => Timed::Again,
+            },
+            () = tokio::time::sleep(req.settings.lease) => {
+                let now = flight.beats();
+                if now != *seen {
+                    *seen = now;
+                    return Timed::Again;
+                }
+                // A whole lease without a beat: the leader's future is not being polled
+                // (held but never awaited, or its task is stuck). Its claim has lapsed or
+                // will; go to the store rather than wait forever.
+                match self.store.claim(&req.key, req.fingerprint, req.settings.lease).await {
+                    Err(e) => Timed::Answer(Followed::Answer(Err(self.store_failed(req, e).into()))),
+                    Ok(Claim::Acquired(token)) => {
+                        debug!(scope = req.key.scope(), key = %req.key.digest(), "stalled leader's claim taken over");
+                        Timed::Answer(Followed::TookOver(
+                            self.flights.take_over(&req.key, req.fingerprint),
+                            token,
+                        ))
+                    }
+                    Ok(Claim::Completed(rec)) => {
+                        Timed::Answer(Followed::Answer(self.replay_record::<T, E, P>(req, rec)))
+                    }
+                    Ok(Claim::InProgress(_)) => Timed::Again,
+                }
+            }
         }
     }
 
@@ -592,4 +654,12 @@ fn completed(rec: Record) -> Result<(Option<Fingerprint>, StoredResult), Error> 
 enum Followed<T, E> {
     Answer(Answer<T, E>),
     TookOver(FlightGuard, crate::record::FencingToken),
+}
+
+/// How the timing follower's wait ended.
+enum Timed<T, E> {
+    Landed(Landing),
+    /// Wait again: the leader beat, is still in progress in the store, or the role moved.
+    Again,
+    Answer(Followed<T, E>),
 }
