@@ -1,0 +1,258 @@
+//! Redis and PostgreSQL against their raw commands, measured interleaved: each round
+//! times a batch of calls of the raw command and of the engine back to back, and the
+//! ratio is taken within the round. Criterion's separate timing of each variant (the
+//! `redis` and `postgres` benches) moved by up to 25 % between runs on the shared machine
+//! these figures come from; within a round, both sides see the same machine. Prints the
+//! median ratio and its quartiles.
+//!
+//! Needs the servers of the test suite (`IDEMPOTENT_TEST_REDIS`,
+//! `IDEMPOTENT_TEST_POSTGRES`, defaulting to the local ones).
+//!
+//! ```text
+//! cargo bench -p idempotent-runtime --features redis,postgres --bench store_ratio
+//! ```
+
+mod common;
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use common::{receipt, Receipt};
+use idempotent_runtime::store::{PostgresStore, RedisStore};
+use idempotent_runtime::{Error, Idempotency};
+
+/// Times `calls` runs of `body`, in nanoseconds per call.
+macro_rules! per_call {
+    ($calls:expr, $body:block) => {{
+        let start = Instant::now();
+        for _ in 0..$calls $body
+        start.elapsed().as_nanos() as f64 / $calls as f64
+    }};
+}
+
+/// Times the raw side and the engine's, first one then the other as `round` says, so
+/// that neither always runs right after the other's writes.
+macro_rules! pair {
+    ($round:expr, $raw:expr, $engine:expr) => {{
+        if $round % 2 == 0 {
+            let r = $raw;
+            (r, $engine)
+        } else {
+            let e = $engine;
+            ($raw, e)
+        }
+    }};
+}
+
+fn quantiles(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.25), at(0.5), at(0.75))
+}
+
+fn report(what: &str, raw_ns: Vec<f64>, engine_ns: Vec<f64>) {
+    let ratios: Vec<f64> = engine_ns.iter().zip(&raw_ns).map(|(e, r)| e / r).collect();
+    let (_, raw, _) = quantiles(raw_ns);
+    let (_, engine, _) = quantiles(engine_ns);
+    let (q1, median, q3) = quantiles(ratios);
+    println!(
+        "{what:<16} raw {:>8.1} µs   engine {:>8.1} µs   ratio median {median:.3}x (quartiles {q1:.3}x .. {q3:.3}x)",
+        raw / 1e3,
+        engine / 1e3
+    );
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(redis());
+    rt.block_on(postgres());
+}
+
+async fn redis() {
+    const ROUNDS: usize = 100;
+    const CALLS: usize = 100;
+    let url =
+        std::env::var("IDEMPOTENT_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("idemratio:{}:", std::process::id());
+    let store = RedisStore::connect(&url)
+        .await
+        .expect("a Redis to benchmark against")
+        .with_prefix(prefix.clone());
+    let mut conn = store.manager().clone();
+    let idem = Idempotency::new(store);
+    let bytes = serde_json::to_vec(&receipt()).expect("encode");
+    let raw_key = format!("{prefix}raw");
+    let _: Receipt = idem
+        .call("order-1001")
+        .scope("bench")
+        .run(|| async { Ok::<_, Error>(receipt()) })
+        .await
+        .expect("first run");
+    let _: () = redis::cmd("SET")
+        .arg(&raw_key)
+        .arg(&bytes)
+        .query_async(&mut conn)
+        .await
+        .expect("set");
+
+    let (mut raw_hit, mut hit, mut raw_first, mut first) = (vec![], vec![], vec![], vec![]);
+    let mut n = 0u64;
+    for round in 0..ROUNDS {
+        let (r, e) = pair!(
+            round,
+            per_call!(CALLS, {
+                let v: Vec<u8> = redis::cmd("GET")
+                    .arg(&raw_key)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("get");
+                black_box(serde_json::from_slice::<Receipt>(&v).expect("decode"));
+            }),
+            per_call!(CALLS, {
+                let r: Receipt = idem
+                    .call(black_box("order-1001"))
+                    .scope("bench")
+                    .run(|| async { Ok::<_, Error>(receipt()) })
+                    .await
+                    .expect("replay");
+                black_box(r);
+            })
+        );
+        raw_hit.push(r);
+        hit.push(e);
+        let (r, e) = pair!(
+            round,
+            per_call!(CALLS, {
+                n += 1;
+                let encoded = serde_json::to_vec(&receipt()).expect("encode");
+                let _: () = redis::cmd("SET")
+                    .arg(format!("{prefix}set:{n}"))
+                    .arg(encoded)
+                    .arg("PX")
+                    .arg(60_000)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("set");
+            }),
+            per_call!(CALLS, {
+                n += 1;
+                let r: Receipt = idem
+                    .call(n)
+                    .scope("bench-first")
+                    .ttl(std::time::Duration::from_secs(60))
+                    .run(|| async { Ok::<_, Error>(receipt()) })
+                    .await
+                    .expect("first");
+                black_box(r);
+            })
+        );
+        raw_first.push(r);
+        first.push(e);
+    }
+    println!("Redis: {ROUNDS} rounds of {CALLS} calls per variant, interleaved");
+    report("hit vs GET", raw_hit, hit);
+    report("first vs SET", raw_first, first);
+}
+
+async fn postgres() {
+    const ROUNDS: usize = 60;
+    const HITS: usize = 100;
+    const FIRSTS: usize = 20;
+    let url = std::env::var("IDEMPOTENT_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let table = format!("idemratio_{}", std::process::id());
+    let store = PostgresStore::connect(&url)
+        .await
+        .expect("a PostgreSQL to benchmark against")
+        .with_table(&table)
+        .expect("table name");
+    store.migrate().await.expect("migrate");
+    let pool = store.pool().clone();
+    let raw = format!("{table}_raw");
+    sqlx::query(&format!(
+        "CREATE TABLE {raw} (k text PRIMARY KEY, v bytea NOT NULL)"
+    ))
+    .execute(&pool)
+    .await
+    .expect("raw table");
+    let bytes = serde_json::to_vec(&receipt()).expect("encode");
+    sqlx::query(&format!("INSERT INTO {raw} VALUES ('order-1001', $1)"))
+        .bind(bytes)
+        .execute(&pool)
+        .await
+        .expect("raw row");
+    let idem = Idempotency::new(store);
+    let _: Receipt = idem
+        .call("order-1001")
+        .scope("bench")
+        .run(|| async { Ok::<_, Error>(receipt()) })
+        .await
+        .expect("first");
+
+    let select = format!("SELECT v FROM {raw} WHERE k = $1");
+    let insert = format!("INSERT INTO {raw} VALUES ($1, $2)");
+    let (mut raw_hit, mut hit, mut raw_first, mut first) = (vec![], vec![], vec![], vec![]);
+    let mut n = 0u64;
+    for round in 0..ROUNDS {
+        let (r, e) = pair!(
+            round,
+            per_call!(HITS, {
+                let (v,): (Vec<u8>,) = sqlx::query_as(&select)
+                    .bind("order-1001")
+                    .fetch_one(&pool)
+                    .await
+                    .expect("select");
+                black_box(serde_json::from_slice::<Receipt>(&v).expect("decode"));
+            }),
+            per_call!(HITS, {
+                let r: Receipt = idem
+                    .call(black_box("order-1001"))
+                    .scope("bench")
+                    .run(|| async { Ok::<_, Error>(receipt()) })
+                    .await
+                    .expect("replay");
+                black_box(r);
+            })
+        );
+        raw_hit.push(r);
+        hit.push(e);
+        let (r, e) = pair!(
+            round,
+            per_call!(FIRSTS, {
+                n += 1;
+                let encoded = serde_json::to_vec(&receipt()).expect("encode");
+                sqlx::query(&insert)
+                    .bind(format!("k{n}"))
+                    .bind(encoded)
+                    .execute(&pool)
+                    .await
+                    .expect("insert");
+            }),
+            per_call!(FIRSTS, {
+                n += 1;
+                let r: Receipt = idem
+                    .call(n)
+                    .scope("bench-first")
+                    .run(|| async { Ok::<_, Error>(receipt()) })
+                    .await
+                    .expect("first");
+                black_box(r);
+            })
+        );
+        raw_first.push(r);
+        first.push(e);
+    }
+    println!("PostgreSQL: {ROUNDS} rounds of {HITS} hits / {FIRSTS} first executions per variant, interleaved");
+    report("hit vs SELECT", raw_hit, hit);
+    report("first vs INSERT", raw_first, first);
+    for ddl in [
+        format!("DROP TABLE {raw}"),
+        format!("DROP TABLE {table}"),
+        format!("DROP SEQUENCE {table}_token"),
+    ] {
+        let _ = sqlx::query(&ddl).execute(&pool).await;
+    }
+}
