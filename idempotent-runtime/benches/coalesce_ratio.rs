@@ -11,60 +11,13 @@
 //! For a profiler, `ONLY=baseline` or `ONLY=engine` runs one side alone, and `ROUNDS=n`
 //! sets the number of rounds (default 100).
 
+#[path = "common/coalesce.rs"]
+mod coalesce;
+
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use idempotent_runtime::{Error, Idempotency};
-
-const CALLERS: usize = 1_000;
-const BODY: Duration = Duration::from_millis(20);
-
-/// The body's own duration plus waking 1,000 waiting tasks, spawning included.
-async fn baseline() -> Duration {
-    let (tx, rx) = tokio::sync::watch::channel(None::<u64>);
-    let start = Instant::now();
-    let waiters: Vec<_> = (0..CALLERS - 1)
-        .map(|_| {
-            let mut rx = rx.clone();
-            tokio::spawn(async move { *rx.wait_for(Option::is_some).await.expect("sent") })
-        })
-        .collect();
-    tokio::time::sleep(BODY).await;
-    tx.send_replace(Some(7));
-    for w in waiters {
-        black_box(w.await.expect("task"));
-    }
-    start.elapsed()
-}
-
-/// 1,000 callers of `Idempotency::run` on a new key, spawning included.
-async fn engine(idem: &Idempotency, key: u64) -> Duration {
-    let runs = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let callers: Vec<_> = (0..CALLERS)
-        .map(|_| {
-            let (idem, runs) = (idem.clone(), runs.clone());
-            tokio::spawn(async move {
-                idem.call(key)
-                    .scope("coalesce")
-                    .run(|| async move {
-                        runs.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(BODY).await;
-                        Ok::<_, Error>(7u64)
-                    })
-                    .await
-            })
-        })
-        .collect();
-    for c in callers {
-        black_box(c.await.expect("task").expect("call"));
-    }
-    let elapsed = start.elapsed();
-    assert_eq!(runs.load(Ordering::Relaxed), 1, "one execution");
-    elapsed
-}
+use coalesce::{baseline, engine, BODY, CALLERS};
+use idempotent_runtime::Idempotency;
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]

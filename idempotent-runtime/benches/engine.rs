@@ -5,12 +5,14 @@
 //! cargo bench -p idempotent-runtime --bench engine
 //! ```
 
+#[path = "common/coalesce.rs"]
+mod coalesce;
 mod common;
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{receipt, Receipt};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -59,9 +61,6 @@ fn first_execution(c: &mut Criterion) {
     group.finish();
 }
 
-const CALLERS: usize = 1_000;
-const BODY: Duration = Duration::from_millis(20);
-
 /// 1,000 concurrent callers on one key: the wall time until all have the value, against
 /// the body's own duration plus waking 1,000 waiting tasks (spawning included in both).
 fn coalescing(c: &mut Criterion) {
@@ -76,22 +75,7 @@ fn coalescing(c: &mut Criterion) {
             b.to_async(&rt).iter_custom(|iters| async move {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let (tx, rx) = tokio::sync::watch::channel(None::<u64>);
-                    let start = Instant::now();
-                    let waiters: Vec<_> = (0..CALLERS - 1)
-                        .map(|_| {
-                            let mut rx = rx.clone();
-                            tokio::spawn(async move {
-                                *rx.wait_for(Option::is_some).await.expect("sent")
-                            })
-                        })
-                        .collect();
-                    tokio::time::sleep(BODY).await;
-                    tx.send_replace(Some(7));
-                    for w in waiters {
-                        black_box(w.await.expect("task"));
-                    }
-                    total += start.elapsed();
+                    total += coalesce::baseline().await;
                 }
                 total
             })
@@ -105,28 +89,7 @@ fn coalescing(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let key = n.fetch_add(1, Ordering::Relaxed);
-                    let runs = Arc::new(AtomicU64::new(0));
-                    let start = Instant::now();
-                    let callers: Vec<_> = (0..CALLERS)
-                        .map(|_| {
-                            let (idem, runs) = (idem.clone(), runs.clone());
-                            tokio::spawn(async move {
-                                idem.call(key)
-                                    .scope("coalesce")
-                                    .run(|| async move {
-                                        runs.fetch_add(1, Ordering::Relaxed);
-                                        tokio::time::sleep(BODY).await;
-                                        Ok::<_, Error>(7u64)
-                                    })
-                                    .await
-                            })
-                        })
-                        .collect();
-                    for c in callers {
-                        black_box(c.await.expect("task").expect("call"));
-                    }
-                    total += start.elapsed();
-                    assert_eq!(runs.load(Ordering::Relaxed), 1, "one execution");
+                    total += coalesce::engine(&idem, key).await;
                 }
                 total
             }

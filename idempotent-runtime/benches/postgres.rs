@@ -10,60 +10,28 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 mod common;
+#[path = "common/postgres_fixture.rs"]
+mod postgres_fixture;
 
 use common::{receipt, Receipt};
 use criterion::{criterion_group, criterion_main, Criterion};
-use idempotent_runtime::store::PostgresStore;
-use idempotent_runtime::{Error, Idempotency};
+use idempotent_runtime::Error;
+use postgres_fixture::postgres_fixture;
 
 fn postgres(c: &mut Criterion) {
-    let url = std::env::var("IDEMPOTENT_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let table = format!("idembench_{}", std::process::id());
-    let store = rt
-        .block_on(PostgresStore::connect(&url))
-        .expect("a PostgreSQL to benchmark against")
-        .with_table(&table)
-        .expect("table name");
-    rt.block_on(store.migrate()).expect("migrate");
-    let pool = store.pool().clone();
-    let raw = format!("{table}_raw");
-    rt.block_on(async {
-        sqlx::query(&format!(
-            "CREATE TABLE {raw} (k text PRIMARY KEY, v bytea NOT NULL)"
-        ))
-        .execute(&pool)
-        .await
-        .expect("raw table");
-        let bytes = serde_json::to_vec(&receipt()).expect("encode");
-        sqlx::query(&format!("INSERT INTO {raw} VALUES ('order-1001', $1)"))
-            .bind(bytes)
-            .execute(&pool)
-            .await
-            .expect("raw row");
-    });
-    let idem = Idempotency::new(store);
-    rt.block_on(async {
-        let _: Receipt = idem
-            .call("order-1001")
-            .scope("bench")
-            .run(|| async { Ok::<_, Error>(receipt()) })
-            .await
-            .expect("first");
-    });
-
-    let select = format!("SELECT v FROM {raw} WHERE k = $1");
-    let insert = format!("INSERT INTO {raw} VALUES ($1, $2)");
+    let fixture = rt.block_on(postgres_fixture("idembench"));
+    let (idem, pool) = (&fixture.idem, &fixture.pool);
+    let (select, insert) = (&fixture.select, &fixture.insert);
     let mut group = c.benchmark_group("postgres");
     group.bench_function("hit: raw SELECT by primary key + serde_json decode", |b| {
         b.to_async(&rt).iter(|| async {
-            let (v,): (Vec<u8>,) = sqlx::query_as(&select)
+            let (v,): (Vec<u8>,) = sqlx::query_as(select)
                 .bind("order-1001")
-                .fetch_one(&pool)
+                .fetch_one(pool)
                 .await
                 .expect("select");
             black_box(serde_json::from_slice::<Receipt>(&v).expect("decode"))
@@ -85,10 +53,10 @@ fn postgres(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let k = format!("k{}", n.fetch_add(1, Ordering::Relaxed));
             let bytes = serde_json::to_vec(&receipt()).expect("encode");
-            sqlx::query(&insert)
+            sqlx::query(insert)
                 .bind(k)
                 .bind(bytes)
-                .execute(&pool)
+                .execute(pool)
                 .await
                 .expect("insert");
         })
@@ -109,15 +77,7 @@ fn postgres(c: &mut Criterion) {
         },
     );
     group.finish();
-    rt.block_on(async {
-        for ddl in [
-            format!("DROP TABLE {raw}"),
-            format!("DROP TABLE {table}"),
-            format!("DROP SEQUENCE {table}_token"),
-        ] {
-            let _ = sqlx::query(&ddl).execute(&pool).await;
-        }
-    });
+    rt.block_on(fixture.drop_tables());
 }
 
 criterion_group!(benches, postgres);

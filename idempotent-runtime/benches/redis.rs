@@ -10,45 +10,28 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 mod common;
+#[path = "common/redis_fixture.rs"]
+mod redis_fixture;
 
 use common::{receipt, Receipt};
 use criterion::{criterion_group, criterion_main, Criterion};
-use idempotent_runtime::store::RedisStore;
-use idempotent_runtime::{Error, Idempotency};
+use idempotent_runtime::Error;
+use redis_fixture::{redis_fixture, RedisFixture};
 
 fn redis(c: &mut Criterion) {
-    let url =
-        std::env::var("IDEMPOTENT_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let prefix = format!("idembench:{}:", std::process::id());
-    let store = rt
-        .block_on(RedisStore::connect(&url))
-        .expect("a Redis to benchmark against")
-        .with_prefix(prefix.clone());
-    let mut conn = store.manager().clone();
-    let idem = Idempotency::new(store);
-    let bytes = serde_json::to_vec(&receipt()).expect("encode");
-    rt.block_on(async {
-        let _: Receipt = idem
-            .call("order-1001")
-            .scope("bench")
-            .run(|| async { Ok::<_, Error>(receipt()) })
-            .await
-            .expect("first run");
-        let _: () = redis::cmd("SET")
-            .arg(format!("{prefix}raw"))
-            .arg(&bytes)
-            .query_async(&mut conn)
-            .await
-            .expect("set");
-    });
+    let RedisFixture {
+        idem,
+        conn,
+        prefix,
+        raw_key,
+    } = rt.block_on(redis_fixture("idembench"));
 
     let mut group = c.benchmark_group("redis");
     group.bench_function("hit: raw GET + serde_json decode", |b| {
-        let raw_key = format!("{prefix}raw");
         b.to_async(&rt).iter(|| {
             let mut conn = conn.clone();
             let raw_key = raw_key.clone();

@@ -13,13 +13,18 @@
 //! ```
 
 mod common;
+#[path = "common/postgres_fixture.rs"]
+mod postgres_fixture;
+#[path = "common/redis_fixture.rs"]
+mod redis_fixture;
 
 use std::hint::black_box;
 use std::time::Instant;
 
 use common::{receipt, Receipt};
-use idempotent_runtime::store::{PostgresStore, RedisStore};
-use idempotent_runtime::{Error, Idempotency};
+use idempotent_runtime::Error;
+use postgres_fixture::postgres_fixture;
+use redis_fixture::{redis_fixture, RedisFixture};
 
 /// Times `calls` runs of `body`, in nanoseconds per call.
 macro_rules! per_call {
@@ -74,29 +79,12 @@ fn main() {
 async fn redis() {
     const ROUNDS: usize = 100;
     const CALLS: usize = 100;
-    let url =
-        std::env::var("IDEMPOTENT_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let prefix = format!("idemratio:{}:", std::process::id());
-    let store = RedisStore::connect(&url)
-        .await
-        .expect("a Redis to benchmark against")
-        .with_prefix(prefix.clone());
-    let mut conn = store.manager().clone();
-    let idem = Idempotency::new(store);
-    let bytes = serde_json::to_vec(&receipt()).expect("encode");
-    let raw_key = format!("{prefix}raw");
-    let _: Receipt = idem
-        .call("order-1001")
-        .scope("bench")
-        .run(|| async { Ok::<_, Error>(receipt()) })
-        .await
-        .expect("first run");
-    let _: () = redis::cmd("SET")
-        .arg(&raw_key)
-        .arg(&bytes)
-        .query_async(&mut conn)
-        .await
-        .expect("set");
+    let RedisFixture {
+        idem,
+        mut conn,
+        prefix,
+        raw_key,
+    } = redis_fixture("idemratio").await;
 
     let (mut raw_hit, mut hit, mut raw_first, mut first) = (vec![], vec![], vec![], vec![]);
     let mut n = 0u64;
@@ -161,48 +149,18 @@ async fn postgres() {
     const ROUNDS: usize = 60;
     const HITS: usize = 100;
     const FIRSTS: usize = 20;
-    let url = std::env::var("IDEMPOTENT_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let table = format!("idemratio_{}", std::process::id());
-    let store = PostgresStore::connect(&url)
-        .await
-        .expect("a PostgreSQL to benchmark against")
-        .with_table(&table)
-        .expect("table name");
-    store.migrate().await.expect("migrate");
-    let pool = store.pool().clone();
-    let raw = format!("{table}_raw");
-    sqlx::query(&format!(
-        "CREATE TABLE {raw} (k text PRIMARY KEY, v bytea NOT NULL)"
-    ))
-    .execute(&pool)
-    .await
-    .expect("raw table");
-    let bytes = serde_json::to_vec(&receipt()).expect("encode");
-    sqlx::query(&format!("INSERT INTO {raw} VALUES ('order-1001', $1)"))
-        .bind(bytes)
-        .execute(&pool)
-        .await
-        .expect("raw row");
-    let idem = Idempotency::new(store);
-    let _: Receipt = idem
-        .call("order-1001")
-        .scope("bench")
-        .run(|| async { Ok::<_, Error>(receipt()) })
-        .await
-        .expect("first");
-
-    let select = format!("SELECT v FROM {raw} WHERE k = $1");
-    let insert = format!("INSERT INTO {raw} VALUES ($1, $2)");
+    let fixture = postgres_fixture("idemratio").await;
+    let (idem, pool) = (&fixture.idem, &fixture.pool);
+    let (select, insert) = (&fixture.select, &fixture.insert);
     let (mut raw_hit, mut hit, mut raw_first, mut first) = (vec![], vec![], vec![], vec![]);
     let mut n = 0u64;
     for round in 0..ROUNDS {
         let (r, e) = pair!(
             round,
             per_call!(HITS, {
-                let (v,): (Vec<u8>,) = sqlx::query_as(&select)
+                let (v,): (Vec<u8>,) = sqlx::query_as(select)
                     .bind("order-1001")
-                    .fetch_one(&pool)
+                    .fetch_one(pool)
                     .await
                     .expect("select");
                 black_box(serde_json::from_slice::<Receipt>(&v).expect("decode"));
@@ -224,10 +182,10 @@ async fn postgres() {
             per_call!(FIRSTS, {
                 n += 1;
                 let encoded = serde_json::to_vec(&receipt()).expect("encode");
-                sqlx::query(&insert)
+                sqlx::query(insert)
                     .bind(format!("k{n}"))
                     .bind(encoded)
-                    .execute(&pool)
+                    .execute(pool)
                     .await
                     .expect("insert");
             }),
@@ -248,11 +206,5 @@ async fn postgres() {
     println!("PostgreSQL: {ROUNDS} rounds of {HITS} hits / {FIRSTS} first executions per variant, interleaved");
     report("hit vs SELECT", raw_hit, hit);
     report("first vs INSERT", raw_first, first);
-    for ddl in [
-        format!("DROP TABLE {raw}"),
-        format!("DROP TABLE {table}"),
-        format!("DROP SEQUENCE {table}_token"),
-    ] {
-        let _ = sqlx::query(&ddl).execute(&pool).await;
-    }
+    fixture.drop_tables().await;
 }

@@ -348,7 +348,6 @@ impl Inner {
     /// Runs the operation under the claim a follower took over from a stalled leader.
     /// Not `async`: the claim it makes is moved into the boxed run, and kept in no
     /// caller's future besides.
-    #[allow(clippy::type_complexity)]
     fn run_taken_over<'s, T, E, P, F, Fut>(
         self: &'s Arc<Self>,
         req: &'s Request,
