@@ -1,5 +1,6 @@
 //! The hit-path ratios, measured interleaved: each round times 10,000 calls of every
-//! variant back to back, and the ratio is taken within the round. On a shared machine
+//! variant back to back (starting at the next variant each round), and the ratio is taken
+//! within the round. On a shared machine
 //! whose speed drifts from second to second, this keeps the drift out of the ratios,
 //! where timing each variant for seconds on its own (as criterion does) does not.
 //! Prints the median over the rounds.
@@ -34,6 +35,15 @@ impl moka::Expiry<String, bytes::Bytes> for FixedExpiry {
     ) -> Option<std::time::Duration> {
         Some(self.0)
     }
+}
+
+/// Times `CALLS` runs of `body`, in nanoseconds per call.
+macro_rules! per_call {
+    ($body:block) => {{
+        let start = Instant::now();
+        for _ in 0..CALLS $body
+        start.elapsed().as_nanos() as f64 / CALLS as f64
+    }};
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -95,69 +105,61 @@ fn main() {
     let mut per_call: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     rt.block_on(async {
-        for _ in 0..ROUNDS {
+        for round in 0..ROUNDS {
             let mut t = [0f64; 8];
-            let start = Instant::now();
-            for _ in 0..CALLS {
-                let b = sync.get(black_box("bench|order-1001")).expect("stored");
-                black_box(serde_json::from_slice::<Receipt>(&b).expect("decode"));
+            // Each round starts at the next variant, so none always runs first (on a cold
+            // cache) or always right after the same neighbour.
+            for k in 0..t.len() {
+                let i = (round + k) % t.len();
+                t[i] = match i {
+                    0 => per_call!({
+                        let b = sync.get(black_box("bench|order-1001")).expect("stored");
+                        black_box(serde_json::from_slice::<Receipt>(&b).expect("decode"));
+                    }),
+                    1 => per_call!({
+                        let b = fut
+                            .get(black_box("bench|order-1001"))
+                            .await
+                            .expect("stored");
+                        black_box(serde_json::from_slice::<Receipt>(&b).expect("decode"));
+                    }),
+                    2 => per_call!({
+                        let r: Receipt = json
+                            .call(black_box("order-1001"))
+                            .scope("bench")
+                            .run(|| async { Ok::<_, Error>(receipt()) })
+                            .await
+                            .expect("hit");
+                        black_box(r);
+                    }),
+                    3 => per_call!({
+                        black_box(place(&json, black_box("order-1001")).await.expect("hit"));
+                    }),
+                    4 => per_call!({
+                        let r: Receipt = compact
+                            .call(black_box("order-1001"))
+                            .scope("bench")
+                            .run(|| async { Ok::<_, Error>(receipt()) })
+                            .await
+                            .expect("hit");
+                        black_box(r);
+                    }),
+                    5 => per_call!({
+                        black_box(cached_place(black_box("order-1001")).await.expect("hit"));
+                    }),
+                    6 => per_call!({
+                        let b = ttl.get(black_box("bench|order-1001")).expect("stored");
+                        black_box(serde_json::from_slice::<Receipt>(&b).expect("decode"));
+                    }),
+                    7 => per_call!({
+                        let b = per_entry
+                            .get(black_box("bench|order-1001"))
+                            .expect("stored");
+                        black_box(serde_json::from_slice::<Receipt>(&b).expect("decode"));
+                    }),
+                    _ => unreachable!("eight variants"),
+                };
             }
-            t[0] = start.elapsed().as_nanos() as f64 / CALLS as f64;
-            let start = Instant::now();
-            for _ in 0..CALLS {
-                let b = fut
-                    .get(black_box("bench|order-1001"))
-                    .await
-                    .expect("stored");
-                black_box(serde_json::from_slice::<Receipt>(&b).expect("decode"));
-            }
-            t[1] = start.elapsed().as_nanos() as f64 / CALLS as f64;
-            let start = Instant::now();
-            for _ in 0..CALLS {
-                let r: Receipt = json
-                    .call(black_box("order-1001"))
-                    .scope("bench")
-                    .run(|| async { Ok::<_, Error>(receipt()) })
-                    .await
-                    .expect("hit");
-                black_box(r);
-            }
-            t[2] = start.elapsed().as_nanos() as f64 / CALLS as f64;
-            let start = Instant::now();
-            for _ in 0..CALLS {
-                black_box(place(&json, black_box("order-1001")).await.expect("hit"));
-            }
-            t[3] = start.elapsed().as_nanos() as f64 / CALLS as f64;
-            let start = Instant::now();
-            for _ in 0..CALLS {
-                let r: Receipt = compact
-                    .call(black_box("order-1001"))
-                    .scope("bench")
-                    .run(|| async { Ok::<_, Error>(receipt()) })
-                    .await
-                    .expect("hit");
-                black_box(r);
-            }
-            t[4] = start.elapsed().as_nanos() as f64 / CALLS as f64;
-            let start = Instant::now();
-            for _ in 0..CALLS {
-                black_box(cached_place(black_box("order-1001")).await.expect("hit"));
-            }
-            t[5] = start.elapsed().as_nanos() as f64 / CALLS as f64;
-            let start = Instant::now();
-            for _ in 0..CALLS {
-                let b = ttl.get(black_box("bench|order-1001")).expect("stored");
-                black_box(serde_json::from_slice::<Receipt>(&b).expect("decode"));
-            }
-            t[6] = start.elapsed().as_nanos() as f64 / CALLS as f64;
-            let start = Instant::now();
-            for _ in 0..CALLS {
-                let b = per_entry
-                    .get(black_box("bench|order-1001"))
-                    .expect("stored");
-                black_box(serde_json::from_slice::<Receipt>(&b).expect("decode"));
-            }
-            t[7] = start.elapsed().as_nanos() as f64 / CALLS as f64;
             for i in 0..names.len() {
                 per_call[i].push(t[i]);
                 ratios[i].push(t[i] / t[0]);
