@@ -334,8 +334,9 @@ impl Inner {
                         return match answer {
                             Followed::Answer(a) => a,
                             Followed::TookOver(guard, token) => {
-                                let run =
-                                    self.run_taken_over::<T, E, P, F, Fut>(&req, guard, token, op);
+                                let held =
+                                    HeldClaim::new(self.clone(), req.key.clone(), token, guard);
+                                let run = Box::pin(self.execute::<T, E, P, F, Fut>(&req, held, op));
                                 run.await
                             }
                         };
@@ -343,27 +344,6 @@ impl Inner {
                 }
             }
         }
-    }
-
-    /// Runs the operation under the claim a follower took over from a stalled leader.
-    /// Not `async`: the claim it makes is moved into the boxed run, and kept in no
-    /// caller's future besides.
-    fn run_taken_over<'s, T, E, P, F, Fut>(
-        self: &'s Arc<Self>,
-        req: &'s Request,
-        guard: FlightGuard,
-        token: crate::record::FencingToken,
-        op: F,
-    ) -> std::pin::Pin<Box<impl Future<Output = Answer<T, E>> + 's>>
-    where
-        T: Serialize + DeserializeOwned + 's,
-        E: From<Error> + 's,
-        P: ErrorPolicy<E> + 's,
-        F: FnOnce() -> Fut + 's,
-        Fut: Future<Output = Result<T, E>> + 's,
-    {
-        let held = HeldClaim::new(self.clone(), req.key.clone(), token, guard);
-        Box::pin(self.execute::<T, E, P, F, Fut>(req, held, op))
     }
 
     /// Leads the key in this process: claims it in the store and runs, replays, or waits

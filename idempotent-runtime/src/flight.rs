@@ -34,24 +34,16 @@ pub(crate) enum Landing {
 #[derive(Debug)]
 pub(crate) struct Flight {
     fingerprint: Option<Fingerprint>,
-    // The landing, and every change of who times the leader. Followers wait on this one
-    // channel only: a second waiter each (a `Notify` for the hand-over) put all of them
-    // on one more lock, taken again as each dropped its wait, which cost a thousand
-    // coalesced callers more than the rest of their wake-up.
-    progress: watch::Sender<Progress>,
+    // The landing. The hand-over of the leader's timing wakes followers through it too:
+    // a second waiter each (a `Notify` for the hand-over) put all of them on one more
+    // lock, taken again as each dropped its wait, which cost a thousand coalesced callers
+    // more than the rest of their wake-up.
+    landing: watch::Sender<Option<Landing>>,
     // Bumped by the leader while its future is being polled; a follower that sees it still
     // after a whole lease knows the leader is stalled and goes to the store itself.
     beats: AtomicU64,
     // Whether a follower is timing the leader; one suffices.
     watched: AtomicBool,
-}
-
-/// What followers wait on.
-#[derive(Debug, Default)]
-struct Progress {
-    landing: Option<Landing>,
-    // Bumped when the follower timing the leader leaves, to wake one that takes over.
-    watchers_left: u64,
 }
 
 /// What a follower's wait ended with.
@@ -66,7 +58,7 @@ impl Flight {
     fn new(fingerprint: Option<Fingerprint>) -> Arc<Self> {
         Arc::new(Self {
             fingerprint,
-            progress: watch::Sender::new(Progress::default()),
+            landing: watch::Sender::new(None),
             beats: AtomicU64::new(0),
             watched: AtomicBool::new(false),
         })
@@ -99,19 +91,19 @@ impl Flight {
     /// A follower's view of the flight, to wait on.
     pub(crate) fn follow(self: &Arc<Self>) -> Following {
         Following {
-            rx: self.progress.subscribe(),
+            rx: self.landing.subscribe(),
             flight: self.clone(),
         }
     }
 
     fn land(&self, landing: Landing) {
-        self.progress.send_modify(|p| p.landing = Some(landing));
+        self.landing.send_replace(Some(landing));
     }
 }
 
 /// A follower's subscription to its flight.
 pub(crate) struct Following {
-    rx: watch::Receiver<Progress>,
+    rx: watch::Receiver<Option<Landing>>,
     flight: Arc<Flight>,
 }
 
@@ -120,11 +112,11 @@ impl Following {
     /// leader. Cancel-safe: a follower may be dropped at any point.
     pub(crate) async fn wait(&mut self, or_watcher_left: bool) -> Waited {
         let flight = &self.flight;
-        let done = |p: &Progress| {
-            p.landing.is_some() || (or_watcher_left && !flight.watched.load(Ordering::Acquire))
+        let done = |landing: &Option<Landing>| {
+            landing.is_some() || (or_watcher_left && !flight.watched.load(Ordering::Acquire))
         };
         match self.rx.wait_for(done).await {
-            Ok(p) => match &p.landing {
+            Ok(landing) => match &*landing {
                 Some(landing) => Waited::Landed(landing.clone()),
                 None => Waited::WatcherLeft,
             },
@@ -141,9 +133,10 @@ pub(crate) struct WatchGuard(Arc<Flight>);
 impl Drop for WatchGuard {
     fn drop(&mut self) {
         self.0.watched.store(false, Ordering::Release);
-        // Wakes the waiting followers; the first to claim the role takes it, the others
-        // see it taken and wait again. A follower that subscribes later reads the flag.
-        self.0.progress.send_modify(|p| p.watchers_left += 1);
+        // Wakes the waiting followers (`send_modify` notifies even when nothing changed);
+        // the first to claim the role takes it, the others see it taken and wait again. A
+        // follower that subscribes later reads the flag.
+        self.0.landing.send_modify(|_| {});
     }
 }
 
