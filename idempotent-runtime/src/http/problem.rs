@@ -47,7 +47,9 @@ impl Problem {
             KeyProblem::Missing => "this request requires an Idempotency-Key header".to_owned(),
             KeyProblem::Repeated => "send one Idempotency-Key header, not several".to_owned(),
             KeyProblem::Malformed => {
-                "the Idempotency-Key must be a string (\"...\") or a bare token".to_owned()
+                "the Idempotency-Key must be a string (\"...\") or a bare token (letters, \
+                 digits and !#$%&'*+-.^_`|~:/=), with optional structured-field parameters"
+                    .to_owned()
             }
             KeyProblem::Empty => "the Idempotency-Key is empty".to_owned(),
             KeyProblem::TooLong { len, max } => {
