@@ -17,7 +17,7 @@
 //! |---|---|
 //! | Another method than POST or PATCH (configurable) | passed through |
 //! | No key | passed through, or 400 with `require_key(true)` |
-//! | A key that is empty, longer than 255 characters, repeated, or a malformed string | 400 |
+//! | A key that is empty, longer than 255 characters, repeated, or malformed (see **Key**) | 400 |
 //! | A body over 1 MiB (configurable) | 413; the handler does not run |
 //! | First request with a key | the handler's response, stored |
 //! | Same key, same request, after completion | the stored status, headers and body, plus `Idempotent-Replayed: true` |
@@ -27,6 +27,12 @@
 //!
 //! Every error is `application/problem+json` (RFC 9457) with `type`, `title`, `status` and
 //! `detail`; none is stored, so the key stays usable.
+//!
+//! **Key.** An RFC 8941 string (`"8e03978e-..."`, as the IETF draft has it) or a bare key
+//! of RFC 9110 `tchar`, `:`, `/` and `=` (`8e03978e-...`, as Stripe's clients send it:
+//! tokens, UUIDs, base64). RFC 8941 parameters may follow either (`"8e03978e-...";v=1`);
+//! they are checked and ignored. Anything else, a space or a comma inside, say, is
+//! malformed.
 //!
 //! **What is stored.** Responses whose status is not 5xx or 429 (configurable with
 //! `store_status`): a retry after a server error or a rate limit runs the handler again,
@@ -39,11 +45,15 @@
 //! streaming (`text/event-stream` by default), and one larger than the response limit.
 //!
 //! **Fingerprint.** Method, path, query (configurable) and body; a JSON body is compared
-//! as canonical JSON, so field order and whitespace do not matter.
+//! as canonical JSON, so field order, whitespace and string escapes do not matter, while
+//! numbers are compared by their exact text (`1.0` and `1` differ, and so do numbers an
+//! `f64` cannot tell apart). A body that is not JSON, or JSON with a repeated object key or
+//! nested more than 32 levels deep, is compared by its bytes.
 //!
 //! **Scope.** Keys are shared by all clients unless `scope_with` reads a tenant from the
 //! request (an authenticated account, say): then two tenants never share a key.
 
+mod canonical_json;
 mod fingerprint;
 mod key;
 mod layer;
