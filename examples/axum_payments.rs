@@ -15,6 +15,10 @@
 //!   `Location: /payments/{id}`; a retry replays both. The handler waits
 //!   `PAYMENT_DELAY_MS` (default 100) to make races visible.
 //! - `GET /payments`: every payment actually made; `GET /payments/{id}`: one of them.
+//!
+//! Logs go to standard error, filtered by `RUST_LOG` (default `warn`, which shows the
+//! library's warnings: a result that could not be stored, a claim lost, a store failing);
+//! `RUST_LOG=idempotent_runtime=debug` shows every call's outcome, by scope and key digest.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -135,6 +139,12 @@ async fn engine_from_env() -> Result<Idempotency, idempotent_runtime::Error> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let port: u16 = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())

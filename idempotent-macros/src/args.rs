@@ -20,14 +20,32 @@ const NAMES: &[&str] = &[
     "fingerprint",
     "cache_errors",
     "concurrent",
+    "on_cancel",
     "crate",
 ];
+
+// The runtime's bounds (`idempotent_runtime::{MIN_TTL, MAX_TTL, MIN_LEASE}`), repeated here
+// because a proc-macro crate cannot depend on the runtime; the trybuild cases in the
+// workspace's `tests` crate (`ttl-out-of-range`, `lease-out-of-range`, and the `pass` case
+// at the limits) fail if they drift apart.
+const MIN_TTL: Duration = Duration::from_millis(1);
+const MAX_TTL: Duration = Duration::from_secs(100 * 31_557_600);
+const MIN_LEASE: Duration = Duration::from_millis(100);
 
 /// What a duplicate does while the first call runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Concurrent {
     Wait,
     Reject,
+}
+
+/// What happens to the body when its caller is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnCancel {
+    /// The body stops with its caller and the key is released (the default).
+    Release,
+    /// The body runs on a task of its own, to its end, and its result is stored.
+    Finish,
 }
 
 /// `#[idempotent(...)]`, parsed.
@@ -41,6 +59,7 @@ pub(crate) struct Args {
     pub(crate) fingerprint: Option<Expr>,
     pub(crate) cache_errors: bool,
     pub(crate) concurrent: Option<Concurrent>,
+    pub(crate) on_cancel: Option<OnCancel>,
     pub(crate) krate: Option<Path>,
 }
 
@@ -107,6 +126,7 @@ impl Args {
             "scope" => self.scope = Some(scope(&value)?),
             "cache_errors" => self.cache_errors = boolean(name, &value)?,
             "concurrent" => self.concurrent = Some(concurrent(&value)?),
+            "on_cancel" => self.on_cancel = Some(on_cancel(&value)?),
             "crate" => self.krate = Some(crate_path(&value)?),
             _ => return Err(unknown(name)),
         }
@@ -170,10 +190,32 @@ fn duration(name: &Ident, value: &Expr) -> syn::Result<Duration> {
             ),
         )
     })?;
-    if d < Duration::from_millis(1) {
+    let (min, min_text) = if name == "ttl" {
+        (MIN_TTL, "1ms")
+    } else {
+        (MIN_LEASE, "100ms")
+    };
+    if d < min {
+        let why = if name == "ttl" {
+            "stores keep time in milliseconds"
+        } else {
+            "the holder renews every third of it, which must fit a store round trip"
+        };
         return Err(syn::Error::new(
             lit.span(),
-            format!("{name} must be at least 1ms, got {:?}", lit.value()),
+            format!(
+                "{name} must be at least {min_text}, got {:?}: {why}",
+                lit.value()
+            ),
+        ));
+    }
+    if d > MAX_TTL {
+        return Err(syn::Error::new(
+            lit.span(),
+            format!(
+                "{name} must be at most 100 years, got {:?}: longer is past what every store can hold",
+                lit.value()
+            ),
         ));
     }
     Ok(d)
@@ -215,6 +257,21 @@ fn concurrent(value: &Expr) -> syn::Result<Concurrent> {
         other => Err(syn::Error::new(
             lit.span(),
             format!("unknown concurrency {other:?}; expected \"wait\" or \"reject\""),
+        )),
+    }
+}
+
+fn on_cancel(value: &Expr) -> syn::Result<OnCancel> {
+    let lit = lit_str(
+        value,
+        "`on_cancel = \"release\"` or `on_cancel = \"finish\"`",
+    )?;
+    match lit.value().as_str() {
+        "release" => Ok(OnCancel::Release),
+        "finish" => Ok(OnCancel::Finish),
+        other => Err(syn::Error::new(
+            lit.span(),
+            format!("unknown on_cancel {other:?}; expected \"release\" or \"finish\""),
         )),
     }
 }

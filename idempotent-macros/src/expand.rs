@@ -1,12 +1,34 @@
 //! Code generation: the parsed arguments and the user's function in, the rewritten
 //! function out. Nothing here parses or validates arguments.
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Ident, Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{Block, Expr, ItemFn, Path, ReturnType, Stmt, Type};
 
-use crate::args::{Args, Concurrent};
+use crate::args::{Args, Concurrent, OnCancel};
+
+/// The names the generated code binds. Hygienic (`mixed_site`, as `macro_rules!` locals
+/// are): an argument or a local of the user's with the same name neither sees them nor
+/// is shadowed by them.
+struct Names {
+    engine: Ident,
+    call: Ident,
+    ret: Ident,
+    body: Ident,
+}
+
+impl Names {
+    fn new() -> Self {
+        let name = |n: &str| Ident::new(n, Span::mixed_site());
+        Self {
+            engine: name("__idempotent_engine"),
+            call: name("__idempotent_call"),
+            ret: name("__idempotent_ret"),
+            body: name("__idempotent_body"),
+        }
+    }
+}
 
 /// The two shapes the attribute accepts.
 pub(crate) enum Shape<'a> {
@@ -67,7 +89,19 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
         .krate
         .clone()
         .unwrap_or_else(|| syn::parse_quote!(::idempotent_runtime));
-    let prelude = prelude(args, key, &item, &krate);
+    let names = Names::new();
+    let prelude = prelude(args, key, &item, &krate, &names);
+    // `on_cancel = "finish"` runs the body on a task of its own.
+    let runner = match args.on_cancel {
+        Some(OnCancel::Finish) => quote!(run_to_completion),
+        Some(OnCancel::Release) | None => quote!(run),
+    };
+    let Names {
+        call,
+        ret: ret_name,
+        body: body_name,
+        ..
+    } = &names;
     match Shape::of(&item) {
         Ok(Shape::AsyncFn { ret }) => {
             let ret = ret.clone();
@@ -75,12 +109,12 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
             // The typed `let` gives the body's `?` and `return` their type, and makes a
             // type error point at the user's return type.
             // Spanned at the return type: an unusable type is reported there, once.
-            let run_fn = respan(quote!(#krate::__private::run), ret.span());
+            let run_fn = respan(quote!(#krate::__private::#runner), ret.span());
             let run = quote_spanned! {ret.span()=>
-                #run_fn::<#ret, _, _, _>(__idempotent_call, move || async move {
-                    let __idempotent_ret: #ret = #block;
+                #run_fn::<#ret, _, _, _>(#call, move || async move {
+                    let #ret_name: #ret = #block;
                     #[allow(unreachable_code)]
-                    __idempotent_ret
+                    #ret_name
                 })
                 .await
             };
@@ -94,8 +128,8 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
                 inner.block = syn::parse_quote!({
                     #prelude
                     #[allow(unused_variables)]
-                    let __idempotent_body = move || async move #body;
-                    #krate::__private::run::<_, _, _, _>(__idempotent_call, __idempotent_body).await
+                    let #body_name = move || async move #body;
+                    #krate::__private::#runner::<_, _, _, _>(#call, #body_name).await
                 });
             }
         }
@@ -124,28 +158,28 @@ fn respan(tokens: TokenStream, span: proc_macro2::Span) -> TokenStream {
 /// The statements before the body: engine, key and fingerprint are evaluated once, in
 /// statements of their own, so their borrows of the arguments end before the body takes
 /// the arguments.
-fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path) -> TokenStream {
-    let engine = match &args.store {
+fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) -> TokenStream {
+    let Names { engine, call, .. } = names;
+    let bind_engine = match &args.store {
         Some(store) if store_outlives_body(store, item) => quote_spanned! {store.span()=>
-            let __idempotent_engine = #krate::__private::borrow(#store);
+            let #engine = #krate::__private::borrow(#store);
         },
         // The body may take what `store` borrows (`&mut self`, an argument by value):
         // an owned handle (an `Arc` clone) keeps the engine apart from it.
         Some(store) => quote_spanned! {store.span()=>
-            let __idempotent_engine = #krate::__private::engine(#store);
-            let __idempotent_engine = &__idempotent_engine;
+            let #engine = #krate::__private::engine(#store);
+            let #engine = &#engine;
         },
         None => quote! {
-            let __idempotent_engine = #krate::__private::default_engine();
+            let #engine = #krate::__private::default_engine();
         },
     };
     let key_ref = quote_spanned!(key.span()=> &(#key));
     let scope = match &args.scope {
         Some(scope) => scope.to_token_stream(),
-        None => {
-            let name = item.sig.ident.to_string();
-            quote!(::core::concat!(::core::module_path!(), "::", #name))
-        }
+        // A closure written here has a type name that holds the function's path, its
+        // generic arguments and its impl's type, read at run time (for free).
+        None => quote!(#krate::__private::default_scope(&|| ())),
     };
     let mut settings = TokenStream::new();
     if let Some(ttl) = args.ttl {
@@ -165,14 +199,14 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path) -> TokenStream 
     }
     let fingerprint = args.fingerprint.as_ref().map(|fp| {
         let value = quote_spanned!(fp.span()=> #krate::__private::fingerprint(&(#fp)));
-        quote!(let __idempotent_call = #krate::__private::with_fingerprint(__idempotent_call, #value);)
+        quote!(let #call = #krate::__private::with_fingerprint(#call, #value);)
     });
     let store_errors = args
         .cache_errors
-        .then(|| quote!(let __idempotent_call = __idempotent_call.store_errors();));
+        .then(|| quote!(let #call = #call.store_errors();));
     quote! {
-        #engine
-        let __idempotent_call = #krate::__private::call(__idempotent_engine, #scope, #key_ref)
+        #bind_engine
+        let #call = #krate::__private::call(#engine, #scope, #key_ref)
             #settings;
         #fingerprint
         #store_errors

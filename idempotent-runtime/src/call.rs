@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::codec::Codec;
 use crate::engine::{Concurrency, Idempotency, Outcome, Request, Settings};
+use crate::error::ConfigError;
 use crate::error::{CodecError, Error, KeyError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -105,13 +106,16 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         self
     }
 
-    /// How long the result is replayed.
+    /// How long the result is replayed. Outside [`MIN_TTL`](crate::MIN_TTL)..=
+    /// [`MAX_TTL`](crate::MAX_TTL), the call fails with [`Error::Config`] and runs nothing.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
     }
 
-    /// How long the claim holds without renewal.
+    /// How long the claim holds without renewal. Outside [`MIN_LEASE`](crate::MIN_LEASE)
+    /// ..=[`MAX_TTL`](crate::MAX_TTL), the call fails with [`Error::Config`] and runs
+    /// nothing.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = Some(lease);
         self
@@ -168,8 +172,15 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     /// - [`Error::Store`]: the store failed before the claim, and nothing ran.
     ///
     /// When `op` panics, its claim is released and the panic continues in this caller.
-    /// When this future is dropped while `op` runs, its claim is released in the
-    /// background. Either way, concurrent duplicates start over and one of them runs.
+    /// When this future is dropped while `op` runs, `op` stops there (it is dropped with
+    /// it) and its claim is released in the background. Either way, concurrent duplicates
+    /// start over and one of them runs. For an operation that must never stop half-way,
+    /// use [`Call::run_to_completion`].
+    ///
+    /// Once `op` has returned, its result is stored even if this future is dropped before
+    /// the store answers, and a completion the store fails is retried in the background
+    /// (renewing the claim) until it is stored or the claim could have lapsed; the caller
+    /// gets its value meanwhile.
     ///
     /// When `op` succeeds but its claim was taken over meanwhile (its lease ran out
     /// without renewal: the task was stalled, or the store unreachable for a whole lease),
@@ -190,6 +201,93 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     {
         let inner = &self.engine.inner;
         inner.run::<K, T, E, P, F, Fut>(self, op)
+    }
+
+    /// Like [`Call::run`], but `op` runs on a task of its own, started at once, so it runs
+    /// to its end and its result is stored even if the returned future is dropped (a
+    /// client that went away, a timeout around the call): for operations that must never
+    /// stop half-way. A retry that arrives meanwhile waits for it (or is refused, in
+    /// reject mode) and then gets its result.
+    ///
+    /// The default, [`Call::run`], stops `op` with its caller and releases the key, so a
+    /// retry runs it again; that suits operations that are safe to stop and redo.
+    ///
+    /// `op` and its values must be `Send + 'static` (it outlives the caller). A result
+    /// already stored locally is returned without a task. A panic in `op` continues in
+    /// the caller; a task cancelled because its runtime shut down is
+    /// [`Error::Cancelled`], and a call made outside a tokio runtime is
+    /// [`Error::Config`] ([`ConfigError::NoRuntime`]).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_runtime::Error> {
+    /// use idempotent_runtime::Idempotency;
+    /// use std::time::Duration;
+    ///
+    /// let idem = Idempotency::memory();
+    /// let transfer = || async {
+    ///     tokio::time::sleep(Duration::from_millis(50)).await; // debit, then credit
+    ///     Ok::<_, idempotent_runtime::Error>("tr_1".to_owned())
+    /// };
+    /// // The caller gives up after 10 ms; the transfer still finishes, and is stored.
+    /// let gave_up = tokio::time::timeout(
+    ///     Duration::from_millis(10),
+    ///     idem.call("transfer-1").scope("transfers").run_to_completion(transfer),
+    /// )
+    /// .await;
+    /// assert!(gave_up.is_err());
+    /// let again = idem.call("transfer-1").scope("transfers").run_to_completion(transfer).await?;
+    /// assert_eq!(again, "tr_1");
+    /// assert_eq!(idem.stats().executed, 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn run_to_completion<T, E, F, Fut>(
+        self,
+        op: F,
+    ) -> impl Future<Output = Result<T, E>> + Send + 'static
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: From<Error> + Send + 'static,
+        P: ErrorPolicy<E> + Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        self.run_to_completion_with_outcome(op)
+            .map(|answer| answer.map(|(value, _)| value))
+    }
+
+    /// Like [`Call::run_to_completion`], and says how the value was obtained.
+    pub fn run_to_completion_with_outcome<T, E, F, Fut>(
+        self,
+        op: F,
+    ) -> impl Future<Output = Result<(T, Outcome), E>> + Send + 'static
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: From<Error> + Send + 'static,
+        P: ErrorPolicy<E> + Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let inner = self.engine.inner.clone();
+        let started = self.into_request::<F>().and_then(|req| {
+            if let Some(rec) = inner.store.peek_completed(&req.key) {
+                return Ok(Started::Done(inner.replay_record::<T, E, P>(&req, rec)));
+            }
+            let rt = tokio::runtime::Handle::try_current()
+                .map_err(|_| Error::Config(ConfigError::NoRuntime))?;
+            Ok(Started::Running(rt.spawn(async move {
+                inner.join_or_lead::<T, E, P, F, Fut>(req, op).await
+            })))
+        });
+        async move {
+            match started.map_err(E::from)? {
+                Started::Done(answer) => answer,
+                Started::Running(task) => match task.await {
+                    Ok(answer) => answer,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => Err(Error::Cancelled.into()),
+                },
+            }
+        }
     }
 
     /// Resolves the call's settings against the engine's and formats its key. Runs when
@@ -215,6 +313,12 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             settings,
         })
     }
+}
+
+/// A call run to completion, once started: answered at once, or running on its task.
+enum Started<T, E> {
+    Done(Result<(T, Outcome), E>),
+    Running(tokio::task::JoinHandle<Result<(T, Outcome), E>>),
 }
 
 /// What a call's key can be: anything `Display`, formatted into its scope when the call

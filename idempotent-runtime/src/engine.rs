@@ -14,12 +14,12 @@ use tracing::debug;
 
 use crate::call::{Call, CallKey, ErrorPolicy};
 use crate::codec::Codec;
-use crate::error::{ConfigError, Error, StoreError};
+use crate::error::{CodecError, ConfigError, Error, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::flight::{Flight, FlightGuard, Flights, Following, Joined, Landing, Waited};
 use crate::key::StoreKey;
 use crate::lease::HeldClaim;
-use crate::record::{Record, RecordState, StoredResult};
+use crate::record::{FencingToken, Record, RecordState, StoredResult};
 use crate::stats::{bump, Counters, Stats};
 use crate::store::{Claim, MemoryStore, Store};
 
@@ -30,6 +30,17 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 /// The longest key accepted unless set otherwise, in bytes (Stripe's limit).
 pub const DEFAULT_MAX_KEY_LEN: usize = 255;
+/// The shortest TTL accepted: stores keep time in milliseconds.
+pub const MIN_TTL: Duration = Duration::from_millis(1);
+/// The longest TTL (and lease) accepted: 100 years of 365.25 days (as `humantime` counts
+/// `"100years"`), which every store can hold (Redis refuses an expiry past `i64`
+/// milliseconds, PostgreSQL a timestamp past the year 294276). Longer is refused, not
+/// clamped: a caller who asked for more should know.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 31_557_600);
+/// The shortest lease accepted. The holder renews every third of it, so a third must
+/// hold a store round trip and a timer tick on a busy machine; with leases of a few
+/// milliseconds, live holders lose their keys and duplicates run.
+pub const MIN_LEASE: Duration = Duration::from_millis(100);
 /// The longest pause between two looks at a key held in another process.
 const MAX_POLL: Duration = Duration::from_millis(100);
 const FIRST_POLL: Duration = Duration::from_millis(2);
@@ -85,12 +96,30 @@ pub(crate) struct Settings {
 
 impl Settings {
     pub(crate) fn check(&self) -> Result<(), ConfigError> {
-        if self.ttl.is_zero() {
-            return Err(ConfigError::ZeroTtl);
+        let (ttl, lease) = (self.ttl, self.lease);
+        if ttl < MIN_TTL {
+            return Err(ConfigError::TtlTooShort {
+                got: ttl,
+                min: MIN_TTL,
+            });
         }
-        // Leases are kept in milliseconds by stores; shorter would be zero.
-        if self.lease < Duration::from_millis(1) {
-            return Err(ConfigError::ZeroLease);
+        if ttl > MAX_TTL {
+            return Err(ConfigError::TtlTooLong {
+                got: ttl,
+                max: MAX_TTL,
+            });
+        }
+        if lease < MIN_LEASE {
+            return Err(ConfigError::LeaseTooShort {
+                got: lease,
+                min: MIN_LEASE,
+            });
+        }
+        if lease > MAX_TTL {
+            return Err(ConfigError::LeaseTooLong {
+                got: lease,
+                max: MAX_TTL,
+            });
         }
         if self.max_key_len == 0 {
             return Err(ConfigError::ZeroMaxKeyLen);
@@ -132,6 +161,7 @@ impl IdempotencyBuilder {
     }
 
     /// How long a result is replayed (default [`DEFAULT_TTL`]). After it the key is new.
+    /// [`build`](Self::build) refuses one outside [`MIN_TTL`]..=[`MAX_TTL`].
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.settings.ttl = ttl;
         self
@@ -139,7 +169,8 @@ impl IdempotencyBuilder {
 
     /// How long a claim holds without renewal (default [`DEFAULT_LEASE`]). The holder
     /// renews it every third of it, so this bounds how long a crashed holder blocks its
-    /// key, not how long an operation may run.
+    /// key, not how long an operation may run. [`build`](Self::build) refuses one outside
+    /// [`MIN_LEASE`]..=[`MAX_TTL`].
     pub fn lease(mut self, lease: Duration) -> Self {
         self.settings.lease = lease;
         self
@@ -257,7 +288,7 @@ impl Idempotency {
 
     /// The counters since the engine was built.
     pub fn stats(&self) -> Stats {
-        self.inner.stats.snapshot()
+        self.inner.stats.snapshot(self.inner.store.evicted())
     }
 
     /// The store the engine runs on.
@@ -312,7 +343,12 @@ impl Inner {
         rest.await
     }
 
-    async fn join_or_lead<T, E, P, F, Fut>(self: &Arc<Self>, req: Request, op: F) -> Answer<T, E>
+    /// Everything after the check for a local hit: coalesce, claim, run or wait.
+    pub(crate) async fn join_or_lead<T, E, P, F, Fut>(
+        self: &Arc<Self>,
+        req: Request,
+        op: F,
+    ) -> Answer<T, E>
     where
         T: Serialize + DeserializeOwned,
         E: From<Error>,
@@ -333,9 +369,15 @@ impl Inner {
                     if let Some(answer) = self.follow::<T, E, P>(&req, &flight).await {
                         return match answer {
                             Followed::Answer(a) => a,
-                            Followed::TookOver(guard, token) => {
-                                let held =
-                                    HeldClaim::new(self.clone(), req.key.clone(), token, guard);
+                            Followed::TookOver(guard, token, sent) => {
+                                let held = HeldClaim::new(
+                                    self.clone(),
+                                    req.key.clone(),
+                                    token,
+                                    req.settings.lease,
+                                    sent,
+                                    guard,
+                                );
                                 let run = Box::pin(self.execute::<T, E, P, F, Fut>(&req, held, op));
                                 run.await
                             }
@@ -364,15 +406,21 @@ impl Inner {
         let mut pause = FIRST_POLL;
         loop {
             flight.flight().beat();
-            let claim = self
-                .store
-                .claim(&req.key, req.fingerprint, req.settings.lease)
+            let (claim, token, sent) = self
+                .claim(req)
                 .await
                 .map_err(|e| self.store_failed(req, e))?;
             match claim {
-                Claim::Acquired(token) => {
+                Claim::Acquired => {
                     debug!(scope = req.key.scope(), key = %req.key.digest(), token = token.get(), "idempotency key claimed");
-                    let held = HeldClaim::new(self.clone(), req.key.clone(), token, flight);
+                    let held = HeldClaim::new(
+                        self.clone(),
+                        req.key.clone(),
+                        token,
+                        req.settings.lease,
+                        sent,
+                        flight,
+                    );
                     return self.execute::<T, E, P, F, Fut>(req, held, op).await;
                 }
                 Claim::Completed(rec) => {
@@ -487,19 +535,20 @@ impl Inner {
                 // A whole lease without a beat: the leader's future is not being polled
                 // (held but never awaited, or its task is stuck). Its claim has lapsed or
                 // will; go to the store rather than wait forever.
-                match self.store.claim(&req.key, req.fingerprint, req.settings.lease).await {
+                match self.claim(req).await {
                     Err(e) => Timed::Answer(Followed::Answer(Err(self.store_failed(req, e).into()))),
-                    Ok(Claim::Acquired(token)) => {
+                    Ok((Claim::Acquired, token, sent)) => {
                         debug!(scope = req.key.scope(), key = %req.key.digest(), "stalled leader's claim taken over");
                         Timed::Answer(Followed::TookOver(
                             self.flights.take_over(&req.key, req.fingerprint),
                             token,
+                            sent,
                         ))
                     }
-                    Ok(Claim::Completed(rec)) => {
+                    Ok((Claim::Completed(rec), ..)) => {
                         Timed::Answer(Followed::Answer(self.replay_record::<T, E, P>(req, rec)))
                     }
-                    Ok(Claim::InProgress(_)) => Timed::Again,
+                    Ok((Claim::InProgress(_), ..)) => Timed::Again,
                 }
             }
         }
@@ -516,24 +565,30 @@ impl Inner {
     {
         bump(&self.stats.executed);
         let body = AssertUnwindSafe(op()).catch_unwind();
-        let ran = held.renewing(body, req.settings.lease).await;
+        let ran = held.renewing(body).await;
         match ran {
             Err(panic) => {
                 held.release().await;
                 resume_unwind(panic)
             }
-            Ok(Ok(value)) => match self.codec.encode(&value) {
-                Ok(bytes) => {
-                    held.complete(StoredResult::Ok(bytes), req.settings.ttl)
-                        .await;
-                    debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed", "idempotent call");
-                    Ok((value, Outcome::Executed))
-                }
-                Err(e) => {
-                    held.release().await;
-                    Err(Error::Codec(e).into())
-                }
-            },
+            Ok(Ok(value)) => {
+                let result = match self.codec.encode_checked(&value) {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        // The operation ran: releasing would run it again on every retry,
+                        // and storing what does not decode back would replay an error or
+                        // another value. A marker stands in, refused on replay.
+                        bump(&self.stats.unstored);
+                        tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
+                            "the operation's value cannot be stored faithfully; retries of this key get Error::Codec (Unstorable)");
+                        Codec::unstorable()
+                    }
+                };
+                held.complete(StoredResult::Ok(result), req.settings.ttl)
+                    .await;
+                debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed", "idempotent call");
+                Ok((value, Outcome::Executed))
+            }
             Ok(Err(err)) => {
                 match P::encode(&err, self.codec) {
                     Some(Ok(bytes)) => {
@@ -542,9 +597,9 @@ impl Inner {
                     }
                     Some(Err(e)) => {
                         // The caller's own error says more than the codec's; give that back
-                        // and leave the key free for a retry.
+                        // and leave the key free for a retry, as for errors not stored.
                         tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
-                            "could not encode error for storage; not stored");
+                            "could not store the error faithfully; not stored");
                         held.release().await;
                     }
                     None => held.release().await,
@@ -555,8 +610,34 @@ impl Inner {
         }
     }
 
+    /// Claims the key in the store with a newly minted token, and answers with the claim,
+    /// the token and when the claim was sent (its lease started no earlier).
+    ///
+    /// Cancel-safe: if this future is dropped before the store answers, or the store
+    /// fails (a timeout after the claim landed), the claim may still have landed, and is
+    /// released in the background by its token, so no key waits out a lease for a call
+    /// that never ran.
+    async fn claim(
+        self: &Arc<Self>,
+        req: &Request,
+    ) -> Result<(Claim, FencingToken, tokio::time::Instant), StoreError> {
+        let token = FencingToken::mint();
+        let sent = tokio::time::Instant::now();
+        let mut unanswered = Unanswered {
+            engine: self,
+            key: &req.key,
+            token: Some(token),
+        };
+        let claim = self
+            .store
+            .claim(&req.key, token, req.fingerprint, req.settings.lease)
+            .await?;
+        unanswered.token = None;
+        Ok((claim, token, sent))
+    }
+
     /// Answers from a completed record found in the store.
-    fn replay_record<T, E, P>(&self, req: &Request, rec: Record) -> Answer<T, E>
+    pub(crate) fn replay_record<T, E, P>(&self, req: &Request, rec: Record) -> Answer<T, E>
     where
         T: DeserializeOwned,
         E: From<Error>,
@@ -586,11 +667,10 @@ impl Inner {
         };
         bump(counter);
         debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = ?outcome, "idempotent call");
+        let scoped = |e: CodecError| Error::Codec(e.in_scope(req.key.scope()));
         match result {
-            StoredResult::Ok(bytes) => {
-                Ok((self.codec.decode(&bytes).map_err(Error::Codec)?, outcome))
-            }
-            StoredResult::Err(bytes) => Err(P::decode(&bytes, self.codec).map_err(Error::Codec)?),
+            StoredResult::Ok(bytes) => Ok((self.codec.decode(&bytes).map_err(scoped)?, outcome)),
+            StoredResult::Err(bytes) => Err(P::decode(&bytes, self.codec).map_err(scoped)?),
         }
     }
 
@@ -632,7 +712,48 @@ fn completed(rec: Record) -> Result<(Option<Fingerprint>, StoredResult), Error> 
 
 enum Followed<T, E> {
     Answer(Answer<T, E>),
-    TookOver(FlightGuard, crate::record::FencingToken),
+    TookOver(FlightGuard, FencingToken, tokio::time::Instant),
+}
+
+/// A claim sent to the store and not yet answered; see [`Inner::claim`].
+struct Unanswered<'a> {
+    engine: &'a Arc<Inner>,
+    key: &'a StoreKey,
+    // `None` once the store answered.
+    token: Option<FencingToken>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        let Some(token) = self.token else {
+            return;
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(release_unanswered(
+                self.engine.clone(),
+                self.key.clone(),
+                token,
+            ));
+        }
+    }
+}
+
+/// Releases a claim whose answer never arrived. It may land after a first release (sent
+/// on another connection of a pool, say), so a release that finds nothing is tried again
+/// a few times: each is one cheap statement, on a path only cancellations take.
+async fn release_unanswered(engine: Arc<Inner>, key: StoreKey, token: FencingToken) {
+    for pause in [0, 50, 250, 1000] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        match engine.store.release(&key, token).await {
+            Ok(crate::store::Fence::Held) => {
+                debug!(scope = key.scope(), key = %key.digest(), "unanswered claim released");
+                return;
+            }
+            Ok(crate::store::Fence::Lost) => {}
+            // The store is failing: a claim that did land lapses with its lease.
+            Err(_) => return,
+        }
+    }
 }
 
 /// How the timing follower's wait ended.

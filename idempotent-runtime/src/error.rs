@@ -36,9 +36,16 @@ pub enum Error {
     #[error("could not encode or decode a stored result")]
     Codec(#[from] CodecError),
 
-    /// A setting is out of range (a zero TTL or lease, say). Nothing ran.
+    /// A setting is out of range (a TTL or lease a store cannot hold, say). Nothing ran.
     #[error("invalid idempotency setting: {0}")]
     Config(#[from] ConfigError),
+
+    /// The operation's own task (see
+    /// [`Call::run_to_completion`](crate::Call::run_to_completion)) was cancelled before it
+    /// finished, because its runtime shut down. Whether the operation ran is unknown; its
+    /// claim, if any, frees itself within one lease.
+    #[error("the idempotent operation's task was cancelled before it finished")]
+    Cancelled,
 }
 
 /// So that functions returning `std::io::Result<T>` can be idempotent. The kind says
@@ -51,7 +58,7 @@ impl From<Error> for std::io::Error {
             Error::Mismatch | Error::InvalidKey(_) | Error::Config(_) => {
                 std::io::ErrorKind::InvalidInput
             }
-            Error::Store(_) | Error::Codec(_) => std::io::ErrorKind::Other,
+            Error::Store(_) | Error::Codec(_) | Error::Cancelled => std::io::ErrorKind::Other,
         };
         std::io::Error::new(kind, e)
     }
@@ -84,12 +91,46 @@ pub enum KeyError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The time-to-live of stored results is zero.
-    #[error("the TTL must be longer than zero")]
-    ZeroTtl,
-    /// The lease is zero: a claim would expire the moment it was taken.
-    #[error("the lease must be longer than zero")]
-    ZeroLease,
+    /// The time-to-live of stored results is shorter than
+    /// [`MIN_TTL`](crate::MIN_TTL): stores keep time in milliseconds.
+    #[error("the TTL is {got:?}; it must be at least {min:?}")]
+    TtlTooShort {
+        /// The TTL asked for.
+        got: std::time::Duration,
+        /// The shortest accepted.
+        min: std::time::Duration,
+    },
+    /// The time-to-live is longer than [`MAX_TTL`](crate::MAX_TTL), past what every
+    /// store can hold.
+    #[error("the TTL is {got:?}; it must be at most {max:?} (100 years)")]
+    TtlTooLong {
+        /// The TTL asked for.
+        got: std::time::Duration,
+        /// The longest accepted.
+        max: std::time::Duration,
+    },
+    /// The lease is shorter than [`MIN_LEASE`](crate::MIN_LEASE): renewals every third
+    /// of it could not keep up, and a live holder would lose its key.
+    #[error("the lease is {got:?}; it must be at least {min:?}")]
+    LeaseTooShort {
+        /// The lease asked for.
+        got: std::time::Duration,
+        /// The shortest accepted.
+        min: std::time::Duration,
+    },
+    /// The lease is longer than [`MAX_TTL`](crate::MAX_TTL), past what every store can
+    /// hold.
+    #[error("the lease is {got:?}; it must be at most {max:?} (100 years)")]
+    LeaseTooLong {
+        /// The lease asked for.
+        got: std::time::Duration,
+        /// The longest accepted.
+        max: std::time::Duration,
+    },
+    /// [`Call::run_to_completion`](crate::Call::run_to_completion) was called outside a
+    /// tokio runtime, so there is nowhere to run the operation's own task.
+    #[error("running to completion needs a tokio runtime")]
+    NoRuntime,
     /// The maximum key length is zero: no key could be used.
     #[error("the maximum key length must be at least 1")]
     ZeroMaxKeyLen,
@@ -104,8 +145,20 @@ pub enum ConfigError {
 #[error("{context}")]
 pub struct StoreError {
     context: &'static str,
+    kind: StoreErrorKind,
     #[source]
     source: Option<Box<dyn StdError + Send + Sync + 'static>>,
+}
+
+/// What kind of store failure a [`StoreError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// The store did not answer, or answered with an error (the usual kind).
+    Failed,
+    /// The store holds as many claims in progress as it can, and refused a new one rather
+    /// than let an operation run without a claim it keeps.
+    Full,
 }
 
 impl StoreError {
@@ -113,6 +166,7 @@ impl StoreError {
     pub fn new(context: &'static str, source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
         Self {
             context,
+            kind: StoreErrorKind::Failed,
             source: Some(source.into()),
         }
     }
@@ -121,6 +175,16 @@ impl StoreError {
     pub fn msg(context: &'static str) -> Self {
         Self {
             context,
+            kind: StoreErrorKind::Failed,
+            source: None,
+        }
+    }
+
+    /// A store that has no room for another claim, described by `context`.
+    pub fn full(context: &'static str) -> Self {
+        Self {
+            context,
+            kind: StoreErrorKind::Full,
             source: None,
         }
     }
@@ -129,12 +193,20 @@ impl StoreError {
     pub fn context(&self) -> &'static str {
         self.context
     }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
 }
 
 /// A result that could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
 pub struct CodecError {
     kind: CodecErrorKind,
+    // The scope of the record, once known: a record that stopped decoding after a deploy
+    // is found by it.
+    scope: Option<Box<str>>,
     #[source]
     source: Option<Box<dyn StdError + Send + Sync + 'static>>,
 }
@@ -152,26 +224,51 @@ pub enum CodecErrorKind {
     /// The record holds a stored error, but this call does not store errors and so cannot
     /// decode one.
     UnexpectedStoredError,
+    /// The record was written by another codec than this engine's (engines sharing a store
+    /// must use the same one), or by no codec this version knows.
+    WrongCodec,
+    /// The operation ran, but its value could not be stored faithfully (the codec cannot
+    /// encode it, or what it encodes does not decode back, such as a `NaN` in JSON). In its
+    /// place the key holds a marker for its TTL, so a retry gets this error rather than
+    /// running again or receiving something else.
+    Unstorable,
 }
 
 impl CodecError {
     pub(crate) fn new(kind: CodecErrorKind, source: impl StdError + Send + Sync + 'static) -> Self {
         Self {
             kind,
+            scope: None,
             source: Some(Box::new(source)),
         }
     }
 
-    pub(crate) fn unexpected_stored_error() -> Self {
+    pub(crate) fn of_kind(kind: CodecErrorKind) -> Self {
         Self {
-            kind: CodecErrorKind::UnexpectedStoredError,
+            kind,
+            scope: None,
             source: None,
         }
+    }
+
+    pub(crate) fn unexpected_stored_error() -> Self {
+        Self::of_kind(CodecErrorKind::UnexpectedStoredError)
+    }
+
+    /// The error, naming the scope of the record it is about.
+    pub(crate) fn in_scope(mut self, scope: &str) -> Self {
+        self.scope = Some(scope.into());
+        self
     }
 
     /// Which step failed.
     pub fn kind(&self) -> CodecErrorKind {
         self.kind
+    }
+
+    /// The scope of the record, when the error is about a stored one.
+    pub fn scope(&self) -> Option<&str> {
+        self.scope.as_deref()
     }
 }
 
@@ -179,11 +276,21 @@ impl fmt::Display for CodecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self.kind {
             CodecErrorKind::Encode => "could not encode the result",
-            CodecErrorKind::Decode => "could not decode the stored result",
+            CodecErrorKind::Decode => {
+                "could not decode the stored result (did its type change? put a version in the scope)"
+            }
             CodecErrorKind::Fingerprint => "could not serialize the fingerprint value",
             CodecErrorKind::UnexpectedStoredError => {
                 "the record holds a stored error, but this call does not store errors"
             }
-        })
+            CodecErrorKind::WrongCodec => "the stored result was written by another codec",
+            CodecErrorKind::Unstorable => {
+                "the operation ran, but its value could not be stored faithfully, so it cannot be replayed"
+            }
+        })?;
+        if let Some(scope) = &self.scope {
+            write!(f, " (scope {scope:?})")?;
+        }
+        Ok(())
     }
 }

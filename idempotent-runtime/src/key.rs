@@ -85,10 +85,7 @@ impl StoreKey {
     /// A short, stable hash of scope and key for logs, so keys (which may carry customer
     /// data) never appear in them.
     pub fn digest(&self) -> KeyDigest {
-        let hash = Sha256::digest(self.joined.as_bytes());
-        let mut short = [0u8; 8];
-        short.copy_from_slice(&hash[..8]);
-        KeyDigest(u64::from_be_bytes(short))
+        KeyDigest::of_joined(&self.joined)
     }
 }
 
@@ -113,6 +110,17 @@ fn recycle(mut buffer: String) {
 /// The first 64 bits of a key's SHA-256, printed as hex.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyDigest(u64);
+
+impl KeyDigest {
+    /// The digest of a key in its joined form, `scope|key` (what [`StoreKey::as_str`]
+    /// gives), for stores that hold only that form.
+    pub(crate) fn of_joined(joined: &str) -> Self {
+        let hash = Sha256::digest(joined.as_bytes());
+        let mut short = [0u8; 8];
+        short.copy_from_slice(&hash[..8]);
+        KeyDigest(u64::from_be_bytes(short))
+    }
+}
 
 impl fmt::Display for KeyDigest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -1,11 +1,16 @@
 //! A claim the engine holds while the operation runs: renewed while the holder lives, and
-//! given up on every way out (error, panic, cancellation) so no key stays locked.
+//! finished on every way out, even when the caller is dropped half-way through finishing
+//! it: a result the operation returned is stored (retried across a store outage), and a
+//! claim given up on an error, a panic or a cancellation is released, in the background
+//! if need be, so no key stays locked and no finished result is lost.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::engine::Inner;
@@ -19,34 +24,77 @@ use crate::store::Fence;
 /// slow or briefly unreachable store) before the lease runs out.
 const RENEWALS_PER_LEASE: u32 = 3;
 
+/// The first pause before a completion is tried again after the store failed; it doubles
+/// up to [`MAX_RETRY_PAUSE`].
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(25);
+const MAX_RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// The longest a completion is retried while the store keeps renewing the claim but
+/// refusing the completion: past it the claim is left to lapse.
+const COMPLETION_PATIENCE: Duration = Duration::from_secs(60);
+
+/// What the claim still needs if its holder is dropped now.
+enum Pending {
+    /// The operation runs, or failed: the claim is to be released.
+    Release,
+    /// The operation returned a result that is to be stored.
+    Complete { result: StoredResult, ttl: Duration },
+    /// Finished.
+    Nothing,
+}
+
 /// A claim in the store plus the local flight it leads.
 pub(crate) struct HeldClaim {
     engine: Arc<Inner>,
     key: StoreKey,
     token: FencingToken,
-    // `None` once the claim was completed or released explicitly.
+    lease: Duration,
+    // When the store last confirmed the claim: the sending of the claim or of the last
+    // renewal it held, as nanoseconds after `since` (atomic: the heartbeat writes it
+    // through a shared reference while the body runs).
+    since: Instant,
+    confirmed: AtomicU64,
+    // `None` once handed to the followers.
     flight: Option<FlightGuard>,
+    pending: Pending,
 }
 
 impl HeldClaim {
+    /// A claim the store granted to `token`, sent at `claimed_at`.
     pub(crate) fn new(
         engine: Arc<Inner>,
         key: StoreKey,
         token: FencingToken,
+        lease: Duration,
+        claimed_at: Instant,
         flight: FlightGuard,
     ) -> Self {
         Self {
             engine,
             key,
             token,
+            lease,
+            since: claimed_at,
+            confirmed: AtomicU64::new(0),
             flight: Some(flight),
+            pending: Pending::Release,
         }
     }
 
-    /// Runs `body` while renewing the claim every third of `lease`. A body shorter than a
-    /// third of its lease costs no renewal at all.
-    pub(crate) async fn renewing<F: Future>(&self, body: F, lease: Duration) -> F::Output {
-        let heartbeat = self.heartbeat(lease);
+    fn confirmed_at(&self) -> Instant {
+        self.since + Duration::from_nanos(self.confirmed.load(Ordering::Relaxed))
+    }
+
+    fn confirm(&self, sent: Instant) {
+        let after = sent.saturating_duration_since(self.since);
+        let nanos = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
+        self.confirmed.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    /// Runs `body` while renewing the claim every third of its lease. A body shorter than
+    /// a third of its lease costs no renewal at all.
+    pub(crate) async fn renewing<F: Future>(&self, body: F) -> F::Output {
+        let heartbeat = self.heartbeat();
         tokio::pin!(body, heartbeat);
         tokio::select! {
             biased;
@@ -55,15 +103,21 @@ impl HeldClaim {
         }
     }
 
-    async fn heartbeat(&self, lease: Duration) -> Infallible {
-        let every = lease / RENEWALS_PER_LEASE;
+    async fn heartbeat(&self) -> Infallible {
+        let every = self.lease / RENEWALS_PER_LEASE;
         loop {
             tokio::time::sleep(every).await;
             if let Some(flight) = &self.flight {
                 flight.flight().beat();
             }
-            match self.engine.store.renew(&self.key, self.token, lease).await {
-                Ok(Fence::Held) => {}
+            let sent = Instant::now();
+            match self
+                .engine
+                .store
+                .renew(&self.key, self.token, self.lease)
+                .await
+            {
+                Ok(Fence::Held) => self.confirm(sent),
                 Ok(Fence::Lost) => {
                     // Another caller took the key over; renewing cannot win it back, and
                     // completing will be refused. The body runs on to its end.
@@ -81,52 +135,70 @@ impl HeldClaim {
         std::future::pending().await
     }
 
-    /// Stores `result` for `ttl` and hands it to the local followers. A claim lost in the
-    /// meantime (counted in `lease_lost`) stores nothing and sends the followers to the
-    /// store; a store failure (counted in `store_errors`) leaves the claim to lapse with
-    /// its lease, and the followers in this process still get the result.
+    /// Stores `result` for `ttl` and hands it to the local followers.
+    ///
+    /// If the store fails, the followers in this process get the result at once and the
+    /// completion is retried in the background, renewing the claim as it goes, until it
+    /// is stored, the claim is provably lost, or the claim has gone a whole lease without
+    /// the store confirming it (then it may lapse: counted in `unstored`, logged at warn).
+    /// If this future is dropped before the store answers, the same happens: once the
+    /// operation has returned, its result is stored whether or not its caller waits.
     pub(crate) async fn complete(mut self, result: StoredResult, ttl: Duration) {
-        let flight = self.flight.take();
-        let fingerprint = flight.as_ref().and_then(|f| f.flight().fingerprint());
-        let landing = match self
+        self.pending = Pending::Complete {
+            result: result.clone(),
+            ttl,
+        };
+        let answer = self
             .engine
             .store
             .complete(&self.key, self.token, result.clone(), ttl)
-            .await
-        {
-            Ok(Fence::Held) => Landing::Result {
-                result,
-                fingerprint,
-            },
+            .await;
+        let landing = match answer {
+            Ok(Fence::Held) => {
+                self.pending = Pending::Nothing;
+                self.result_landing(result)
+            }
             Ok(Fence::Lost) => {
-                bump(&self.engine.stats.lease_lost);
-                warn!(scope = self.key.scope(), key = %self.key.digest(), token = self.token.get(),
-                    "idempotency claim was taken over before completion; result not stored");
+                self.pending = Pending::Nothing;
+                lost_before_completion(&self.engine, &self.key, self.token);
                 // The new holder's result is the key's; followers go and get it.
                 Landing::Retry
             }
             Err(err) => {
                 bump(&self.engine.stats.store_errors);
                 warn!(scope = self.key.scope(), key = %self.key.digest(), error = %err,
-                    "could not store idempotency result; the claim lapses with its lease");
-                // This process has the result in hand; its own duplicates may share it.
-                Landing::Result {
-                    result,
-                    fingerprint,
-                }
+                    "could not store idempotency result; retrying in the background");
+                // `Drop` retries the completion on a task of its own and lands the
+                // result for the followers.
+                return;
             }
         };
-        if let Some(flight) = flight {
+        if let Some(flight) = self.flight.take() {
             flight.land(landing);
         }
     }
 
-    /// Gives the claim up now, then wakes the followers to start over.
-    pub(crate) async fn release(mut self) {
-        let flight = self.flight.take();
-        release(&self.engine, &self.key, self.token).await;
-        drop(flight);
+    /// The landing that shares `result` with the followers, with the flight's fingerprint.
+    fn result_landing(&self, result: StoredResult) -> Landing {
+        Landing::Result {
+            result,
+            fingerprint: self.flight.as_ref().and_then(|f| f.flight().fingerprint()),
+        }
     }
+
+    /// Gives the claim up now, then wakes the followers to start over. Dropped before the
+    /// store answers, it releases in the background.
+    pub(crate) async fn release(mut self) {
+        release(&self.engine, &self.key, self.token).await;
+        self.pending = Pending::Nothing;
+    }
+}
+
+/// Counts and logs a completion refused because another caller holds the key now.
+fn lost_before_completion(engine: &Inner, key: &StoreKey, token: FencingToken) {
+    bump(&engine.stats.lease_lost);
+    warn!(scope = key.scope(), key = %key.digest(), token = token.get(),
+        "idempotency claim was taken over before completion; result not stored");
 }
 
 async fn release(engine: &Inner, key: &StoreKey, token: FencingToken) {
@@ -140,22 +212,112 @@ async fn release(engine: &Inner, key: &StoreKey, token: FencingToken) {
     }
 }
 
+/// A completion the first attempt of which failed or was cut short: tried again, with
+/// backoff, while the claim may still be ours.
+struct Retry {
+    engine: Arc<Inner>,
+    key: StoreKey,
+    token: FencingToken,
+    result: StoredResult,
+    ttl: Duration,
+    lease: Duration,
+    confirmed_at: Instant,
+}
+
+impl Retry {
+    async fn run(mut self) {
+        let started = Instant::now();
+        let mut pause = FIRST_RETRY_PAUSE;
+        loop {
+            let store = &self.engine.store;
+            match store
+                .complete(&self.key, self.token, self.result.clone(), self.ttl)
+                .await
+            {
+                Ok(Fence::Held) => {
+                    debug!(scope = self.key.scope(), key = %self.key.digest(),
+                        "idempotency result stored after a retry");
+                    return;
+                }
+                Ok(Fence::Lost) => {
+                    lost_before_completion(&self.engine, &self.key, self.token);
+                    return;
+                }
+                Err(_) => bump(&self.engine.stats.store_errors),
+            }
+            // A store that answers renewals but fails completions keeps the claim ours;
+            // a renewal it refuses proves nothing (the failed completion may have landed,
+            // and the next completion says which).
+            let sent = Instant::now();
+            if let Ok(Fence::Held) = store.renew(&self.key, self.token, self.lease).await {
+                self.confirmed_at = sent;
+            }
+            let deadline = (self.confirmed_at + self.lease).min(started + COMPLETION_PATIENCE);
+            let now = Instant::now();
+            if now >= deadline {
+                bump(&self.engine.stats.unstored);
+                warn!(scope = self.key.scope(), key = %self.key.digest(),
+                    "could not store idempotency result before its claim could lapse; \
+                     a retry of this key may run the operation again");
+                return;
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(MAX_RETRY_PAUSE);
+        }
+    }
+}
+
 impl Drop for HeldClaim {
-    /// The holder's future was dropped mid-operation (a cancelled request, a timeout).
+    /// The holder's future was dropped before the claim was finished (a cancelled
+    /// request, a timeout), or the completion failed and is to be retried.
     fn drop(&mut self) {
-        let Some(flight) = self.flight.take() else {
-            return;
-        };
-        // Release before waking the followers, or they would find the key still claimed
-        // and wait out the lease. Without a runtime to release on, the lease frees the key.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let engine = self.engine.clone();
-            let key = self.key.clone();
-            let token = self.token;
-            rt.spawn(async move {
-                release(&engine, &key, token).await;
-                drop(flight);
-            });
+        let flight = self.flight.take();
+        match std::mem::replace(&mut self.pending, Pending::Nothing) {
+            Pending::Nothing => drop(flight),
+            Pending::Release => {
+                // Release before waking the followers, or they would find the key still
+                // claimed and wait out the lease. Without a runtime to release on, the
+                // lease frees the key.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let engine = self.engine.clone();
+                    let key = self.key.clone();
+                    let token = self.token;
+                    rt.spawn(async move {
+                        release(&engine, &key, token).await;
+                        drop(flight);
+                    });
+                }
+            }
+            Pending::Complete { result, ttl } => {
+                // The operation returned: this process's followers share its value now,
+                // and the store gets it as soon as it answers.
+                if let Some(flight) = flight {
+                    let fingerprint = flight.flight().fingerprint();
+                    flight.land(Landing::Result {
+                        result: result.clone(),
+                        fingerprint,
+                    });
+                }
+                let retry = Retry {
+                    engine: self.engine.clone(),
+                    key: self.key.clone(),
+                    token: self.token,
+                    result,
+                    ttl,
+                    lease: self.lease,
+                    confirmed_at: self.confirmed_at(),
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(retry.run());
+                    }
+                    Err(_) => {
+                        bump(&self.engine.stats.unstored);
+                        warn!(scope = self.key.scope(), key = %self.key.digest(),
+                            "no runtime to store the idempotency result on; it is lost");
+                    }
+                }
+            }
         }
     }
 }

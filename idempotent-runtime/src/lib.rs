@@ -60,15 +60,20 @@
 //! | `ttl = "24h"` | how long the result is replayed (a humantime string, checked at compile time) | the engine's (24 h) |
 //! | `lease = "30s"` | how long a claim holds without renewal; bounds how long a crashed holder blocks the key | the engine's (10 s) |
 //! | `store = <expr>` | the engine, an expression of type `&Idempotency` (`&self.idem`, an argument, `&*STATIC`) | one in-memory engine per process |
-//! | `scope = "name"` | the key's namespace | the function's module path and name |
+//! | `scope = "name"` | the key's namespace | the function's path, with its impl's type and generic arguments |
 //! | `fingerprint = <expr>` | any `Serialize` value; the key reused with another fingerprint gets `Error::Mismatch` | none |
 //! | `cache_errors = true` | store `Err` results too (then `E` must be `Serialize + DeserializeOwned`) | `false` |
 //! | `concurrent = "wait" \| "reject"` | a duplicate in flight waits for the first, or gets `Error::InProgress` | `"wait"` |
+//! | `on_cancel = "release" \| "finish"` | a dropped caller stops the body and frees the key, or the body runs to its end on a task of its own ([`Call::run_to_completion`]; arguments must be `Send + 'static`) | `"release"` |
 //! | `crate = "path"` | where the runtime is, for crates that re-export it | `::idempotent_runtime` |
 //!
-//! The default scope changes when the function is moved or renamed, and records stored
-//! under the old one are then not found: give functions whose records must survive a
-//! deploy an explicit `scope`.
+//! The default scope is the function's path as `std::any::type_name` writes it, with the
+//! impl's type and the generic arguments (`app::orders::place`,
+//! `<app::Stripe as app::Provider>::charge`, `app::load<u64>`), so two impls of one trait
+//! and two instances of a generic never share records. It changes when the function is
+//! moved or renamed, and records stored under the old one are then not found: give
+//! functions whose records must survive a deploy an explicit `scope`, and a new one
+//! (`"billing.invoice.v2"`) when the type they return changes.
 //!
 //! ## What it expands to
 //! ```text
@@ -81,7 +86,7 @@
 //!     let __idempotent_engine = __private::default_engine();
 //!     let __idempotent_call = __private::call(
 //!         __idempotent_engine,
-//!         concat!(module_path!(), "::", "place"),
+//!         __private::default_scope(&|| ()),
 //!         &(order.id),
 //!     )
 //!     .ttl(Duration::new(3600, 0));
@@ -95,7 +100,10 @@
 //! }
 //! ```
 //! Key and fingerprint are read before the body takes the arguments; the body runs as an
-//! async block, so `return` and `?` keep their meaning. A `store` reached through `&self`,
+//! async block, so `return` and `?` keep their meaning. The `__idempotent_*` names are
+//! hygienic (as `macro_rules!` locals): arguments of the same names neither see them nor
+//! are shadowed by them. With `on_cancel = "finish"`, `__private::run_to_completion`
+//! takes the place of `__private::run`. A `store` reached through `&self`,
 //! a shared-reference argument or a static stays borrowed; one reached through `&mut self`,
 //! `self` or an argument by value is first cloned into an owned handle (an `Arc` clone),
 //! so the body may still move or mutate what it came from.
@@ -189,6 +197,17 @@
 //! rebuild_index(1).await.unwrap();
 //! # }
 //! ```
+//! `on_cancel = "finish"`, for a body that must never stop half-way (a transfer that
+//! debits, then credits): it runs on a task of its own, so a caller that times out does
+//! not stop it, and its result is stored for the retry:
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! # use idempotent_runtime::{idempotent, Error};
+//! #[idempotent(key = id, on_cancel = "finish")]
+//! async fn transfer(id: u64, cents: u64) -> Result<u64, Error> { Ok(cents) }
+//! assert_eq!(transfer(1, 500).await.unwrap(), 500);
+//! # }
+//! ```
 //! `crate`, for a crate that re-exports the runtime:
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -231,13 +250,16 @@
 //!    others wait for its result (`Outcome::Coalesced`), or get [`Error::InProgress`] in
 //!    reject mode.
 //! 3. **Claim**: the leader claims the key in the store, atomically, with a short lease
-//!    and a fencing token. A key held elsewhere is polled until it completes, is released,
+//!    and a fencing token the engine mints (unique without any clock). A claim whose
+//!    caller is dropped before the answer is released by that token. A key held elsewhere is polled until it completes, is released,
 //!    or its lease runs out and it can be taken over.
 //! 4. **Run**: the operation runs while the claim is renewed every third of its lease, so
 //!    a slow operation never loses its key and a crashed holder frees it within one lease.
 //! 5. **Complete or release**: an `Ok` result is stored for the TTL (only by the current
 //!    token); an `Err` releases the key so a retry runs again, unless the call stores
-//!    errors; a panic or a cancellation releases it too.
+//!    errors; a panic or a cancellation releases it too. Each of these finishes even if
+//!    the caller is dropped half-way (in the background), and a completion the store
+//!    fails is retried until it is stored or the claim could have lapsed.
 //!
 //! # Stores and features
 //! - [`store::MemoryStore`], the default: in this process, bounded, no server.
@@ -286,9 +308,11 @@ pub use call::{Call, CallKey, DiscardErrors, ErrorPolicy, StoreErrors};
 pub use codec::Codec;
 pub use engine::{
     Concurrency, Idempotency, IdempotencyBuilder, Outcome, DEFAULT_LEASE, DEFAULT_MAX_KEY_LEN,
-    DEFAULT_TTL,
+    DEFAULT_TTL, MAX_TTL, MIN_LEASE, MIN_TTL,
 };
-pub use error::{CodecError, CodecErrorKind, ConfigError, Error, KeyError, StoreError};
+pub use error::{
+    CodecError, CodecErrorKind, ConfigError, Error, KeyError, StoreError, StoreErrorKind,
+};
 pub use fingerprint::Fingerprint;
 pub use key::{KeyDigest, StoreKey, SCOPE_SEPARATOR};
 pub use record::{FencingToken, Record, RecordState, StoredResult};

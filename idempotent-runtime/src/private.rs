@@ -32,6 +32,20 @@ pub fn engine(engine: &Idempotency) -> Idempotency {
     engine.clone()
 }
 
+/// The default scope of a function, from a closure written in its body: the closure's
+/// type name holds the function's path with every generic argument and, in an impl, the
+/// impl's type and trait (`<app::Stripe as app::Provider>::charge`, `app::load<u64>`), so
+/// two impls or two instances of a generic never share records. The trailing
+/// `::{{closure}}`s (the marker's, and the async body's) are cut off; a slice of a
+/// `&'static str`, so it costs no allocation.
+pub fn default_scope<M>(_marker: &M) -> &'static str {
+    let mut name = std::any::type_name::<M>();
+    while let Some(outer) = name.strip_suffix("::{{closure}}") {
+        name = outer;
+    }
+    name
+}
+
 /// A call on the key, formatted into its scope before the body moves the arguments.
 pub fn call<'a, K: fmt::Display + ?Sized>(
     engine: &'a Idempotency,
@@ -118,5 +132,23 @@ where
     Fut: Future<Output = R> + 'a,
 {
     call.run(move || async move { body().await.into_result() })
+        .map(R::from_result)
+}
+
+/// Runs the function's body through the engine on a task of its own
+/// (`on_cancel = "finish"`): see [`Call::run_to_completion`].
+pub fn run_to_completion<'a, R, P, F, Fut>(
+    call: Call<'a, PreparedKey, P>,
+    body: F,
+) -> impl Future<Output = R> + Send + 'static
+where
+    R: IdempotentResult + Send + 'static,
+    R::Ok: StoredValue + Send + 'static,
+    R::Err: EngineError + Send + 'static,
+    P: ErrorPolicy<R::Err> + Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+{
+    call.run_to_completion(move || async move { body().await.into_result() })
         .map(R::from_result)
 }

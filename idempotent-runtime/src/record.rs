@@ -1,16 +1,26 @@
 //! What a store keeps for one key: a claim in progress, or a completed result.
 
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
 use bytes::Bytes;
 
 use crate::clock::Timestamp;
 use crate::fingerprint::Fingerprint;
 
-/// Proof of holding a claim. Every claim a store grants gets a new token, larger than any
-/// it granted before for any key, so a holder whose lease ran out can be told apart from
-/// the caller that took the key over: complete, renew and release only act for the
-/// current token.
+/// Proof of holding a claim. Every claim gets a token no other claim has, minted by the
+/// engine before it asks the store ([`FencingToken::mint`]), so a holder whose lease ran
+/// out can be told apart from the caller that took the key over: complete, renew and
+/// release only act for the current token. Tokens are compared for equality only; their
+/// order means nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FencingToken(u64);
+
+/// Spreads consecutive counter values over the whole 64-bit range. Odd, so multiplying by
+/// it is a bijection modulo 2^64: distinct counter values give distinct tokens.
+const SPREAD: u64 = 0x9E37_79B9_7F4A_7C15;
 
 impl FencingToken {
     /// The token with this number.
@@ -21,6 +31,25 @@ impl FencingToken {
     /// The token's number.
     pub const fn get(self) -> u64 {
         self.0
+    }
+
+    /// A token unlike any other: unique within this process by construction (a counter,
+    /// spread by an odd multiplier, over a per-process random base), and across processes
+    /// but with a chance of about 2^-64 per pair of claims on one key. Neither clocks
+    /// nor their skew play a part, so two processes that read the same microsecond, or a
+    /// process whose clock lags, still mint different tokens.
+    pub fn mint() -> Self {
+        static BASE: OnceLock<u64> = OnceLock::new();
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let base = *BASE.get_or_init(|| {
+            // `RandomState` is seeded from the operating system's randomness: no extra
+            // dependency for 64 random bits drawn once per process.
+            let mut h = RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            h.finish()
+        });
+        let n = COUNT.fetch_add(1, Ordering::Relaxed);
+        Self(base.wrapping_add(n.wrapping_mul(SPREAD)))
     }
 }
 
@@ -59,6 +88,9 @@ pub enum RecordState {
     },
     /// The operation finished and its result is kept for replay.
     Completed {
+        /// The token of the claim that stored it: a holder that completes again (its first
+        /// answer lost on the way) is told it succeeded.
+        token: FencingToken,
         /// The encoded result.
         result: StoredResult,
         /// When the result is forgotten and the key behaves as new.
@@ -97,11 +129,31 @@ impl Record {
         }
     }
 
+    /// The token of the claim that wrote the record: its holder, or its completer.
+    pub fn token(&self) -> FencingToken {
+        match self.state {
+            RecordState::InProgress { token, .. } | RecordState::Completed { token, .. } => token,
+        }
+    }
+
     /// The holder's token, if the record is a claim in progress.
     pub fn holder(&self) -> Option<FencingToken> {
         match self.state {
             RecordState::InProgress { token, .. } => Some(token),
             RecordState::Completed { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_tokens_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..100_000 {
+            assert!(seen.insert(FencingToken::mint()));
         }
     }
 }

@@ -21,6 +21,16 @@ pub struct Stats {
     /// Executions whose claim had been taken over before they could complete, so their
     /// result was not stored.
     pub lease_lost: u64,
+    /// Executions whose result was not stored although their claim was not taken over:
+    /// the store stayed unreachable until the claim could have lapsed (completion is
+    /// retried until then), or the value cannot be stored faithfully (a marker is stored
+    /// instead, so retries get [`CodecErrorKind::Unstorable`](crate::CodecErrorKind::Unstorable)).
+    /// Each is also logged at warn with its scope and key digest.
+    pub unstored: u64,
+    /// Records the store dropped before their lease or TTL ended, to make room (the memory
+    /// store at capacity); each can let a retry run again. Read from the store, so engines
+    /// sharing one see the same figure.
+    pub evicted: u64,
 }
 
 #[derive(Debug, Default)]
@@ -32,6 +42,7 @@ pub(crate) struct Counters {
     pub(crate) mismatched: AtomicU64,
     pub(crate) store_errors: AtomicU64,
     pub(crate) lease_lost: AtomicU64,
+    pub(crate) unstored: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -39,7 +50,8 @@ pub(crate) fn bump(counter: &AtomicU64) {
 }
 
 impl Counters {
-    pub(crate) fn snapshot(&self) -> Stats {
+    /// The counters, with `evicted` as the store reports it.
+    pub(crate) fn snapshot(&self, evicted: u64) -> Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
             executed: get(&self.executed),
@@ -49,6 +61,8 @@ impl Counters {
             mismatched: get(&self.mismatched),
             store_errors: get(&self.store_errors),
             lease_lost: get(&self.lease_lost),
+            unstored: get(&self.unstored),
+            evicted,
         }
     }
 }

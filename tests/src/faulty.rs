@@ -1,8 +1,11 @@
-//! A store wrapper that fails on demand, for the failure paths of the engine.
+//! A store wrapper that fails, or stops halfway, on demand, for the failure paths of the
+//! engine.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::{oneshot, Notify};
 
 use async_trait::async_trait;
 use idempotent_runtime::store::{Claim, Fence, Store};
@@ -17,7 +20,50 @@ pub struct FaultyStore<S> {
     down: Arc<AtomicBool>,
     claims: Arc<AtomicU64>,
     renewals: Arc<AtomicU64>,
+    completions: Arc<AtomicU64>,
+    holds: Arc<Mutex<Vec<Hold>>>,
     peek: bool,
+}
+
+/// Which operation a [`FaultyStore::hold`] stops, and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// A claim, after the inner store applied it: as if its answer were still on the way.
+    ClaimAnswer,
+    /// A completion, before it reaches the inner store.
+    Completion,
+    /// A completion, after the inner store applied it: its answer is lost on the way and
+    /// the caller sees an error.
+    CompletionAnswerLost,
+}
+
+#[derive(Debug)]
+struct Hold {
+    at: Stop,
+    entered: Option<oneshot::Sender<()>>,
+    open: Arc<Notify>,
+}
+
+/// One stopped operation: [`Held::entered`] resolves when an operation reaches the stop,
+/// and [`Held::open`] lets it go on.
+#[derive(Debug)]
+pub struct Held {
+    entered: oneshot::Receiver<()>,
+    open: Arc<Notify>,
+}
+
+impl Held {
+    /// Waits until an operation has reached the stop.
+    pub async fn entered(&mut self) {
+        (&mut self.entered)
+            .await
+            .expect("the store was dropped before the stop was reached");
+    }
+
+    /// Lets the stopped operation go on (if its caller is still there to poll it).
+    pub fn open(&self) {
+        self.open.notify_one();
+    }
 }
 
 #[derive(Debug)]
@@ -39,8 +85,43 @@ impl<S: Store + Clone> FaultyStore<S> {
             down: Arc::new(AtomicBool::new(false)),
             claims: Arc::new(AtomicU64::new(0)),
             renewals: Arc::new(AtomicU64::new(0)),
+            completions: Arc::new(AtomicU64::new(0)),
+            holds: Arc::new(Mutex::new(Vec::new())),
             peek: true,
         }
+    }
+
+    /// Stops the next operation of the kind `at` names at that point, until the returned
+    /// handle opens it.
+    pub fn hold(&self, at: Stop) -> Held {
+        let (tx, entered) = oneshot::channel();
+        let open = Arc::new(Notify::new());
+        self.holds.lock().expect("holds").push(Hold {
+            at,
+            entered: Some(tx),
+            open: open.clone(),
+        });
+        Held { entered, open }
+    }
+
+    /// Waits at `at` if a hold is set there (taking it).
+    async fn stop(&self, at: Stop) {
+        let hold = {
+            let mut holds = self.holds.lock().expect("holds");
+            let i = holds.iter().position(|h| h.at == at);
+            i.map(|i| holds.remove(i))
+        };
+        if let Some(mut hold) = hold {
+            if let Some(tx) = hold.entered.take() {
+                let _ = tx.send(());
+            }
+            hold.open.notified().await;
+        }
+    }
+
+    /// How many completions reached the store (failed ones included).
+    pub fn completions(&self) -> u64 {
+        self.completions.load(Ordering::SeqCst)
     }
 
     /// Hides the inner store's `peek_completed`, as a store without a local tier.
@@ -78,12 +159,15 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
     async fn claim(
         &self,
         key: &StoreKey,
+        token: FencingToken,
         fp: Option<Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.claims.fetch_add(1, Ordering::SeqCst);
         self.check("claim")?;
-        self.inner.claim(key, fp, lease).await
+        let claim = self.inner.claim(key, token, fp, lease).await;
+        self.stop(Stop::ClaimAnswer).await;
+        claim
     }
 
     async fn renew(
@@ -104,8 +188,24 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         result: StoredResult,
         ttl: Duration,
     ) -> Result<Fence, StoreError> {
+        self.completions.fetch_add(1, Ordering::SeqCst);
+        self.stop(Stop::Completion).await;
         self.check("complete")?;
-        self.inner.complete(key, token, result, ttl).await
+        let fence = self.inner.complete(key, token, result, ttl).await?;
+        let lost = {
+            let mut holds = self.holds.lock().expect("holds");
+            let i = holds
+                .iter()
+                .position(|h| h.at == Stop::CompletionAnswerLost);
+            i.map(|i| holds.remove(i))
+        };
+        if let Some(mut hold) = lost {
+            if let Some(tx) = hold.entered.take() {
+                let _ = tx.send(());
+            }
+            return Err(StoreError::new("complete", Unreachable));
+        }
+        Ok(fence)
     }
 
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<Fence, StoreError> {

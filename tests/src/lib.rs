@@ -14,7 +14,7 @@ mod faulty;
 pub mod postgres;
 pub mod redis_server;
 
-pub use faulty::FaultyStore;
+pub use faulty::{FaultyStore, Held, Stop};
 pub use postgres::{PostgresHarness, TcpProxy};
 pub use redis_server::{RedisHarness, RedisServer};
 
@@ -102,7 +102,7 @@ macro_rules! store_conformance {
             an_expired_lease_is_taken_over_and_the_old_holder_is_fenced,
             a_lapsed_claim_cannot_be_renewed,
             results_expire_after_their_ttl,
-            tokens_grow,
+            a_claim_keeps_the_token_it_was_made_with,
             scopes_keep_equal_keys_apart,
             peek_never_shows_a_claim_in_progress,
             concurrent_claims_acquire_once,
@@ -120,6 +120,36 @@ macro_rules! store_conformance {
             }
         )*
     };
+}
+
+/// One store of each kind, fresh (a memory store, a new prefix on the test Redis, a new
+/// table in the test PostgreSQL), named, for tests that must hold on every store.
+pub async fn each_store() -> Vec<(&'static str, std::sync::Arc<dyn Store>)> {
+    vec![
+        ("memory", std::sync::Arc::new(MemoryStore::new())),
+        (
+            "redis",
+            std::sync::Arc::new(RedisHarness::new().fresh_store().await),
+        ),
+        (
+            "postgres",
+            std::sync::Arc::new(postgres::fresh_store(&postgres::postgres_url()).await),
+        ),
+    ]
+}
+
+/// Waits until `check` is true, looking every 10 ms, and fails the test if it is still
+/// false after `within`: for effects that land in the background, such as a release or a
+/// completion finished by a task of its own.
+pub async fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Calls `op` until it succeeds or `within` has passed, and returns its value: for the

@@ -82,16 +82,39 @@ impl Harness for RedisHarness {
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    // With persistence: the directory of its append-only file, kept across restarts.
+    dir: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
     /// Starts one and waits until it answers.
     pub fn start() -> Self {
+        Self::start_in(None)
+    }
+
+    /// Starts one that writes every command to an append-only file before it answers
+    /// (`appendfsync always`), so a restart loses nothing it acknowledged, as a production
+    /// Redis configured for durability.
+    pub fn start_persistent() -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir =
+            std::env::temp_dir().join(format!("idemtest-redis-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a directory for the append-only file");
+        Self::start_in(Some(dir))
+    }
+
+    fn start_in(dir: Option<std::path::PathBuf>) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port");
-        let mut s = Self { port, child: None };
+        let mut s = Self {
+            port,
+            child: None,
+            dir,
+        };
         s.restart();
         s
     }
@@ -109,20 +132,25 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port, empty.
+    /// Starts it again on the same port: empty, or with what its append-only file holds.
     pub fn restart(&mut self) {
         self.stop();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
+        let port = self.port.to_string();
+        let mut args = vec!["--port", &port, "--bind", "127.0.0.1", "--save", ""];
+        let dir = self.dir.as_ref().map(|d| d.display().to_string());
+        match &dir {
+            Some(dir) => args.extend([
                 "--appendonly",
-                "no",
-            ])
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                dir,
+            ]),
+            None => args.extend(["--appendonly", "no"]),
+        }
+        let child = Command::new("redis-server")
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -141,6 +169,9 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

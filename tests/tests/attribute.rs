@@ -277,3 +277,32 @@ async fn trait_impls_native_and_through_async_trait() {
     assert_eq!(dynamic.post(1).await.unwrap(), 1);
     assert_eq!(books.posted.load(Ordering::SeqCst), 2);
 }
+
+// Arguments named like the bindings the attribute generates: the generated code's names
+// are hygienic, so neither side sees the other's.
+#[idempotent(key = __idempotent_call, store = __idempotent_engine)]
+async fn named_like_the_generated_code(
+    __idempotent_engine: &Idempotency,
+    __idempotent_call: u64,
+    __idempotent_ret: u64,
+) -> Result<u64, Error> {
+    Ok(__idempotent_call * 100 + __idempotent_ret)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arguments_named_like_generated_bindings_keep_their_meaning() {
+    let idem = Idempotency::memory();
+    assert_eq!(
+        named_like_the_generated_code(&idem, 3, 4).await.unwrap(),
+        304
+    );
+    assert_eq!(
+        named_like_the_generated_code(&idem, 3, 5).await.unwrap(),
+        304,
+        "the key is the argument `__idempotent_call`"
+    );
+    assert_eq!(
+        named_like_the_generated_code(&idem, 4, 5).await.unwrap(),
+        405
+    );
+}

@@ -184,6 +184,85 @@ async fn scope_names_the_namespace_and_defaults_to_the_function_path() {
     );
 }
 
+trait Provider {
+    async fn charge(&self, idem: &Idempotency, order: u64) -> Result<String, Error>;
+}
+
+struct Stripe;
+struct Paypal;
+
+impl Provider for Stripe {
+    #[idempotent(key = order, store = idem)]
+    async fn charge(&self, idem: &Idempotency, order: u64) -> Result<String, Error> {
+        Ok(format!("stripe-{order}"))
+    }
+}
+
+impl Provider for Paypal {
+    #[idempotent(key = order, store = idem)]
+    async fn charge(&self, idem: &Idempotency, order: u64) -> Result<String, Error> {
+        Ok(format!("paypal-{order}"))
+    }
+}
+
+#[idempotent(key = id, store = idem)]
+async fn load<T: Default + Serialize + serde::de::DeserializeOwned>(
+    idem: &Idempotency,
+    id: u64,
+) -> Result<T, Error> {
+    Ok(T::default())
+}
+
+struct Repo<T>(std::marker::PhantomData<T>);
+
+impl<T: Default + Serialize + serde::de::DeserializeOwned + Send> Repo<T> {
+    #[idempotent(key = id, store = idem)]
+    async fn fetch(idem: &Idempotency, id: u64) -> Result<T, Error> {
+        Ok(T::default())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_scope_tells_every_impl_and_generic_instance_apart() {
+    let idem = Idempotency::memory();
+    assert_eq!(Stripe.charge(&idem, 42).await.unwrap(), "stripe-42");
+    assert_eq!(
+        Paypal.charge(&idem, 42).await.unwrap(),
+        "paypal-42",
+        "another impl of the trait is another scope"
+    );
+    assert_eq!(load::<u64>(&idem, 1).await.unwrap(), 0);
+    assert_eq!(
+        load::<String>(&idem, 1).await.unwrap(),
+        "",
+        "another instance of a generic function is another scope"
+    );
+    assert_eq!(Repo::<u8>::fetch(&idem, 1).await.unwrap(), 0);
+    assert_eq!(Repo::<String>::fetch(&idem, 1).await.unwrap(), "");
+    // The scope is the function's path with its impl and generic arguments, as
+    // `std::any::type_name` writes them; a plain function's is its module path and name.
+    let stored = |scope: &str, key: &str| {
+        let key = idempotent_runtime::StoreKey::new(scope, key, 255).unwrap();
+        idem.store().peek_completed(&key).is_some()
+    };
+    for scope in [
+        "<attribute_args::Stripe as attribute_args::Provider>::charge",
+        "<attribute_args::Paypal as attribute_args::Provider>::charge",
+        "attribute_args::load<u64>",
+        "attribute_args::load<alloc::string::String>",
+        "attribute_args::Repo<u8>::fetch",
+    ] {
+        assert!(
+            stored(scope, if scope.contains("charge") { "42" } else { "1" }),
+            "{scope}"
+        );
+    }
+    let other = Idempotency::memory();
+    own_scope_a(&other, 5).await.unwrap();
+    let key = idempotent_runtime::StoreKey::new("attribute_args::own_scope_a", "5", 255).unwrap();
+    assert!(other.store().peek_completed(&key).is_some());
+}
+
 // fingerprint --------------------------------------------------------------------------
 
 #[derive(Serialize, Deserialize)]

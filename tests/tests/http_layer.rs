@@ -442,3 +442,82 @@ async fn the_layer_works_on_a_postcard_engine() {
     assert_eq!(h2["idempotent-replayed"], "true");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// A handler that charges, says so, then waits for `gate` before it answers 201 with the
+/// charge's number: a slow handler whose side effect is made early.
+fn charging(
+    layer: IdempotencyLayer,
+    charges: Arc<AtomicU32>,
+    charged: Arc<tokio::sync::Notify>,
+    gate: Arc<tokio::sync::Notify>,
+) -> Handler {
+    let handler = tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        let (charges, charged, gate) = (charges.clone(), charged.clone(), gate.clone());
+        async move {
+            let n = charges.fetch_add(1, Ordering::SeqCst) + 1;
+            charged.notify_one();
+            gate.notified().await;
+            let resp = Response::builder()
+                .status(StatusCode::CREATED)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(format!("{{\"id\":{n}}}"))))
+                .unwrap();
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    tower::util::BoxCloneSyncService::new(layer.layer(handler))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_gives_up_neither_stops_the_handler_nor_frees_its_key() {
+    for wait in [true, false] {
+        let charges = Arc::new(AtomicU32::new(0));
+        let charged = Arc::new(tokio::sync::Notify::new());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let l = if wait {
+            layer().wait_for_in_flight()
+        } else {
+            layer()
+        };
+        let svc = charging(l, charges.clone(), charged.clone(), gate.clone());
+        let first = {
+            let svc = svc.clone();
+            tokio::spawn(async move { send(&svc, post(Some("k"), "{}")).await })
+        };
+        charged.notified().await;
+        // The client times out and goes away: the server drops the layer's future.
+        first.abort();
+        assert!(first.await.is_err());
+        if wait {
+            let retry = {
+                let svc = svc.clone();
+                tokio::spawn(async move { send(&svc, post(Some("k"), "{}")).await })
+            };
+            gate.notify_one();
+            let (s, h, b) = retry.await.unwrap();
+            assert_eq!(s, StatusCode::CREATED);
+            assert_eq!(h["idempotent-replayed"], "true");
+            assert_eq!(json(&b)["id"], 1, "the first request's response");
+        } else {
+            let (s, h, b) = send(&svc, post(Some("k"), "{}")).await;
+            assert_problem(s, &h, &b, StatusCode::CONFLICT);
+            gate.notify_one();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            let (s, h, b) = loop {
+                let (s, h, b) = send(&svc, post(Some("k"), "{}")).await;
+                if s != StatusCode::CONFLICT || tokio::time::Instant::now() > deadline {
+                    break (s, h, b);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            assert_eq!(s, StatusCode::CREATED);
+            assert_eq!(h["idempotent-replayed"], "true");
+            assert_eq!(json(&b)["id"], 1);
+        }
+        assert_eq!(
+            charges.load(Ordering::SeqCst),
+            1,
+            "charged once (wait: {wait})"
+        );
+    }
+}

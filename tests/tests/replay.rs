@@ -5,7 +5,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use idempotent_runtime::store::MemoryStore;
-use idempotent_runtime::{CodecErrorKind, ConfigError, Error, Idempotency, KeyError, Outcome};
+use idempotent_runtime::{
+    CodecErrorKind, ConfigError, Error, Idempotency, KeyError, Outcome, DEFAULT_LEASE, DEFAULT_TTL,
+    MAX_TTL, MIN_LEASE, MIN_TTL,
+};
 use idempotent_tests::FaultyStore;
 use serde::{Deserialize, Serialize};
 
@@ -217,37 +220,67 @@ async fn bad_keys_and_settings_are_refused_before_anything_runs() {
         ),
         "{scope:?}"
     );
-    let ttl = idem
-        .call("k")
+    // TTLs and leases a store cannot hold, or too short to keep a claim, are refused
+    // where they are set, before anything runs.
+    use std::time::Duration;
+    let refused = |got: Result<u32, Error>| match got {
+        Err(Error::Config(e)) => e,
+        other => panic!("expected a config error, got {other:?}"),
+    };
+    for (ttl, lease) in [
+        (Duration::ZERO, DEFAULT_LEASE),
+        (Duration::MAX, DEFAULT_LEASE),
+        (MAX_TTL + Duration::from_secs(1), DEFAULT_LEASE),
+        (DEFAULT_TTL, Duration::ZERO),
+        (DEFAULT_TTL, Duration::from_millis(1)),
+        (DEFAULT_TTL, MIN_LEASE - Duration::from_millis(1)),
+        (DEFAULT_TTL, Duration::MAX),
+    ] {
+        let call = idem.call("k").scope("s").ttl(ttl).lease(lease);
+        let e = refused(call.run(op()).await);
+        let built = Idempotency::builder().ttl(ttl).lease(lease).build();
+        assert!(
+            matches!(&built, Err(Error::Config(b)) if *b == e),
+            "{built:?}"
+        );
+        let expected = if ttl < MIN_TTL {
+            ConfigError::TtlTooShort {
+                got: ttl,
+                min: MIN_TTL,
+            }
+        } else if ttl > MAX_TTL {
+            ConfigError::TtlTooLong {
+                got: ttl,
+                max: MAX_TTL,
+            }
+        } else if lease < MIN_LEASE {
+            ConfigError::LeaseTooShort {
+                got: lease,
+                min: MIN_LEASE,
+            }
+        } else {
+            ConfigError::LeaseTooLong {
+                got: lease,
+                max: MAX_TTL,
+            }
+        };
+        assert_eq!(e, expected);
+    }
+    // The limits themselves are accepted, and stored by the store.
+    let (v, how) = idem
+        .call("limits")
         .scope("s")
-        .ttl(std::time::Duration::ZERO)
-        .run(op())
-        .await;
-    assert!(
-        matches!(ttl, Err(Error::Config(ConfigError::ZeroTtl))),
-        "{ttl:?}"
-    );
-    let lease = idem
-        .call("k")
-        .scope("s")
-        .lease(std::time::Duration::ZERO)
-        .run(op())
-        .await;
-    assert!(
-        matches!(lease, Err(Error::Config(ConfigError::ZeroLease))),
-        "{lease:?}"
-    );
-    assert_eq!(runs.load(Ordering::SeqCst), 0);
+        .ttl(MAX_TTL)
+        .lease(MIN_LEASE)
+        .run_with_outcome(op())
+        .await
+        .unwrap();
+    assert_eq!((v, how), (1, Outcome::Executed));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 
     let short = Idempotency::builder().max_key_len(4).build().unwrap();
     assert!(short.call("12345").scope("s").run(op()).await.is_err());
     assert!(short.call("1234").scope("s").run(op()).await.is_ok());
-    assert!(matches!(
-        Idempotency::builder()
-            .ttl(std::time::Duration::ZERO)
-            .build(),
-        Err(Error::Config(ConfigError::ZeroTtl))
-    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,4 +372,133 @@ async fn a_postcard_engine_replays_values_and_stored_errors() {
         })
         .await;
     assert!(matches!(r, Err(Error::Codec(_))), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_of_another_codec_is_a_codec_error_never_a_value() {
+    // Untagged, JSON's `5` is the byte 53, which Postcard reads back as the number 53.
+    let store = MemoryStore::new();
+    let json = Idempotency::new(store.clone());
+    let post = Idempotency::builder()
+        .store(store)
+        .codec(idempotent_runtime::Codec::Postcard)
+        .build()
+        .unwrap();
+    let stored: u8 = json
+        .call("k")
+        .scope("codec")
+        .run(|| async { Ok::<_, Error>(5) })
+        .await
+        .unwrap();
+    assert_eq!(stored, 5);
+    let runs = counter();
+    let replayed: Result<u8, Error> = {
+        let runs = runs.clone();
+        post.call("k")
+            .scope("codec")
+            .run(|| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(6)
+            })
+            .await
+    };
+    match replayed {
+        Err(Error::Codec(e)) => {
+            assert_eq!(e.kind(), CodecErrorKind::WrongCodec);
+            assert_eq!(e.scope(), Some("codec"));
+        }
+        other => panic!("expected a codec error, got {other:?}"),
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_that_cannot_be_stored_faithfully_runs_once_and_is_refused_on_replay() {
+    let idem = Idempotency::memory();
+    let runs = counter();
+    let nan = |runs: Arc<AtomicU32>| {
+        move || async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<f64, Error>(f64::NAN)
+        }
+    };
+    // The caller that ran it gets its value: the side effect happened.
+    let (v, how) = idem
+        .call("nan")
+        .scope("unstorable")
+        .run_with_outcome(nan(runs.clone()))
+        .await
+        .unwrap();
+    assert!(v.is_nan());
+    assert_eq!(how, Outcome::Executed);
+    // JSON would store `null`, which no f64 reads back: retries get a typed error for the
+    // TTL, never another value and never a second run.
+    for _ in 0..2 {
+        match idem
+            .call("nan")
+            .scope("unstorable")
+            .run(nan(runs.clone()))
+            .await
+        {
+            Err(Error::Codec(e)) => {
+                assert_eq!(e.kind(), CodecErrorKind::Unstorable);
+                assert_eq!(e.scope(), Some("unstorable"));
+            }
+            other => panic!("expected a codec error, got {other:?}"),
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // A value the codec cannot encode at all (a map with tuple keys) is the same.
+    let tuple_keys = || async {
+        let mut m = std::collections::HashMap::new();
+        m.insert((1u8, 2u8), 3u8);
+        Ok::<_, Error>(m)
+    };
+    let runs2 = counter();
+    for expected_runs in [1, 1, 1] {
+        let r = {
+            let runs2 = runs2.clone();
+            idem.call("tuple-keys")
+                .scope("unstorable")
+                .run(move || async move {
+                    runs2.fetch_add(1, Ordering::SeqCst);
+                    tuple_keys().await
+                })
+                .await
+        };
+        assert!(
+            r.is_ok()
+                || matches!(&r, Err(Error::Codec(e)) if e.kind() == CodecErrorKind::Unstorable),
+            "{r:?}"
+        );
+        assert_eq!(runs2.load(Ordering::SeqCst), expected_runs);
+    }
+    assert_eq!(idem.stats().unstored, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_no_longer_decodes_names_its_scope() {
+    // A deploy changed the type a scope stores: old records fail to decode, with the scope
+    // in the error, rather than run again. (A new type wants a new scope: `...v2`.)
+    let idem = Idempotency::memory();
+    let _: String = idem
+        .call("k")
+        .scope("billing.invoice.v1")
+        .run(|| async { Ok::<_, Error>("text".to_owned()) })
+        .await
+        .unwrap();
+    let r: Result<u64, Error> = idem
+        .call("k")
+        .scope("billing.invoice.v1")
+        .run(|| async { Ok(1) })
+        .await;
+    match r {
+        Err(Error::Codec(e)) => {
+            assert_eq!(e.kind(), CodecErrorKind::Decode);
+            assert_eq!(e.scope(), Some("billing.invoice.v1"));
+            assert!(e.to_string().contains("billing.invoice.v1"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
 }

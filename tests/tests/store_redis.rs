@@ -187,6 +187,39 @@ async fn the_local_tier_serves_hits_without_a_round_trip_and_not_past_the_ttl() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_with_other_prefixes_never_share_the_local_tier() {
+    let base = RedisHarness::new()
+        .fresh_store()
+        .await
+        .with_local_cache(100);
+    let prefix = unique_prefix();
+    let billing = Idempotency::new(base.clone().with_prefix(format!("{prefix}billing:")));
+    let shipping = Idempotency::new(base.with_prefix(format!("{prefix}shipping:")));
+    async fn call(idem: &Idempotency, v: &'static str) -> Result<(String, Outcome), Error> {
+        idem.call("order-1")
+            .scope("local")
+            .run_with_outcome(move || async move { Ok::<_, Error>(v.to_owned()) })
+            .await
+    }
+    assert_eq!(call(&billing, "billed").await.unwrap().1, Outcome::Executed);
+    // A claim that finds the result puts it in the (shared) local tier.
+    assert_eq!(call(&billing, "x").await.unwrap().1, Outcome::Replayed);
+    assert_eq!(
+        call(&shipping, "shipped").await.unwrap(),
+        ("shipped".to_owned(), Outcome::Executed),
+        "another prefix is another store"
+    );
+    assert_eq!(
+        call(&shipping, "y").await.unwrap(),
+        ("shipped".to_owned(), Outcome::Replayed)
+    );
+    assert_eq!(
+        call(&billing, "z").await.unwrap(),
+        ("billed".to_owned(), Outcome::Replayed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_tier_still_refuses_another_fingerprint() {
     let h = RedisHarness::new();
     let idem = Idempotency::new(h.fresh_store().await.with_local_cache(100));

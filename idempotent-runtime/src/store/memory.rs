@@ -1,9 +1,17 @@
-//! The in-process store: a bounded moka cache, with one entry per key.
+//! The in-process store: claims in progress in a concurrent map that never evicts, and
+//! completed results in a bounded moka cache.
 //!
-//! Each operation is one `and_compute_with` on the key's entry, which moka runs atomically
-//! for that key, so concurrent claims in this process see each other. Entries leave the
-//! cache one by one when their own lease or TTL runs out (moka's per-entry expiry), or
-//! earlier, least recently used first, when the cache is full.
+//! The two are apart because a cache at capacity drops entries, and a dropped claim is a
+//! second execution while the first still runs. Claims are bounded too: at capacity a new
+//! claim is refused with [`StoreErrorKind::Full`](crate::StoreErrorKind::Full), never
+//! granted and then forgotten. Results leave least recently used first (moka's LRU
+//! policy: its default admission filter would refuse fresh results outright), each such
+//! eviction before its TTL counted and logged, or one by one when their own TTL runs out
+//! (moka's per-entry expiry).
+//!
+//! A completion puts its result in the cache before it removes its claim, both under the
+//! lock of the claim's map entry; a claim re-reads the cache under that same lock before it
+//! takes a vacant key, so it never misses a result completed a moment before.
 //!
 //! Records are shared only by engines that share this store (clones share it); another
 //! process has its own. For many processes use a shared store.
@@ -13,21 +21,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use moka::ops::compute::Op;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use moka::notification::RemovalCause;
+use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 use moka::Expiry;
+use tracing::warn;
 
 use super::{Claim, Fence, Store};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
-use crate::key::StoreKey;
+use crate::key::{KeyDigest, StoreKey, SCOPE_SEPARATOR};
 use crate::record::{FencingToken, Record, RecordState, StoredResult};
 
-/// How many keys a memory store keeps by default before evicting the least recently used.
+/// How many results (and, apart, how many claims in progress) a memory store keeps by
+/// default.
 pub const DEFAULT_CAPACITY: u64 = 100_000;
 
-/// An in-memory [`Store`] on a bounded moka cache.
+/// An in-memory [`Store`]: claims in a map that never evicts them, results in a bounded
+/// moka cache.
 ///
 /// Clones share the same records.
 ///
@@ -40,14 +54,42 @@ pub const DEFAULT_CAPACITY: u64 = 100_000;
 /// ```
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
-    cache: Cache<String, Record>,
+    results: Cache<String, Record>,
+    claims: Arc<DashMap<String, Held>>,
+    // Entries in `claims`, live or lapsed; kept beside the map because a map's length
+    // cannot be read under one of its entry locks.
+    claim_count: Arc<AtomicU64>,
+    capacity: u64,
+    evicted: Arc<AtomicU64>,
     clock: Arc<dyn Clock>,
     // With the system clock, moka's own per-entry expiry (set from that clock) already
-    // hides expired records on read, and the hit path skips a second clock read. A
-    // custom clock moves apart from moka's, so every read checks against it.
+    // hides expired results on read, and the hit path skips a second clock read. A custom
+    // clock moves apart from moka's, so every read checks against it.
     check_on_read: bool,
-    // Tokens must grow across every key, so one counter serves the whole store.
-    last_token: Arc<AtomicU64>,
+}
+
+/// A claim in progress.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    token: FencingToken,
+    fingerprint: Option<Fingerprint>,
+    lease_expires_at: Timestamp,
+}
+
+impl Held {
+    fn record(&self) -> Record {
+        Record {
+            fingerprint: self.fingerprint,
+            state: RecordState::InProgress {
+                token: self.token,
+                lease_expires_at: self.lease_expires_at,
+            },
+        }
+    }
+
+    fn held_by(&self, token: FencingToken, now: Timestamp) -> bool {
+        self.token == token && now < self.lease_expires_at
+    }
 }
 
 /// Settings for a [`MemoryStore`].
@@ -59,9 +101,12 @@ pub struct MemoryStoreBuilder {
 }
 
 impl MemoryStoreBuilder {
-    /// The most keys kept at once (default
-    /// [`DEFAULT_MEMORY_CAPACITY`](crate::store::DEFAULT_MEMORY_CAPACITY)); past it the least
-    /// recently used are evicted, which forgets their results early.
+    /// The most results kept at once, and apart the most claims in progress (default
+    /// [`DEFAULT_MEMORY_CAPACITY`](crate::store::DEFAULT_MEMORY_CAPACITY)). Past it the
+    /// least recently used results are evicted, which forgets them early (counted in
+    /// [`Stats::evicted`](crate::Stats::evicted) and logged at warn); claims are never
+    /// evicted, and a new one past capacity fails with
+    /// [`StoreErrorKind::Full`](crate::StoreErrorKind::Full).
     pub fn capacity(mut self, keys: u64) -> Self {
         self.capacity = keys;
         self
@@ -77,17 +122,31 @@ impl MemoryStoreBuilder {
 
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
-        let cache = Cache::builder()
+        let evicted = Arc::new(AtomicU64::new(0));
+        let counter = evicted.clone();
+        let results = Cache::builder()
             .max_capacity(self.capacity)
+            .eviction_policy(EvictionPolicy::lru())
             .expire_after(RecordExpiry {
                 clock: self.clock.clone(),
             })
+            .eviction_listener(move |key: Arc<String>, _, cause| {
+                if cause == RemovalCause::Size {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let scope = key.split(SCOPE_SEPARATOR).next().unwrap_or_default();
+                    warn!(scope, key = %KeyDigest::of_joined(&key),
+                        "memory store full: a result was evicted before its TTL; a retry of its key runs again");
+                }
+            })
             .build();
         MemoryStore {
-            cache,
+            results,
+            claims: Arc::new(DashMap::new()),
+            claim_count: Arc::new(AtomicU64::new(0)),
+            capacity: self.capacity,
+            evicted,
             clock: self.clock,
             check_on_read: self.custom_clock,
-            last_token: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -107,45 +166,73 @@ impl MemoryStore {
         }
     }
 
-    /// How many records the cache holds, counting any not yet evicted after expiry. Call
-    /// [`MemoryStore::run_pending_tasks`] first for an exact figure.
+    /// How many records the store holds (results and claims), counting any not yet
+    /// removed after expiry. Call [`MemoryStore::run_pending_tasks`] first for an exact
+    /// figure of results.
     pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
+        self.results.entry_count() + self.claim_count.load(Ordering::Relaxed)
     }
 
-    /// Runs the cache's pending evictions and expirations now rather than on a later
-    /// operation.
+    /// Runs the result cache's pending evictions and expirations now rather than on a
+    /// later operation.
     pub fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks();
+        self.results.run_pending_tasks();
     }
 
-    fn next_token(&self) -> FencingToken {
-        FencingToken::new(self.last_token.fetch_add(1, Ordering::Relaxed) + 1)
+    /// The key's result, if it is within its TTL.
+    fn live_result(&self, key: &str, now: Timestamp) -> Option<Record> {
+        self.results.get(key).filter(|rec| rec.is_live(now))
     }
 
-    /// Applies `f` to the key's live record (or `None`) atomically, and reports whether the
-    /// token held it. `f` returns the replacement, or `None` to delete.
-    fn fenced(
+    /// Takes a place for a new claim, or says the store has none left.
+    fn reserve_claim(&self, now: Timestamp) -> Result<(), StoreError> {
+        for attempt in 0..2 {
+            if self.claim_count.fetch_add(1, Ordering::AcqRel) < self.capacity {
+                return Ok(());
+            }
+            self.claim_count.fetch_sub(1, Ordering::AcqRel);
+            if attempt == 0 {
+                self.sweep_lapsed_claims(now);
+            }
+        }
+        Err(StoreError::full(
+            "memory store: as many claims in progress as its capacity",
+        ))
+    }
+
+    /// Drops claims whose lease has run out (their holders stalled or vanished).
+    fn sweep_lapsed_claims(&self, now: Timestamp) {
+        let mut dropped = 0;
+        self.claims.retain(|_, held| {
+            let live = now < held.lease_expires_at;
+            dropped += u64::from(!live);
+            live
+        });
+        self.claim_count.fetch_sub(dropped, Ordering::AcqRel);
+    }
+
+    /// Removes `token`'s live claim on `key` if `also` agrees, and says whether it did.
+    fn take_claim(
         &self,
-        key: &StoreKey,
+        key: &str,
         token: FencingToken,
-        f: impl FnOnce(Record) -> Option<Record>,
+        now: Timestamp,
+        also: impl FnOnce(&Held),
     ) -> Fence {
-        let mut fence = Fence::Lost;
-        let now = self.clock.now();
-        self.cache
-            .entry_by_ref(key.as_str())
-            .and_compute_with(|entry| match entry.map(|e| e.into_value()) {
-                Some(rec) if rec.is_live(now) && rec.holder() == Some(token) => {
-                    fence = Fence::Held;
-                    match f(rec) {
-                        Some(next) => Op::Put(next),
-                        None => Op::Remove,
-                    }
-                }
-                _ => Op::Nop,
-            });
-        fence
+        let removed = self.claims.remove_if(key, |_, held| {
+            let mine = held.held_by(token, now);
+            if mine {
+                also(held);
+            }
+            mine
+        });
+        match removed {
+            Some(_) => {
+                self.claim_count.fetch_sub(1, Ordering::AcqRel);
+                Fence::Held
+            }
+            None => Fence::Lost,
+        }
     }
 }
 
@@ -155,49 +242,46 @@ impl Default for MemoryStore {
     }
 }
 
-fn answer(rec: Record) -> Claim {
-    match rec.state {
-        RecordState::InProgress { .. } => Claim::InProgress(rec),
-        RecordState::Completed { .. } => Claim::Completed(rec),
-    }
-}
-
 #[async_trait]
 impl Store for MemoryStore {
     async fn claim(
         &self,
         key: &StoreKey,
+        token: FencingToken,
         fingerprint: Option<Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let now = self.clock.now();
-        // Most claims find a live record; a read avoids the write lock of a compute.
-        if let Some(rec) = self.cache.get(key.as_str()) {
-            if rec.is_live(now) {
-                return Ok(answer(rec));
-            }
+        if let Some(rec) = self.live_result(key.as_str(), now) {
+            return Ok(Claim::Completed(rec));
         }
-        let mut claim = None;
-        self.cache
-            .entry_by_ref(key.as_str())
-            .and_compute_with(|entry| match entry.map(|e| e.into_value()) {
-                Some(rec) if rec.is_live(now) => {
-                    claim = Some(answer(rec));
-                    Op::Nop
-                }
-                _ => {
-                    let token = self.next_token();
-                    claim = Some(Claim::Acquired(token));
-                    Op::Put(Record {
+        // Most claims that miss the results find the key free, and a free key needs a
+        // place: take it first, give it back when the key turns out to be taken.
+        self.reserve_claim(now)?;
+        let (claim, new_entry) = match self.claims.entry(key.as_str().to_owned()) {
+            Entry::Occupied(held) if now < held.get().lease_expires_at => {
+                (Claim::InProgress(held.get().record()), false)
+            }
+            // Under the entry's lock: a completion that removed the claim here put its
+            // result in the cache first.
+            entry => match self.live_result(key.as_str(), now) {
+                Some(rec) => (Claim::Completed(rec), false),
+                None => {
+                    let new_entry = matches!(entry, Entry::Vacant(_));
+                    entry.insert(Held {
+                        token,
                         fingerprint,
-                        state: RecordState::InProgress {
-                            token,
-                            lease_expires_at: now.after(lease),
-                        },
-                    })
+                        lease_expires_at: now.after(lease),
+                    });
+                    (Claim::Acquired, new_entry)
                 }
-            });
-        claim.ok_or(StoreError::msg("memory store: compute did not run"))
+            },
+        };
+        if !new_entry {
+            // The place was not needed: the key was taken, or a lapsed claim replaced.
+            self.claim_count.fetch_sub(1, Ordering::AcqRel);
+        }
+        Ok(claim)
     }
 
     async fn renew(
@@ -207,15 +291,13 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<Fence, StoreError> {
         let now = self.clock.now();
-        Ok(self.fenced(key, token, |rec| {
-            Some(Record {
-                state: RecordState::InProgress {
-                    token,
-                    lease_expires_at: now.after(lease),
-                },
-                ..rec
-            })
-        }))
+        Ok(match self.claims.get_mut(key.as_str()) {
+            Some(mut held) if held.held_by(token, now) => {
+                held.lease_expires_at = now.after(lease);
+                Fence::Held
+            }
+            _ => Fence::Lost,
+        })
     }
 
     async fn complete(
@@ -226,30 +308,44 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<Fence, StoreError> {
         let now = self.clock.now();
-        Ok(self.fenced(key, token, |rec| {
-            Some(Record {
-                state: RecordState::Completed {
-                    result,
-                    expires_at: now.after(ttl),
+        let fence = self.take_claim(key.as_str(), token, now, |held| {
+            self.results.insert(
+                key.as_str().to_owned(),
+                Record {
+                    fingerprint: held.fingerprint,
+                    state: RecordState::Completed {
+                        token,
+                        result,
+                        expires_at: now.after(ttl),
+                    },
                 },
-                ..rec
-            })
-        }))
+            );
+        });
+        if fence == Fence::Lost {
+            // Completed by this token already: the answer to an earlier completion was
+            // lost on the way, and this is its retry.
+            let mine = self.live_result(key.as_str(), now).map(|r| r.token()) == Some(token);
+            return Ok(if mine { Fence::Held } else { Fence::Lost });
+        }
+        Ok(fence)
     }
 
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<Fence, StoreError> {
-        Ok(self.fenced(key, token, |_| None))
+        Ok(self.take_claim(key.as_str(), token, self.clock.now(), |_| {}))
     }
 
     fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
-        let rec = self.cache.get(key.as_str())?;
-        let completed = matches!(rec.state, RecordState::Completed { .. });
+        let rec = self.results.get(key.as_str())?;
         let live = !self.check_on_read || rec.is_live(self.clock.now());
-        (completed && live).then_some(rec)
+        live.then_some(rec)
+    }
+
+    fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
     }
 }
 
-/// Tells moka to drop each entry when its own lease or TTL ends.
+/// Tells moka to drop each result when its own TTL ends.
 struct RecordExpiry {
     clock: Arc<dyn Clock>,
 }

@@ -38,8 +38,9 @@ use crate::record::{FencingToken, Record, StoredResult};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// The key was free (never used, released, expired, or its holder's lease ran out) and
-    /// now belongs to the caller, who must complete or release it with this token.
-    Acquired(FencingToken),
+    /// now belongs to the caller, who must complete or release it with the token it
+    /// claimed with.
+    Acquired,
     /// Another caller holds the key within its lease. The record shows its fingerprint.
     InProgress(Record),
     /// The key has a stored result within its TTL.
@@ -61,18 +62,25 @@ pub enum Fence {
 ///
 /// Implementations must make each method atomic for its key, across every process that
 /// shares the store.
+///
+/// The engine mints every claim's [`FencingToken`] before it asks the store, so tokens are
+/// unique whatever the store, and a claim whose answer never arrived (its caller was
+/// cancelled during the round trip) can still be released by the token it was sent with.
 #[async_trait]
 pub trait Store: fmt::Debug + Send + Sync + 'static {
-    /// Claims `key` for a caller, in one atomic step:
-    /// - no live record: write an in-progress record with a new token, `fingerprint`, and a
+    /// Claims `key` for a caller with `token`, in one atomic step:
+    /// - no live record: write an in-progress record with `token`, `fingerprint`, and a
     ///   lease of `lease`; answer [`Claim::Acquired`];
     /// - a claim within its lease: change nothing; answer [`Claim::InProgress`];
     /// - a result within its TTL: change nothing; answer [`Claim::Completed`].
     ///
-    /// Tokens grow: each one granted is larger than any granted before by this store.
+    /// A store that cannot take another claim (a full in-process store) fails with a
+    /// [`StoreError`] of kind [`Full`](crate::StoreErrorKind::Full) rather than
+    /// answer [`Claim::Acquired`] without keeping the claim.
     async fn claim(
         &self,
         key: &StoreKey,
+        token: FencingToken,
         fingerprint: Option<Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, StoreError>;
@@ -87,7 +95,10 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
     ) -> Result<Fence, StoreError>;
 
     /// Replaces `token`'s live claim with the completed `result`, kept for `ttl`. The
-    /// record keeps the fingerprint it was claimed with.
+    /// record keeps the fingerprint it was claimed with, and `token`.
+    ///
+    /// Idempotent: when the key already holds a result completed by `token` (an earlier
+    /// completion whose answer was lost), answer [`Fence::Held`] and change nothing.
     async fn complete(
         &self,
         key: &StoreKey,
@@ -108,6 +119,13 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
         let _ = key;
         None
     }
+
+    /// How many records this store dropped before their lease or TTL ended to make room
+    /// (a bounded in-process store at capacity), since it was built. Each such eviction
+    /// can let a retry run again. Stores that never evict keep the default, 0.
+    fn evicted(&self) -> u64 {
+        0
+    }
 }
 
 #[async_trait]
@@ -115,10 +133,11 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     async fn claim(
         &self,
         key: &StoreKey,
+        token: FencingToken,
         fingerprint: Option<Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        (**self).claim(key, fingerprint, lease).await
+        (**self).claim(key, token, fingerprint, lease).await
     }
 
     async fn renew(
@@ -146,5 +165,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
         (**self).peek_completed(key)
+    }
+
+    fn evicted(&self) -> u64 {
+        (**self).evicted()
     }
 }

@@ -5,8 +5,8 @@
 //! reads a live record and writes nothing (a hit), or inserts the claim, taking over with
 //! `ON CONFLICT DO UPDATE ... WHERE expires_at <= now()` a row whose lease or TTL has run
 //! out. Renewal, completion and release are `UPDATE`s and a `DELETE` guarded by the
-//! holder's token. Tokens come from a sequence, so they grow across every key. Time is
-//! the database's `now()`, so the clocks of the processes do not matter.
+//! holder's token, which the engine mints (unique without any clock). Time is the
+//! database's `now()`, so the clocks of the processes do not matter.
 //!
 //! Expired rows stay until [`PostgresStore::purge_expired`] removes them (a live store
 //! treats them as absent); [`PostgresStore::spawn_purger`] runs it periodically.
@@ -62,7 +62,7 @@ impl Sql {
     fn for_table(t: &str) -> Self {
         Self {
             // A live record is read and nothing is written: a hit is a read-only
-            // statement, with no sequence value drawn and nothing to flush at commit.
+            // statement, with nothing to flush at commit.
             claim: format!(
                 "WITH live AS (
                    SELECT token, state, fingerprint, result,
@@ -71,7 +71,7 @@ impl Sql {
                    WHERE scope = $1::text AND key = $2::text AND expires_at > now()
                  ), claimed AS (
                    INSERT INTO {t} AS t (scope, key, state, token, fingerprint, result, expires_at)
-                   SELECT $1::text, $2::text, 'p', nextval('{t}_token'), $3::bytea, NULL,
+                   SELECT $1::text, $2::text, 'p', $5::bigint, $3::bytea, NULL,
                           now() + $4::bigint * interval '1 millisecond'
                    WHERE NOT EXISTS (SELECT 1 FROM live)
                    ON CONFLICT (scope, key) DO UPDATE
@@ -90,9 +90,15 @@ impl Sql {
                 "UPDATE {t} SET expires_at = now() + $4::bigint * interval '1 millisecond'
                  WHERE scope = $1 AND key = $2 AND state = 'p' AND token = $3 AND expires_at > now()"
             ),
+            // A row this token completed already is answered as held and left as it is:
+            // the retry of a completion whose answer was lost.
             complete: format!(
-                "UPDATE {t} SET state = $4, result = $5, expires_at = now() + $6::bigint * interval '1 millisecond'
-                 WHERE scope = $1 AND key = $2 AND state = 'p' AND token = $3 AND expires_at > now()"
+                "UPDATE {t} SET state = CASE WHEN state = 'p' THEN $4 ELSE state END,
+                                result = CASE WHEN state = 'p' THEN $5 ELSE result END,
+                                expires_at = CASE WHEN state = 'p'
+                                    THEN now() + $6::bigint * interval '1 millisecond'
+                                    ELSE expires_at END
+                 WHERE scope = $1 AND key = $2 AND token = $3 AND expires_at > now()"
             ),
             release: format!(
                 "DELETE FROM {t}
@@ -118,9 +124,9 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }
 
+/// A token as a `bigint`: the same 64 bits, read as signed.
 fn token_arg(t: FencingToken) -> i64 {
-    // Tokens come from a bigint sequence, so they fit.
-    i64::try_from(t.get()).unwrap_or(i64::MAX)
+    i64::from_be_bytes(t.get().to_be_bytes())
 }
 
 impl PostgresStore {
@@ -146,8 +152,8 @@ impl PostgresStore {
         }
     }
 
-    /// Uses the table `name` (and the sequence `{name}_token`). The name goes into SQL
-    /// text, so only plain identifiers are accepted.
+    /// Uses the table `name`. The name goes into SQL text, so only plain identifiers are
+    /// accepted.
     pub fn with_table(mut self, name: &str) -> Result<Self, Error> {
         if !valid_table(name) {
             return Err(ConfigError::InvalidTableName(name.to_owned()).into());
@@ -167,8 +173,9 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// Creates the table, its token sequence and its expiry index if they are missing.
-    /// Safe to run from many processes at once.
+    /// Creates the table and its expiry index if they are missing. Safe to run from many
+    /// processes at once. (Tables made by earlier versions also have a sequence,
+    /// `{table}_token`, which is no longer used.)
     pub async fn migrate(&self) -> Result<(), Error> {
         let t = &self.table;
         let mut tx = self
@@ -183,7 +190,6 @@ impl PostgresStore {
             .await
             .map_err(store_err("postgres: migrate"))?;
         for ddl in [
-            format!("CREATE SEQUENCE IF NOT EXISTS {t}_token"),
             format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
                    scope       text        NOT NULL,
@@ -255,9 +261,9 @@ impl PostgresStore {
 fn parse_claim(row: &PgRow) -> Result<Claim, StoreError> {
     let bad = |e: sqlx::Error| StoreError::new("postgres: unexpected claim row", e);
     let token: i64 = row.try_get("token").map_err(bad)?;
-    let token = FencingToken::new(u64::try_from(token).unwrap_or(0));
+    let token = FencingToken::new(u64::from_be_bytes(token.to_be_bytes()));
     if row.try_get::<bool, _>("acquired").map_err(bad)? {
-        return Ok(Claim::Acquired(token));
+        return Ok(Claim::Acquired);
     }
     let state: String = row.try_get("state").map_err(bad)?;
     let fp: Option<Vec<u8>> = row.try_get("fingerprint").map_err(bad)?;
@@ -278,10 +284,12 @@ fn parse_claim(row: &PgRow) -> Result<Claim, StoreError> {
             lease_expires_at: ends_at,
         })),
         "c" => Claim::Completed(record(RecordState::Completed {
+            token,
             result: StoredResult::Ok(stored()),
             expires_at: ends_at,
         })),
         "e" => Claim::Completed(record(RecordState::Completed {
+            token,
             result: StoredResult::Err(stored()),
             expires_at: ends_at,
         })),
@@ -294,6 +302,7 @@ impl Store for PostgresStore {
     async fn claim(
         &self,
         key: &StoreKey,
+        token: FencingToken,
         fingerprint: Option<Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
@@ -307,6 +316,7 @@ impl Store for PostgresStore {
                 .bind(key.key())
                 .bind(&fp)
                 .bind(millis(lease))
+                .bind(token_arg(token))
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(store_err("postgres: claim"))?;

@@ -11,13 +11,13 @@
 //! stored error), the token and the end of its lease or TTL (big-endian `u64`s), a
 //! fingerprint flag and 32 bytes, then the result's bytes.
 //!
-//! Fencing tokens come from the claiming process: its wall clock in microseconds, made
-//! strictly increasing within the process. Completion, renewal and release only act for
-//! the token in the record, so a holder whose lease ran out can never overwrite or delete
-//! the record of the caller that took the key over.
+//! Fencing tokens are minted by the engine ([`FencingToken::mint`]), unique without any
+//! clock. Completion, renewal and release only act for the token in the record, so a
+//! holder whose lease ran out can never overwrite or delete the record of the caller that
+//! took the key over.
 
+use std::cell::RefCell;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,10 +54,14 @@ redis.call('SET', KEYS[1], 'p' .. ARGV[1] .. ARGV[2] .. string.sub(v, 18), 'PX',
 return 1
 "#;
 
+// Completed already by this token (an earlier completion whose answer was lost): 1.
 const COMPLETE: &str = r#"
 local v = redis.call('GET', KEYS[1])
-if not v or string.sub(v, 1, 1) ~= 'p' or string.sub(v, 2, 9) ~= ARGV[1] then
+if not v or string.sub(v, 2, 9) ~= ARGV[1] then
   return 0
+end
+if string.sub(v, 1, 1) ~= 'p' then
+  return 1
 end
 redis.call('SET', KEYS[1], ARGV[2] .. ARGV[1] .. ARGV[3] .. string.sub(v, 18, 50) .. ARGV[4], 'PX', ARGV[5])
 return 1
@@ -158,6 +162,10 @@ impl RedisStore {
     /// of them costs no round trip. A result enters the local tier the first time a claim
     /// finds it in Redis, and stays no longer than its TTL left there (read with the
     /// claim, in the same round trip). Claims in progress are never kept locally.
+    ///
+    /// Clones share the tier; it is keyed by the full Redis key, prefix included, so
+    /// clones given another prefix ([`RedisStore::with_prefix`]) never see each other's
+    /// results.
     pub fn with_local_cache(mut self, capacity: u64) -> Self {
         self.local = Some(
             Cache::builder()
@@ -194,18 +202,10 @@ impl RedisStore {
     }
 }
 
-/// A token larger than any this process handed out before, from the wall clock in µs.
-fn next_token() -> FencingToken {
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-    let next = |prev: u64| Some(now.max(prev + 1));
-    // `fetch_update` with a closure that always returns `Some` cannot fail.
-    let prev = LAST
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, next)
-        .unwrap_or_else(|p| p);
-    FencingToken::new(now.max(prev + 1))
+thread_local! {
+    // A hit on the local tier looks up the full Redis key; building it here, in a buffer
+    // kept per thread, spares the hit an allocation.
+    static LOCAL_KEY: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
 fn millis(d: Duration) -> u64 {
@@ -245,10 +245,12 @@ fn decode(v: &[u8]) -> Option<Record> {
             lease_expires_at: ends_at,
         },
         b'c' => RecordState::Completed {
+            token,
             result: StoredResult::Ok(result()),
             expires_at: ends_at,
         },
         b'e' => RecordState::Completed {
+            token,
             result: StoredResult::Err(result()),
             expires_at: ends_at,
         },
@@ -262,10 +264,10 @@ impl Store for RedisStore {
     async fn claim(
         &self,
         key: &StoreKey,
+        token: FencingToken,
         fingerprint: Option<Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let token = next_token();
         let rkey = self.redis_key(key);
         let mut set = redis::cmd("SET");
         set.arg(&rkey)
@@ -291,7 +293,7 @@ impl Store for RedisStore {
             (v, None)
         };
         let Some(bytes) = existing else {
-            return Ok(Claim::Acquired(token));
+            return Ok(Claim::Acquired);
         };
         let record = decode(&bytes).ok_or(StoreError::msg(
             "redis: a record under this key is not ours",
@@ -304,7 +306,7 @@ impl Store for RedisStore {
                     let keep_for = left.saturating_sub(sent.elapsed());
                     if !keep_for.is_zero() {
                         local.insert(
-                            key.as_str().to_owned(),
+                            rkey,
                             Local {
                                 record: record.clone(),
                                 keep_for,
@@ -354,7 +356,17 @@ impl Store for RedisStore {
     }
 
     fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
-        self.local.as_ref()?.get(key.as_str()).map(|l| l.record)
+        let local = self.local.as_ref()?;
+        LOCAL_KEY
+            .try_with(|buf| {
+                let mut buf = buf.borrow_mut();
+                buf.clear();
+                buf.push_str(&self.prefix);
+                buf.push_str(key.as_str());
+                local.get(buf.as_str()).map(|l| l.record)
+            })
+            .ok()
+            .flatten()
     }
 }
 
@@ -390,15 +402,5 @@ mod tests {
         assert_eq!(none.fingerprint, None);
         assert!(decode(b"").is_none());
         assert!(decode(b"x123").is_none());
-    }
-
-    #[test]
-    fn tokens_grow_within_a_process() {
-        let mut last = next_token();
-        for _ in 0..10_000 {
-            let t = next_token();
-            assert!(t > last);
-            last = t;
-        }
     }
 }

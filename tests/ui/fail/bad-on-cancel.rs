@@ -1,6 +1,6 @@
 use idempotent_runtime::{idempotent, Error};
 
-#[idempotent(key = id, lease = "0ms")]
+#[idempotent(key = id, on_cancel = "abort")]
 async fn f(id: u64) -> Result<u64, Error> {
     Ok(id)
 }

@@ -1,0 +1,211 @@
+//! The memory store at capacity: claims in progress are never evicted (a full store
+//! refuses a new claim instead), fresh results are kept and the least recently used leave
+//! first, and every eviction before its TTL is counted and logged.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use idempotent_runtime::store::MemoryStore;
+use idempotent_runtime::{Concurrency, Error, Idempotency, Outcome, StoreErrorKind};
+use tokio::sync::{Barrier, Notify};
+
+const CAPACITY: u64 = 100;
+
+fn full_store() -> MemoryStore {
+    MemoryStore::builder().capacity(CAPACITY).build()
+}
+
+/// Completes `n` keys named `fill-{i}` on `idem`.
+async fn fill(idem: &Idempotency, n: u32) {
+    for i in 0..n {
+        let v: u32 = idem
+            .call(format!("fill-{i}"))
+            .scope("full")
+            .run(|| async move { Ok::<_, Error>(i) })
+            .await
+            .expect("fill");
+        assert_eq!(v, i);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_in_progress_survive_a_flood_of_results() {
+    let store = full_store();
+    let holder = Idempotency::new(store.clone());
+    let other = Idempotency::new(store.clone());
+    let gate = Arc::new(Notify::new());
+    let runs = Arc::new(AtomicU32::new(0));
+    // Half the store's room in operations in flight; the other half serves the flood.
+    let busy = CAPACITY as u32 / 2;
+    let started = Arc::new(Barrier::new(busy as usize + 1));
+    let running: Vec<_> = (0..busy)
+        .map(|i| {
+            let (idem, gate, runs, started) =
+                (holder.clone(), gate.clone(), runs.clone(), started.clone());
+            tokio::spawn(async move {
+                idem.call(format!("busy-{i}"))
+                    .scope("full")
+                    .run(|| async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        started.wait().await;
+                        gate.notified().await;
+                        Ok::<_, Error>(i)
+                    })
+                    .await
+            })
+        })
+        .collect();
+    started.wait().await;
+    // Ten times the capacity in results passes through while they run.
+    fill(&other, 10 * CAPACITY as u32).await;
+    store.run_pending_tasks();
+    // Every claim still holds: a duplicate from the other engine is refused, never run.
+    for i in 0..busy {
+        let dup = other
+            .call(format!("busy-{i}"))
+            .scope("full")
+            .concurrency(Concurrency::Reject)
+            .run(|| async { Ok::<_, Error>(u32::MAX) })
+            .await;
+        assert!(matches!(dup, Err(Error::InProgress)), "busy-{i}: {dup:?}");
+    }
+    gate.notify_waiters();
+    for (i, t) in running.into_iter().enumerate() {
+        assert_eq!(t.await.expect("task").expect("call"), i as u32);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), busy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_store_refuses_a_new_claim_and_runs_nothing() {
+    let store = full_store();
+    let idem = Idempotency::new(store.clone());
+    let gate = Arc::new(Notify::new());
+    let started = Arc::new(Barrier::new(CAPACITY as usize + 1));
+    let running: Vec<_> = (0..CAPACITY as u32)
+        .map(|i| {
+            let (idem, gate, started) = (idem.clone(), gate.clone(), started.clone());
+            tokio::spawn(async move {
+                idem.call(format!("busy-{i}"))
+                    .scope("full")
+                    .run(|| async move {
+                        started.wait().await;
+                        gate.notified().await;
+                        Ok::<_, Error>(i)
+                    })
+                    .await
+            })
+        })
+        .collect();
+    started.wait().await;
+    let ran = Arc::new(AtomicU32::new(0));
+    let one_more = {
+        let ran = ran.clone();
+        idem.call("one-more")
+            .scope("full")
+            .run(|| async move {
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(0u32)
+            })
+            .await
+    };
+    match one_more {
+        Err(Error::Store(e)) => assert_eq!(e.kind(), StoreErrorKind::Full),
+        other => panic!("expected a full store, got {other:?}"),
+    }
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        0,
+        "nothing runs without a claim"
+    );
+    gate.notify_waiters();
+    for t in running {
+        t.await.expect("task").expect("call");
+    }
+    // With the claims finished there is room again.
+    assert!(idem
+        .call("one-more")
+        .scope("full")
+        .run(|| async { Ok::<_, Error>(1u32) })
+        .await
+        .is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fresh_results_are_kept_and_the_least_recently_used_leave_first() {
+    let store = full_store();
+    let idem = Idempotency::new(store.clone());
+    let runs = Arc::new(AtomicU32::new(0));
+    let call = |key: String| {
+        let runs = runs.clone();
+        idem.call(key)
+            .scope("full")
+            .run_with_outcome(move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(0u32)
+            })
+    };
+    // Keys arrive, each retried at once, many times the capacity: the retry of a key
+    // whose first call just ran is always a replay (moka's default admission filter
+    // would refuse most fresh keys into a full cache, and run their retries again).
+    for i in 0..20 * CAPACITY {
+        let key = format!("k{i}");
+        assert_eq!(call(key.clone()).await.expect("first").1, Outcome::Executed);
+        store.run_pending_tasks();
+        assert_eq!(
+            call(key).await.expect("retry").1,
+            Outcome::Replayed,
+            "k{i} was dropped as it arrived"
+        );
+    }
+    // The oldest are gone, least recently used first, and each eviction was counted.
+    store.run_pending_tasks();
+    let evicted = idem.stats().evicted;
+    assert!(
+        evicted >= 19 * CAPACITY,
+        "{evicted} evictions for {} keys in a store of {CAPACITY}",
+        20 * CAPACITY
+    );
+    assert_eq!(call("k0".into()).await.expect("k0").1, Outcome::Executed);
+    let newest = format!("k{}", 20 * CAPACITY - 1);
+    assert_eq!(call(newest).await.expect("newest").1, Outcome::Replayed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_engines_on_a_full_store_never_run_a_key_twice() {
+    // Room for the 50 claims and the fills' own claims; the results overflow it.
+    let store = MemoryStore::builder().capacity(2 * CAPACITY).build();
+    let engines = [
+        Idempotency::new(store.clone()),
+        Idempotency::new(store.clone()),
+    ];
+    let runs: Arc<Vec<AtomicU32>> = Arc::new((0..50).map(|_| AtomicU32::new(0)).collect());
+    let start = Arc::new(Barrier::new(100));
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let (idem, runs, start) = (engines[i % 2].clone(), runs.clone(), start.clone());
+            let filler = engines[(i + 1) % 2].clone();
+            tokio::spawn(async move {
+                start.wait().await;
+                let key = i / 2;
+                idem.call(key)
+                    .scope("full.two")
+                    .run(|| async move {
+                        runs[key].fetch_add(1, Ordering::SeqCst);
+                        // Results flood the store while the body runs.
+                        fill(&filler, 2 * CAPACITY as u32).await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok::<_, Error>(key)
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task").expect("call");
+    }
+    for (key, n) in runs.iter().enumerate() {
+        assert_eq!(n.load(Ordering::SeqCst), 1, "key {key} ran more than once");
+    }
+}
