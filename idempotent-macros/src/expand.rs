@@ -178,8 +178,13 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) 
     let scope = match &args.scope {
         Some(scope) => scope.to_token_stream(),
         // A closure written here has a type name that holds the function's path, its
-        // generic arguments and its impl's type, read at run time (for free).
-        None => quote!(#krate::__private::default_scope(&|| ())),
+        // generic arguments and its impl's type, read at run time. The arguments of
+        // `impl Trait` parameters are cut off: they tell how an input was passed, not
+        // which operation runs.
+        None => {
+            let (named, anonymous) = generic_counts(item);
+            quote!(&#krate::__private::default_scope(&|| (), #named, #anonymous))
+        }
     };
     let mut settings = TokenStream::new();
     if let Some(ttl) = args.ttl {
@@ -211,6 +216,41 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) 
         #fingerprint
         #store_errors
     }
+}
+
+/// How many generic arguments the function's type name prints for its named type and
+/// const parameters, and how many for its `impl Trait` arguments (which come after).
+fn generic_counts(item: &ItemFn) -> (usize, usize) {
+    let named = item
+        .sig
+        .generics
+        .params
+        .iter()
+        .filter(|p| !matches!(p, syn::GenericParam::Lifetime(_)))
+        .count();
+    let anonymous = item
+        .sig
+        .inputs
+        .iter()
+        .map(|input| match input {
+            syn::FnArg::Typed(arg) => count_impl(arg.ty.to_token_stream()),
+            syn::FnArg::Receiver(_) => 0,
+        })
+        .sum();
+    (named, anonymous)
+}
+
+/// How many `impl` keywords `tokens` hold, at any depth: each `impl Trait` in an
+/// argument's type is one more generic parameter.
+fn count_impl(tokens: TokenStream) -> usize {
+    tokens
+        .into_iter()
+        .map(|tt| match tt {
+            proc_macro2::TokenTree::Ident(i) if i == "impl" => 1,
+            proc_macro2::TokenTree::Group(g) => count_impl(g.stream()),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Whether the engine `store` names can stay borrowed while the body runs: it is reached

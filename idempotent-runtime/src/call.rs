@@ -380,7 +380,8 @@ impl<E> ErrorPolicy<E> for DiscardErrors {
 
 impl<E: Serialize + DeserializeOwned> ErrorPolicy<E> for StoreErrors {
     fn encode(err: &E, codec: Codec) -> Option<Result<Bytes, CodecError>> {
-        Some(codec.encode(err))
+        // Checked like values: an error that would not decode back is not stored.
+        Some(codec.encode_checked(err))
     }
 
     fn decode(bytes: &[u8], codec: Codec) -> Result<E, CodecError> {

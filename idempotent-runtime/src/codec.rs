@@ -61,11 +61,17 @@ impl Codec {
 
     /// Encodes a fresh result and checks that it decodes back, so that nothing is stored
     /// that would later replay as an error for its whole TTL or as another value: JSON
-    /// writes a `NaN` as `null`, which no `f64` reads back.
+    /// writes a `NaN` as `null`, which no `f64` reads back, and `Some(None)` as `null`,
+    /// which reads back as `None` (see `json_fidelity`).
     pub(crate) fn encode_checked<T: Serialize + DeserializeOwned>(
         self,
         value: &T,
     ) -> Result<Bytes, CodecError> {
+        if self == Codec::Json {
+            if let Some(loss) = crate::json_fidelity::json_loses(value) {
+                return Err(CodecError::new(CodecErrorKind::Unstorable, loss));
+            }
+        }
         let bytes = self.encode(value)?;
         match self.decode::<T>(&bytes) {
             Ok(_) => Ok(bytes),
@@ -149,6 +155,10 @@ mod tests {
         tuple_keys.insert((1, 2), 3);
         let err = Codec::Json.encode_checked(&tuple_keys).unwrap_err();
         assert_eq!(err.kind(), CodecErrorKind::Encode);
+        let err = Codec::Json.encode_checked(&Some(None::<u8>)).unwrap_err();
+        assert_eq!(err.kind(), CodecErrorKind::Unstorable);
+        assert!(Codec::Postcard.encode_checked(&Some(None::<u8>)).is_ok());
+        assert!(Codec::Postcard.encode_checked(&Some(f64::NAN)).is_ok());
         let err = Codec::Json.decode::<u8>(&Codec::unstorable()).unwrap_err();
         assert_eq!(err.kind(), CodecErrorKind::Unstorable);
         assert!(Codec::Json.encode_checked(&1.5f64).is_ok());

@@ -14,14 +14,14 @@ use tracing::debug;
 
 use crate::call::{Call, CallKey, ErrorPolicy};
 use crate::codec::Codec;
-use crate::error::{CodecError, ConfigError, Error, StoreError};
+use crate::error::{CodecError, ConfigError, Error, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
 use crate::flight::{Flight, FlightGuard, Flights, Following, Joined, Landing, Waited};
 use crate::key::StoreKey;
-use crate::lease::HeldClaim;
+use crate::lease::{Completion, HeldClaim, RENEWALS_PER_LEASE};
 use crate::record::{FencingToken, Record, RecordState, StoredResult};
 use crate::stats::{bump, Counters, Stats};
-use crate::store::{Claim, MemoryStore, Store};
+use crate::store::{Claim, Fence, MemoryStore, Store};
 
 /// How long results are replayed unless set otherwise: 24 hours.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -572,9 +572,11 @@ impl Inner {
                 resume_unwind(panic)
             }
             Ok(Ok(value)) => {
+                let mut counted_unstored = false;
                 let result = match self.codec.encode_checked(&value) {
                     Ok(bytes) => bytes,
                     Err(e) => {
+                        counted_unstored = true;
                         // The operation ran: releasing would run it again on every retry,
                         // and storing what does not decode back would replay an error or
                         // another value. A marker stands in, refused on replay.
@@ -584,16 +586,24 @@ impl Inner {
                         Codec::unstorable()
                     }
                 };
-                held.complete(StoredResult::Ok(result), req.settings.ttl)
-                    .await;
+                held.complete(Completion {
+                    result: StoredResult::Ok(result),
+                    ttl: req.settings.ttl,
+                    counted_unstored,
+                })
+                .await;
                 debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed", "idempotent call");
                 Ok((value, Outcome::Executed))
             }
             Ok(Err(err)) => {
                 match P::encode(&err, self.codec) {
                     Some(Ok(bytes)) => {
-                        held.complete(StoredResult::Err(bytes), req.settings.ttl)
-                            .await
+                        held.complete(Completion {
+                            result: StoredResult::Err(bytes),
+                            ttl: req.settings.ttl,
+                            counted_unstored: false,
+                        })
+                        .await
                     }
                     Some(Err(e)) => {
                         // The caller's own error says more than the codec's; give that back
@@ -611,29 +621,61 @@ impl Inner {
     }
 
     /// Claims the key in the store with a newly minted token, and answers with the claim,
-    /// the token and when the claim was sent (its lease started no earlier).
+    /// the token and when the claim was last confirmed (its lease started no earlier).
     ///
     /// Cancel-safe: if this future is dropped before the store answers, or the store
     /// fails (a timeout after the claim landed), the claim may still have landed, and is
     /// released in the background by its token, so no key waits out a lease for a call
     /// that never ran.
+    ///
+    /// An answer that took longer than a renewal interval may come after the lease it
+    /// granted ran out, and another caller may hold the key by then: such a claim is
+    /// renewed before it is used, and claimed afresh if the renewal finds it lost.
     async fn claim(
         self: &Arc<Self>,
         req: &Request,
     ) -> Result<(Claim, FencingToken, tokio::time::Instant), StoreError> {
-        let token = FencingToken::mint();
-        let sent = tokio::time::Instant::now();
-        let mut unanswered = Unanswered {
-            engine: self,
-            key: &req.key,
-            token: Some(token),
-        };
-        let claim = self
-            .store
-            .claim(&req.key, token, req.fingerprint, req.settings.lease)
-            .await?;
-        unanswered.token = None;
-        Ok((claim, token, sent))
+        let lease = req.settings.lease;
+        for _ in 0..3 {
+            let token = FencingToken::mint();
+            let sent = tokio::time::Instant::now();
+            let mut unanswered = Unanswered {
+                engine: self,
+                key: &req.key,
+                token: Some(token),
+                answered_with_error: false,
+            };
+            let claim = match self
+                .store
+                .claim(&req.key, token, req.fingerprint, lease)
+                .await
+            {
+                Ok(claim) => claim,
+                Err(e) => {
+                    // A full store refused before it kept anything; any other failure may
+                    // have come after the claim landed (a timeout).
+                    if e.kind() == StoreErrorKind::Full {
+                        unanswered.token = None;
+                    }
+                    unanswered.answered_with_error = true;
+                    return Err(e);
+                }
+            };
+            if claim != Claim::Acquired || sent.elapsed() < lease / RENEWALS_PER_LEASE {
+                unanswered.token = None;
+                return Ok((claim, token, sent));
+            }
+            let renewed = tokio::time::Instant::now();
+            if self.store.renew(&req.key, token, lease).await? == Fence::Held {
+                unanswered.token = None;
+                return Ok((claim, token, renewed));
+            }
+            // Lost before it was used: nothing to release; ask again.
+            unanswered.token = None;
+        }
+        Err(StoreError::msg(
+            "the store answers claims slower than a third of the lease",
+        ))
     }
 
     /// Answers from a completed record found in the store.
@@ -721,6 +763,9 @@ struct Unanswered<'a> {
     key: &'a StoreKey,
     // `None` once the store answered.
     token: Option<FencingToken>,
+    // The store answered with an error: its request is done with, and one release
+    // suffices (no late landing to wait for).
+    answered_with_error: bool,
 }
 
 impl Drop for Unanswered<'_> {
@@ -729,27 +774,39 @@ impl Drop for Unanswered<'_> {
             return;
         };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let pauses: &'static [u64] = if self.answered_with_error {
+                &[0]
+            } else {
+                &[0, 50, 250, 1000]
+            };
             rt.spawn(release_unanswered(
                 self.engine.clone(),
                 self.key.clone(),
                 token,
+                pauses,
             ));
         }
     }
 }
 
-/// Releases a claim whose answer never arrived. It may land after a first release (sent
-/// on another connection of a pool, say), so a release that finds nothing is tried again
-/// a few times: each is one cheap statement, on a path only cancellations take.
-async fn release_unanswered(engine: Arc<Inner>, key: StoreKey, token: FencingToken) {
-    for pause in [0, 50, 250, 1000] {
+/// Releases a claim whose answer never arrived, after each of `pauses` (milliseconds).
+/// A claim whose caller was dropped may land after a first release (sent on another
+/// connection of a pool, say), so a release that finds nothing is tried again a few
+/// times: each is one cheap statement, on a path only cancellations take.
+async fn release_unanswered(
+    engine: Arc<Inner>,
+    key: StoreKey,
+    token: FencingToken,
+    pauses: &'static [u64],
+) {
+    for &pause in pauses {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         match engine.store.release(&key, token).await {
-            Ok(crate::store::Fence::Held) => {
+            Ok(Fence::Held) => {
                 debug!(scope = key.scope(), key = %key.digest(), "unanswered claim released");
                 return;
             }
-            Ok(crate::store::Fence::Lost) => {}
+            Ok(Fence::Lost) => {}
             // The store is failing: a claim that did land lapses with its lease.
             Err(_) => return,
         }

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::engine::Inner;
+use crate::error::StoreError;
 use crate::flight::{FlightGuard, Landing};
 use crate::key::StoreKey;
 use crate::record::{FencingToken, StoredResult};
@@ -22,7 +23,7 @@ use crate::store::Fence;
 
 /// How often a lease is renewed, as a fraction of it: two renewals may fail in a row (a
 /// slow or briefly unreachable store) before the lease runs out.
-const RENEWALS_PER_LEASE: u32 = 3;
+pub(crate) const RENEWALS_PER_LEASE: u32 = 3;
 
 /// The first pause before a completion is tried again after the store failed; it doubles
 /// up to [`MAX_RETRY_PAUSE`].
@@ -38,9 +39,33 @@ enum Pending {
     /// The operation runs, or failed: the claim is to be released.
     Release,
     /// The operation returned a result that is to be stored.
-    Complete { result: StoredResult, ttl: Duration },
+    Complete(Completion),
     /// Finished.
     Nothing,
+}
+
+/// A result to store, and how.
+#[derive(Clone)]
+pub(crate) struct Completion {
+    pub(crate) result: StoredResult,
+    pub(crate) ttl: Duration,
+    /// Already counted in `unstored` (a marker in place of a value that cannot be stored
+    /// faithfully), so a completion given up later does not count the execution twice.
+    pub(crate) counted_unstored: bool,
+}
+
+/// `op`, or a [`StoreError`] once `within` has passed: a store that stops answering (a
+/// connection whose peer vanished without a reset) must not hold a renewal or a
+/// completion past the lease, which would let another caller take the key over and run.
+async fn bounded<T>(
+    within: Duration,
+    op: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(within, op).await.unwrap_or_else(|_| {
+        Err(StoreError::msg(
+            "the store did not answer within a third of the lease",
+        ))
+    })
 }
 
 /// A claim in the store plus the local flight it leads.
@@ -103,21 +128,26 @@ impl HeldClaim {
         }
     }
 
+    /// Renews every third of the lease. A renewal may take half of that at most, and one
+    /// that fails is tried again after a quarter of it, so a store that fails once (one
+    /// connection gone silent, a reconnect) still gets two more tries before the lease
+    /// runs out.
     async fn heartbeat(&self) -> Infallible {
         let every = self.lease / RENEWALS_PER_LEASE;
+        let mut wait = every;
         loop {
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(wait).await;
             if let Some(flight) = &self.flight {
                 flight.flight().beat();
             }
             let sent = Instant::now();
-            match self
-                .engine
-                .store
-                .renew(&self.key, self.token, self.lease)
-                .await
-            {
-                Ok(Fence::Held) => self.confirm(sent),
+            let renewal = self.engine.store.renew(&self.key, self.token, self.lease);
+            wait = every / 4;
+            match bounded(every / 2, renewal).await {
+                Ok(Fence::Held) => {
+                    self.confirm(sent);
+                    wait = every;
+                }
                 Ok(Fence::Lost) => {
                     // Another caller took the key over; renewing cannot win it back, and
                     // completing will be refused. The body runs on to its end.
@@ -143,16 +173,15 @@ impl HeldClaim {
     /// the store confirming it (then it may lapse: counted in `unstored`, logged at warn).
     /// If this future is dropped before the store answers, the same happens: once the
     /// operation has returned, its result is stored whether or not its caller waits.
-    pub(crate) async fn complete(mut self, result: StoredResult, ttl: Duration) {
-        self.pending = Pending::Complete {
-            result: result.clone(),
-            ttl,
-        };
-        let answer = self
+    pub(crate) async fn complete(mut self, completion: Completion) {
+        let result = completion.result.clone();
+        let ttl = completion.ttl;
+        self.pending = Pending::Complete(completion);
+        let attempt = self
             .engine
             .store
-            .complete(&self.key, self.token, result.clone(), ttl)
-            .await;
+            .complete(&self.key, self.token, result.clone(), ttl);
+        let answer = bounded(self.lease / RENEWALS_PER_LEASE, attempt).await;
         let landing = match answer {
             Ok(Fence::Held) => {
                 self.pending = Pending::Nothing;
@@ -218,8 +247,7 @@ struct Retry {
     engine: Arc<Inner>,
     key: StoreKey,
     token: FencingToken,
-    result: StoredResult,
-    ttl: Duration,
+    completion: Completion,
     lease: Duration,
     confirmed_at: Instant,
 }
@@ -228,12 +256,16 @@ impl Retry {
     async fn run(mut self) {
         let started = Instant::now();
         let mut pause = FIRST_RETRY_PAUSE;
+        let within = self.lease / RENEWALS_PER_LEASE;
+        let Completion {
+            result,
+            ttl,
+            counted_unstored,
+        } = self.completion.clone();
         loop {
             let store = &self.engine.store;
-            match store
-                .complete(&self.key, self.token, self.result.clone(), self.ttl)
-                .await
-            {
+            let attempt = store.complete(&self.key, self.token, result.clone(), ttl);
+            match bounded(within, attempt).await {
                 Ok(Fence::Held) => {
                     debug!(scope = self.key.scope(), key = %self.key.digest(),
                         "idempotency result stored after a retry");
@@ -249,13 +281,16 @@ impl Retry {
             // a renewal it refuses proves nothing (the failed completion may have landed,
             // and the next completion says which).
             let sent = Instant::now();
-            if let Ok(Fence::Held) = store.renew(&self.key, self.token, self.lease).await {
+            let renewal = store.renew(&self.key, self.token, self.lease);
+            if let Ok(Fence::Held) = bounded(within, renewal).await {
                 self.confirmed_at = sent;
             }
             let deadline = (self.confirmed_at + self.lease).min(started + COMPLETION_PATIENCE);
             let now = Instant::now();
             if now >= deadline {
-                bump(&self.engine.stats.unstored);
+                if !counted_unstored {
+                    bump(&self.engine.stats.unstored);
+                }
                 warn!(scope = self.key.scope(), key = %self.key.digest(),
                     "could not store idempotency result before its claim could lapse; \
                      a retry of this key may run the operation again");
@@ -288,22 +323,22 @@ impl Drop for HeldClaim {
                     });
                 }
             }
-            Pending::Complete { result, ttl } => {
+            Pending::Complete(completion) => {
                 // The operation returned: this process's followers share its value now,
                 // and the store gets it as soon as it answers.
                 if let Some(flight) = flight {
                     let fingerprint = flight.flight().fingerprint();
                     flight.land(Landing::Result {
-                        result: result.clone(),
+                        result: completion.result.clone(),
                         fingerprint,
                     });
                 }
+                let counted = completion.counted_unstored;
                 let retry = Retry {
                     engine: self.engine.clone(),
                     key: self.key.clone(),
                     token: self.token,
-                    result,
-                    ttl,
+                    completion,
                     lease: self.lease,
                     confirmed_at: self.confirmed_at(),
                 };
@@ -312,7 +347,9 @@ impl Drop for HeldClaim {
                         rt.spawn(retry.run());
                     }
                     Err(_) => {
-                        bump(&self.engine.stats.unstored);
+                        if !counted {
+                            bump(&self.engine.stats.unstored);
+                        }
                         warn!(scope = self.key.scope(), key = %self.key.digest(),
                             "no runtime to store the idempotency result on; it is lost");
                     }

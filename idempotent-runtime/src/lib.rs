@@ -295,6 +295,7 @@ mod fingerprint;
 mod flight;
 #[cfg(feature = "tower")]
 pub mod http;
+mod json_fidelity;
 mod key;
 mod lease;
 mod record;

@@ -1,6 +1,7 @@
 //! What the `#[idempotent]` attribute's generated code calls. Not a public API: names
 //! and signatures here change without notice.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::sync::OnceLock;
@@ -36,14 +37,71 @@ pub fn engine(engine: &Idempotency) -> Idempotency {
 /// type name holds the function's path with every generic argument and, in an impl, the
 /// impl's type and trait (`<app::Stripe as app::Provider>::charge`, `app::load<u64>`), so
 /// two impls or two instances of a generic never share records. The trailing
-/// `::{{closure}}`s (the marker's, and the async body's) are cut off; a slice of a
-/// `&'static str`, so it costs no allocation.
-pub fn default_scope<M>(_marker: &M) -> &'static str {
+/// `::{{closure}}`s (the marker's, and the async body's) are cut off, and so are the
+/// arguments of the function's `impl Trait` parameters, which rustc prints after its
+/// `named` ones: `charge(order: impl Display)` called with a `&str` and with a `String` is
+/// one operation. Without such parameters the scope is a slice of a `&'static str`: no
+/// allocation.
+pub fn default_scope<M>(_marker: &M, named: usize, anonymous: usize) -> Cow<'static, str> {
     let mut name = std::any::type_name::<M>();
     while let Some(outer) = name.strip_suffix("::{{closure}}") {
         name = outer;
     }
-    name
+    if anonymous == 0 {
+        return Cow::Borrowed(name);
+    }
+    match generic_arguments(name) {
+        // Not the shape expected: keep it all, which tells more apart, never less.
+        Some((_, args)) if args.len() != named + anonymous => Cow::Borrowed(name),
+        Some((path, _)) if named == 0 => Cow::Borrowed(path),
+        Some((path, args)) => Cow::Owned(format!("{path}<{}>", args[..named].join(", "))),
+        None => Cow::Borrowed(name),
+    }
+}
+
+/// `path<A, B>` split into `path` and its top-level arguments `["A", "B"]`; `None` when the
+/// name does not end in a generic argument list.
+fn generic_arguments(name: &str) -> Option<(&str, Vec<&str>)> {
+    let bytes = name.as_bytes();
+    if bytes.last() != Some(&b'>') {
+        return None;
+    }
+    // Find the `<` that opens the last list, walking back over nested brackets; the `>`
+    // of a function type's `->` is no bracket.
+    let mut depth = 0usize;
+    let mut open = None;
+    for i in (0..bytes.len()).rev() {
+        match bytes[i] {
+            b'>' if i == 0 || bytes[i - 1] != b'-' => depth += 1,
+            b'<' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    open = Some(i);
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    let open = open?;
+    let inner = &name[open + 1..name.len() - 1];
+    let mut args = Vec::new();
+    let (mut depth, mut start) = (0i32, 0);
+    let ib = inner.as_bytes();
+    for i in 0..ib.len() {
+        match ib[i] {
+            b'<' | b'(' | b'[' => depth += 1,
+            b'>' if i == 0 || ib[i - 1] != b'-' => depth -= 1,
+            b')' | b']' => depth -= 1,
+            b',' if depth == 0 => {
+                args.push(inner[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    args.push(inner[start..].trim());
+    Some((&name[..open], args))
 }
 
 /// A call on the key, formatted into its scope before the body moves the arguments.
@@ -151,4 +209,27 @@ where
 {
     call.run_to_completion(move || async move { body().await.into_result() })
         .map(R::from_result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::generic_arguments;
+
+    #[test]
+    fn generic_arguments_are_split_at_the_top_level_only() {
+        assert_eq!(generic_arguments("m::f"), None);
+        assert_eq!(generic_arguments("m::f<u8>"), Some(("m::f", vec!["u8"])));
+        assert_eq!(
+            generic_arguments("<m::S<u8> as m::T>::f<alloc::vec::Vec<(u8, u16)>, &str>"),
+            Some((
+                "<m::S<u8> as m::T>::f",
+                vec!["alloc::vec::Vec<(u8, u16)>", "&str"]
+            ))
+        );
+        assert_eq!(
+            generic_arguments("m::f<fn(u8) -> u8, [u8; 3]>"),
+            Some(("m::f", vec!["fn(u8) -> u8", "[u8; 3]"]))
+        );
+        assert_eq!(generic_arguments("m::S<u8>::f"), None);
+    }
 }

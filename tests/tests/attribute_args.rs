@@ -412,3 +412,28 @@ async fn crate_points_the_generated_code_at_a_reexport() {
     assert_eq!(through_reexport(3).await.unwrap(), 3);
     assert!(THROUGH_SHIM.load(Ordering::SeqCst));
 }
+
+static DISPLAY_KEYED: LazyLock<Idempotency> = LazyLock::new(Idempotency::memory);
+static CHARGES: AtomicU32 = AtomicU32::new(0);
+
+/// A payment keyed by anything printable.
+#[idempotent(key = order, store = &*DISPLAY_KEYED)]
+async fn charge_any(order: impl std::fmt::Display + Send, cents: u64) -> Result<u64, Error> {
+    CHARGES.fetch_add(1, Ordering::SeqCst);
+    Ok(cents)
+}
+
+/// The key is the same text; only the Rust type that carried it differs (`&str` in the
+/// first request, `String` in the retry, parsed from a queue message say). The arguments
+/// of `impl Trait` parameters are left out of the default scope, so it is one operation.
+#[tokio::test]
+async fn the_same_key_through_an_impl_trait_argument_is_one_operation() {
+    let first = charge_any("order-7", 500).await.unwrap();
+    let retry = charge_any(String::from("order-7"), 500).await.unwrap();
+    assert_eq!((first, retry), (500, 500));
+    assert_eq!(
+        CHARGES.load(Ordering::SeqCst),
+        1,
+        "charged once for one key"
+    );
+}

@@ -158,3 +158,36 @@ async fn a_result_the_store_never_takes_is_counted_unstored_once_its_claim_could
     store.set_down(false);
     assert_eq!(idem.stats().lease_lost, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstored_counts_each_execution_once() {
+    let store = FaultyStore::new(Arc::new(MemoryStore::new()) as Arc<dyn Store>);
+    let idem = Idempotency::builder()
+        .store(store.clone())
+        .lease(Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let down = store.clone();
+    let v: f64 = idem
+        .call("k")
+        .scope("edge.unstored")
+        .run(move || async move {
+            down.set_down(true);
+            Ok::<_, Error>(f64::NAN)
+        })
+        .await
+        .unwrap();
+    assert!(v.is_nan());
+    // The background completion gives up within a lease; bounded polling for a second
+    // count (a correct engine never reaches it, and the wait ends at the deadline).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while idem.stats().unstored < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        idem.stats().unstored,
+        1,
+        "one execution counted more than once: {:?}",
+        idem.stats()
+    );
+}

@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use idempotent_runtime::clock::ManualClock;
 use idempotent_runtime::store::MemoryStore;
 use idempotent_runtime::{Concurrency, Error, Idempotency, Outcome, StoreErrorKind};
-use tokio::sync::{Barrier, Notify};
+use tokio::sync::{Barrier, Semaphore};
 
 const CAPACITY: u64 = 100;
 
@@ -34,7 +35,9 @@ async fn claims_in_progress_survive_a_flood_of_results() {
     let store = full_store();
     let holder = Idempotency::new(store.clone());
     let other = Idempotency::new(store.clone());
-    let gate = Arc::new(Notify::new());
+    // Permits, not a notification: a body that reaches the gate after it opened
+    // still passes.
+    let gate = Arc::new(Semaphore::new(0));
     let runs = Arc::new(AtomicU32::new(0));
     // Half the store's room in operations in flight; the other half serves the flood.
     let busy = CAPACITY as u32 / 2;
@@ -49,7 +52,7 @@ async fn claims_in_progress_survive_a_flood_of_results() {
                     .run(|| async move {
                         runs.fetch_add(1, Ordering::SeqCst);
                         started.wait().await;
-                        gate.notified().await;
+                        let _ = gate.acquire().await;
                         Ok::<_, Error>(i)
                     })
                     .await
@@ -70,7 +73,7 @@ async fn claims_in_progress_survive_a_flood_of_results() {
             .await;
         assert!(matches!(dup, Err(Error::InProgress)), "busy-{i}: {dup:?}");
     }
-    gate.notify_waiters();
+    gate.add_permits(busy as usize);
     for (i, t) in running.into_iter().enumerate() {
         assert_eq!(t.await.expect("task").expect("call"), i as u32);
     }
@@ -81,7 +84,9 @@ async fn claims_in_progress_survive_a_flood_of_results() {
 async fn a_full_store_refuses_a_new_claim_and_runs_nothing() {
     let store = full_store();
     let idem = Idempotency::new(store.clone());
-    let gate = Arc::new(Notify::new());
+    // Permits, not a notification: a body that reaches the gate after it opened
+    // still passes.
+    let gate = Arc::new(Semaphore::new(0));
     let started = Arc::new(Barrier::new(CAPACITY as usize + 1));
     let running: Vec<_> = (0..CAPACITY as u32)
         .map(|i| {
@@ -91,7 +96,7 @@ async fn a_full_store_refuses_a_new_claim_and_runs_nothing() {
                     .scope("full")
                     .run(|| async move {
                         started.wait().await;
-                        gate.notified().await;
+                        let _ = gate.acquire().await;
                         Ok::<_, Error>(i)
                     })
                     .await
@@ -119,7 +124,7 @@ async fn a_full_store_refuses_a_new_claim_and_runs_nothing() {
         0,
         "nothing runs without a claim"
     );
-    gate.notify_waiters();
+    gate.add_permits(CAPACITY as usize);
     for t in running {
         t.await.expect("task").expect("call");
     }
@@ -208,4 +213,89 @@ async fn two_engines_on_a_full_store_never_run_a_key_twice() {
     for (key, n) in runs.iter().enumerate() {
         assert_eq!(n.load(Ordering::SeqCst), 1, "key {key} ran more than once");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_duplicate_of_a_claim_in_progress_is_in_progress_even_when_full() {
+    const CAPACITY: u64 = 4;
+    let store = MemoryStore::builder().capacity(CAPACITY).build();
+    let (holder, other) = (
+        Idempotency::new(store.clone()),
+        Idempotency::new(store.clone()),
+    );
+    let gate = Arc::new(Semaphore::new(0));
+    let started = Arc::new(Barrier::new(CAPACITY as usize + 1));
+    let running: Vec<_> = (0..CAPACITY)
+        .map(|i| {
+            let (idem, gate, started) = (holder.clone(), gate.clone(), started.clone());
+            tokio::spawn(async move {
+                idem.call(format!("busy-{i}"))
+                    .scope("edge.full")
+                    .run(|| async move {
+                        started.wait().await;
+                        let _ = gate.acquire().await;
+                        Ok::<_, Error>(i)
+                    })
+                    .await
+            })
+        })
+        .collect();
+    started.wait().await;
+    let dup = other
+        .call("busy-0")
+        .scope("edge.full")
+        .concurrency(Concurrency::Reject)
+        .run(|| async { Ok::<_, Error>(u64::MAX) })
+        .await;
+    gate.add_permits(CAPACITY as usize);
+    for t in running {
+        t.await.unwrap().unwrap();
+    }
+    assert!(
+        matches!(dup, Err(Error::InProgress)),
+        "a duplicate of a key in progress got {dup:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_clock_decides_when_results_expire() {
+    let clock = ManualClock::new();
+    let store = MemoryStore::builder().clock(clock.clone()).build();
+    let idem = Idempotency::builder()
+        .store(store.clone())
+        .ttl(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let op = |runs: Arc<AtomicU32>| {
+        move || async move { Ok::<_, Error>(runs.fetch_add(1, Ordering::SeqCst) + 1) }
+    };
+    assert_eq!(
+        idem.call("k")
+            .scope("edge.clock")
+            .run(op(runs.clone()))
+            .await
+            .unwrap(),
+        1
+    );
+    // The store's clock has not moved: the result is within its TTL. Bounded wait for
+    // moka to drop it anyway (a correct store keeps it, and this wait times out).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        store.run_pending_tasks();
+        if store.entry_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = idem
+        .call("k")
+        .scope("edge.clock")
+        .run_with_outcome(op(runs.clone()))
+        .await;
+    assert!(
+        matches!(again, Ok((1, Outcome::Replayed))),
+        "the store's clock never moved, yet the result expired: {again:?} (evicted = {})",
+        idem.stats().evicted
+    );
 }

@@ -502,3 +502,79 @@ async fn a_record_that_no_longer_decodes_names_its_scope() {
         other => panic!("{other:?}"),
     }
 }
+
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+enum RiskError {
+    Declined { risk: f64 },
+    Engine(String),
+}
+
+impl From<Error> for RiskError {
+    fn from(e: Error) -> Self {
+        RiskError::Engine(e.to_string())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_error_that_does_not_decode_back_is_not_stored() {
+    let idem = Idempotency::memory();
+    let first: Result<u32, RiskError> = idem
+        .call("pay-9")
+        .scope("edge.err")
+        .store_errors()
+        .run(|| async { Err(RiskError::Declined { risk: f64::NAN }) })
+        .await;
+    assert!(matches!(first, Err(RiskError::Declined { .. })));
+    let retry: Result<u32, RiskError> = idem
+        .call("pay-9")
+        .scope("edge.err")
+        .store_errors()
+        .run(|| async { Err(RiskError::Declined { risk: 0.5 }) })
+        .await;
+    assert!(
+        matches!(retry, Err(RiskError::Declined { .. })),
+        "the retry got neither the stored error nor a new run: {retry:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_nan_in_an_option_is_not_replayed_as_another_value() {
+    let idem = Idempotency::memory();
+    let first: Option<f64> = idem
+        .call("reading-1")
+        .scope("edge.nan")
+        .run(|| async { Ok::<_, Error>(Some(f64::NAN)) })
+        .await
+        .unwrap();
+    assert!(first.is_some_and(f64::is_nan));
+    let retry = idem
+        .call("reading-1")
+        .scope("edge.nan")
+        .run_with_outcome(|| async { Ok::<Option<f64>, Error>(Some(1.0)) })
+        .await;
+    match retry {
+        Err(Error::Codec(e)) if e.kind() == CodecErrorKind::Unstorable => {}
+        other => panic!("expected Error::Codec(Unstorable), got another value: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn some_none_is_not_replayed_as_none() {
+    let idem = Idempotency::memory();
+    let first: Option<Option<u32>> = idem
+        .call("k")
+        .scope("edge.option")
+        .run(|| async { Ok::<_, Error>(Some(None)) })
+        .await
+        .unwrap();
+    assert_eq!(first, Some(None));
+    let retry = idem
+        .call("k")
+        .scope("edge.option")
+        .run_with_outcome(|| async { Ok::<Option<Option<u32>>, Error>(Some(Some(1))) })
+        .await;
+    assert!(
+        !matches!(retry, Ok((None, Outcome::Replayed))),
+        "the caller got Some(None), its retry gets None: {retry:?}"
+    );
+}

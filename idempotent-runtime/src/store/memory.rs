@@ -40,6 +40,9 @@ use crate::record::{FencingToken, Record, RecordState, StoredResult};
 /// default.
 pub const DEFAULT_CAPACITY: u64 = 100_000;
 
+/// The least time between two sweeps of lapsed claims from a full store.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
 /// An in-memory [`Store`]: claims in a map that never evicts them, results in a bounded
 /// moka cache.
 ///
@@ -61,6 +64,10 @@ pub struct MemoryStore {
     claim_count: Arc<AtomicU64>,
     capacity: u64,
     evicted: Arc<AtomicU64>,
+    // When claims were last swept for lapsed ones (the store's clock, milliseconds): a
+    // sweep locks the whole map, so a full store sweeps at most once per interval, not
+    // on every refused claim.
+    last_sweep: Arc<AtomicU64>,
     clock: Arc<dyn Clock>,
     // With the system clock, moka's own per-entry expiry (set from that clock) already
     // hides expired results on read, and the hit path skips a second clock read. A custom
@@ -123,28 +130,39 @@ impl MemoryStoreBuilder {
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
         let evicted = Arc::new(AtomicU64::new(0));
-        let counter = evicted.clone();
+        let (counter, clock) = (evicted.clone(), self.clock.clone());
         let results = Cache::builder()
             .max_capacity(self.capacity)
             .eviction_policy(EvictionPolicy::lru())
-            .expire_after(RecordExpiry {
-                clock: self.clock.clone(),
-            })
-            .eviction_listener(move |key: Arc<String>, _, cause| {
-                if cause == RemovalCause::Size {
+            .eviction_listener(move |key: Arc<String>, rec: Record, cause| {
+                // Only a result dropped within its TTL (by the store's clock) is lost early.
+                if cause == RemovalCause::Size && rec.is_live(clock.now()) {
                     counter.fetch_add(1, Ordering::Relaxed);
                     let scope = key.split(SCOPE_SEPARATOR).next().unwrap_or_default();
                     warn!(scope, key = %KeyDigest::of_joined(&key),
                         "memory store full: a result was evicted before its TTL; a retry of its key runs again");
                 }
-            })
-            .build();
+            });
+        // moka counts an entry's time to live on its own clock. That is the system's, so
+        // with the system clock it drops each result when its TTL ends; a custom clock
+        // moves apart from it, and then only reads decide (a result past its TTL by the
+        // custom clock is absent, one within it stays until capacity evicts it).
+        let results = if self.custom_clock {
+            results.build()
+        } else {
+            results
+                .expire_after(RecordExpiry {
+                    clock: self.clock.clone(),
+                })
+                .build()
+        };
         MemoryStore {
             results,
             claims: Arc::new(DashMap::new()),
             claim_count: Arc::new(AtomicU64::new(0)),
             capacity: self.capacity,
             evicted,
+            last_sweep: Arc::new(AtomicU64::new(0)),
             clock: self.clock,
             check_on_read: self.custom_clock,
         }
@@ -200,8 +218,19 @@ impl MemoryStore {
         ))
     }
 
-    /// Drops claims whose lease has run out (their holders stalled or vanished).
+    /// Drops claims whose lease has run out (their holders stalled or vanished), unless
+    /// that was done less than [`SWEEP_INTERVAL`] ago.
     fn sweep_lapsed_claims(&self, now: Timestamp) {
+        let last = self.last_sweep.load(Ordering::Acquire);
+        let due = Timestamp::from_millis(last).after(SWEEP_INTERVAL) <= now;
+        if !due
+            || self
+                .last_sweep
+                .compare_exchange(last, now.as_millis(), Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
         let mut dropped = 0;
         self.claims.retain(|_, held| {
             let live = now < held.lease_expires_at;
@@ -255,8 +284,14 @@ impl Store for MemoryStore {
         if let Some(rec) = self.live_result(key.as_str(), now) {
             return Ok(Claim::Completed(rec));
         }
-        // Most claims that miss the results find the key free, and a free key needs a
-        // place: take it first, give it back when the key turns out to be taken.
+        // A key in progress needs no place of its own, even in a full store.
+        if let Some(held) = self.claims.get(key.as_str()) {
+            if now < held.lease_expires_at {
+                return Ok(Claim::InProgress(held.record()));
+            }
+        }
+        // A free key needs a place: take it first, give it back when the key turns out to
+        // be taken after all.
         self.reserve_claim(now)?;
         let (claim, new_entry) = match self.claims.entry(key.as_str().to_owned()) {
             Entry::Occupied(held) if now < held.get().lease_expires_at => {

@@ -26,7 +26,10 @@ pub use self::memory::{
     MemoryStore, MemoryStoreBuilder, DEFAULT_CAPACITY as DEFAULT_MEMORY_CAPACITY,
 };
 #[cfg(feature = "postgres")]
-pub use self::postgres::{PostgresStore, DEFAULT_TABLE as DEFAULT_POSTGRES_TABLE};
+pub use self::postgres::{
+    PostgresStore, DEFAULT_STATEMENT_TIMEOUT as DEFAULT_POSTGRES_STATEMENT_TIMEOUT,
+    DEFAULT_TABLE as DEFAULT_POSTGRES_TABLE,
+};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, DEFAULT_PREFIX as DEFAULT_REDIS_PREFIX};
 use crate::error::StoreError;

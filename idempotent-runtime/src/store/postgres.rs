@@ -15,8 +15,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::Row;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgArguments, PgPool, PgPoolOptions, PgRow};
+use sqlx::query::Query;
+use sqlx::{Postgres, Row};
 
 use super::{Claim, Fence, Store};
 use crate::clock::Timestamp;
@@ -27,6 +29,10 @@ use crate::record::{FencingToken, Record, RecordState, StoredResult};
 
 /// The table name unless set otherwise.
 pub const DEFAULT_TABLE: &str = "idempotency_keys";
+
+/// How long one statement may take unless set otherwise, as long as the Redis store's
+/// response timeout and the pool's acquire timeout.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A [`Store`] on PostgreSQL, through a `sqlx` pool.
 ///
@@ -46,6 +52,29 @@ pub struct PostgresStore {
     pool: PgPool,
     table: String,
     sql: Sql,
+    timeout: Duration,
+}
+
+/// A connection taken from the pool for one statement. If the statement does not finish
+/// (it timed out, or its caller was dropped), the connection is closed rather than given
+/// back: its answer may still be on the way, or never come (a peer that vanished without
+/// a reset), and the next statement on it would read that answer or wait forever.
+struct Statement(Option<PoolConnection<Postgres>>);
+
+impl Statement {
+    /// The connection, back to the pool: the statement finished.
+    fn finish(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Statement {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            // Detached from the pool, the connection closes as it drops.
+            drop(conn.detach());
+        }
+    }
 }
 
 /// The statements, with the table name in place.
@@ -149,7 +178,19 @@ impl PostgresStore {
             pool,
             table: DEFAULT_TABLE.to_owned(),
             sql: Sql::for_table(DEFAULT_TABLE),
+            timeout: DEFAULT_STATEMENT_TIMEOUT,
         }
+    }
+
+    /// How long one claim, renewal, completion or release may take (default
+    /// [`DEFAULT_STATEMENT_TIMEOUT`]) before it fails with a store error and its
+    /// connection is closed. Without a bound, a connection whose peer stopped answering
+    /// would hold a renewal or a completion until the lease ran out, and another caller
+    /// would take the key over and run the operation again. Keep it under a third of the
+    /// shortest lease in use.
+    pub fn with_statement_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// Uses the table `name`. The name goes into SQL text, so only plain identifiers are
@@ -243,13 +284,50 @@ impl PostgresStore {
         })
     }
 
+    /// A connection for one statement, from the pool.
+    async fn statement(&self, op: &'static str) -> Result<Statement, StoreError> {
+        let conn = self.pool.acquire().await.map_err(store_err(op))?;
+        Ok(Statement(Some(conn)))
+    }
+
+    /// Runs `q` within the statement timeout: the rows it changed.
+    async fn execute(
+        &self,
+        op: &'static str,
+        q: Query<'_, Postgres, PgArguments>,
+    ) -> Result<u64, StoreError> {
+        let mut stmt = self.statement(op).await?;
+        let conn = stmt.0.as_mut().ok_or(StoreError::msg(op))?;
+        let done = tokio::time::timeout(self.timeout, q.execute(&mut **conn))
+            .await
+            .map_err(|elapsed| StoreError::new(op, elapsed))?
+            .map_err(store_err(op))?;
+        stmt.finish();
+        Ok(done.rows_affected())
+    }
+
+    /// Runs `q` within the statement timeout: the row it returned, if any.
+    async fn fetch_optional(
+        &self,
+        op: &'static str,
+        q: Query<'_, Postgres, PgArguments>,
+    ) -> Result<Option<PgRow>, StoreError> {
+        let mut stmt = self.statement(op).await?;
+        let conn = stmt.0.as_mut().ok_or(StoreError::msg(op))?;
+        let row = tokio::time::timeout(self.timeout, q.fetch_optional(&mut **conn))
+            .await
+            .map_err(|elapsed| StoreError::new(op, elapsed))?
+            .map_err(store_err(op))?;
+        stmt.finish();
+        Ok(row)
+    }
+
     async fn fenced(
         &self,
         op: &'static str,
-        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        q: Query<'_, Postgres, PgArguments>,
     ) -> Result<Fence, StoreError> {
-        let done = q.execute(&self.pool).await.map_err(store_err(op))?;
-        Ok(if done.rows_affected() == 1 {
+        Ok(if self.execute(op, q).await? == 1 {
             Fence::Held
         } else {
             Fence::Lost
@@ -311,15 +389,13 @@ impl Store for PostgresStore {
         // snapshot makes the insert a no-op that the read cannot see yet; the next
         // statement sees it. Rare, and bounded.
         for _ in 0..5 {
-            let row = sqlx::query(&self.sql.claim)
+            let q = sqlx::query(&self.sql.claim)
                 .bind(key.scope())
                 .bind(key.key())
                 .bind(&fp)
                 .bind(millis(lease))
-                .bind(token_arg(token))
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(store_err("postgres: claim"))?;
+                .bind(token_arg(token));
+            let row = self.fetch_optional("postgres: claim", q).await?;
             if let Some(row) = row {
                 return parse_claim(&row);
             }
