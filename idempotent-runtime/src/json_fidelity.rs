@@ -194,49 +194,34 @@ impl Serializer for Walk {
     }
 }
 
-impl ser::SerializeSeq for Walk {
-    type Ok = ();
-    type Error = Loss;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Loss> {
-        value.serialize(Walk)
-    }
-    fn end(self) -> Result<(), Loss> {
-        Ok(())
-    }
+/// The compound parts of a value: each element or field is walked in turn.
+macro_rules! walk_each {
+    ($($trait:ident :: $method:ident $(($key:ty))?),* $(,)?) => {$(
+        impl ser::$trait for Walk {
+            type Ok = ();
+            type Error = Loss;
+            fn $method<T: Serialize + ?Sized>(
+                &mut self,
+                $(_: $key,)?
+                value: &T,
+            ) -> Result<(), Loss> {
+                value.serialize(Walk)
+            }
+            fn end(self) -> Result<(), Loss> {
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTuple for Walk {
-    type Ok = ();
-    type Error = Loss;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Loss> {
-        value.serialize(Walk)
-    }
-    fn end(self) -> Result<(), Loss> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleStruct for Walk {
-    type Ok = ();
-    type Error = Loss;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Loss> {
-        value.serialize(Walk)
-    }
-    fn end(self) -> Result<(), Loss> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleVariant for Walk {
-    type Ok = ();
-    type Error = Loss;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Loss> {
-        value.serialize(Walk)
-    }
-    fn end(self) -> Result<(), Loss> {
-        Ok(())
-    }
-}
+walk_each!(
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field,
+    SerializeStruct::serialize_field(&'static str),
+    SerializeStructVariant::serialize_field(&'static str),
+);
 
 impl ser::SerializeMap for Walk {
     type Ok = ();
@@ -246,36 +231,6 @@ impl ser::SerializeMap for Walk {
         Ok(())
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Loss> {
-        value.serialize(Walk)
-    }
-    fn end(self) -> Result<(), Loss> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStruct for Walk {
-    type Ok = ();
-    type Error = Loss;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        _: &'static str,
-        value: &T,
-    ) -> Result<(), Loss> {
-        value.serialize(Walk)
-    }
-    fn end(self) -> Result<(), Loss> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStructVariant for Walk {
-    type Ok = ();
-    type Error = Loss;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        _: &'static str,
-        value: &T,
-    ) -> Result<(), Loss> {
         value.serialize(Walk)
     }
     fn end(self) -> Result<(), Loss> {

@@ -30,36 +30,59 @@ async fn fill(idem: &Idempotency, n: u32) {
     }
 }
 
+/// `n` operations in flight on `idem`, keys `busy-0..n` in scope `full`, each counted in
+/// `runs` once inside its body; they return their index once `Busy::finish` lets them.
+struct Busy {
+    // Permits, not a notification: a body that reaches the gate after it opened still
+    // passes.
+    gate: Arc<Semaphore>,
+    running: Vec<tokio::task::JoinHandle<Result<u32, Error>>>,
+}
+
+impl Busy {
+    async fn start(idem: &Idempotency, n: u32, runs: &Arc<AtomicU32>) -> Self {
+        let gate = Arc::new(Semaphore::new(0));
+        let started = Arc::new(Barrier::new(n as usize + 1));
+        let running = (0..n)
+            .map(|i| {
+                let (idem, gate, runs, started) =
+                    (idem.clone(), gate.clone(), runs.clone(), started.clone());
+                tokio::spawn(async move {
+                    idem.call(format!("busy-{i}"))
+                        .scope("full")
+                        .run(|| async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            started.wait().await;
+                            let _ = gate.acquire().await;
+                            Ok::<_, Error>(i)
+                        })
+                        .await
+                })
+            })
+            .collect();
+        // Every body is inside: every claim is held.
+        started.wait().await;
+        Self { gate, running }
+    }
+
+    /// Lets the operations finish; each returned its own index.
+    async fn finish(self) {
+        self.gate.add_permits(self.running.len());
+        for (i, t) in self.running.into_iter().enumerate() {
+            assert_eq!(t.await.expect("task").expect("call"), i as u32);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claims_in_progress_survive_a_flood_of_results() {
     let store = full_store();
     let holder = Idempotency::new(store.clone());
     let other = Idempotency::new(store.clone());
-    // Permits, not a notification: a body that reaches the gate after it opened
-    // still passes.
-    let gate = Arc::new(Semaphore::new(0));
     let runs = Arc::new(AtomicU32::new(0));
     // Half the store's room in operations in flight; the other half serves the flood.
     let busy = CAPACITY as u32 / 2;
-    let started = Arc::new(Barrier::new(busy as usize + 1));
-    let running: Vec<_> = (0..busy)
-        .map(|i| {
-            let (idem, gate, runs, started) =
-                (holder.clone(), gate.clone(), runs.clone(), started.clone());
-            tokio::spawn(async move {
-                idem.call(format!("busy-{i}"))
-                    .scope("full")
-                    .run(|| async move {
-                        runs.fetch_add(1, Ordering::SeqCst);
-                        started.wait().await;
-                        let _ = gate.acquire().await;
-                        Ok::<_, Error>(i)
-                    })
-                    .await
-            })
-        })
-        .collect();
-    started.wait().await;
+    let running = Busy::start(&holder, busy, &runs).await;
     // Ten times the capacity in results passes through while they run.
     fill(&other, 10 * CAPACITY as u32).await;
     store.run_pending_tasks();
@@ -73,10 +96,7 @@ async fn claims_in_progress_survive_a_flood_of_results() {
             .await;
         assert!(matches!(dup, Err(Error::InProgress)), "busy-{i}: {dup:?}");
     }
-    gate.add_permits(busy as usize);
-    for (i, t) in running.into_iter().enumerate() {
-        assert_eq!(t.await.expect("task").expect("call"), i as u32);
-    }
+    running.finish().await;
     assert_eq!(runs.load(Ordering::SeqCst), busy);
 }
 
@@ -84,26 +104,7 @@ async fn claims_in_progress_survive_a_flood_of_results() {
 async fn a_full_store_refuses_a_new_claim_and_runs_nothing() {
     let store = full_store();
     let idem = Idempotency::new(store.clone());
-    // Permits, not a notification: a body that reaches the gate after it opened
-    // still passes.
-    let gate = Arc::new(Semaphore::new(0));
-    let started = Arc::new(Barrier::new(CAPACITY as usize + 1));
-    let running: Vec<_> = (0..CAPACITY as u32)
-        .map(|i| {
-            let (idem, gate, started) = (idem.clone(), gate.clone(), started.clone());
-            tokio::spawn(async move {
-                idem.call(format!("busy-{i}"))
-                    .scope("full")
-                    .run(|| async move {
-                        started.wait().await;
-                        let _ = gate.acquire().await;
-                        Ok::<_, Error>(i)
-                    })
-                    .await
-            })
-        })
-        .collect();
-    started.wait().await;
+    let running = Busy::start(&idem, CAPACITY as u32, &Arc::default()).await;
     let ran = Arc::new(AtomicU32::new(0));
     let one_more = {
         let ran = ran.clone();
@@ -124,10 +125,7 @@ async fn a_full_store_refuses_a_new_claim_and_runs_nothing() {
         0,
         "nothing runs without a claim"
     );
-    gate.add_permits(CAPACITY as usize);
-    for t in running {
-        t.await.expect("task").expect("call");
-    }
+    running.finish().await;
     // With the claims finished there is room again.
     assert!(idem
         .call("one-more")
@@ -223,34 +221,14 @@ async fn a_duplicate_of_a_claim_in_progress_is_in_progress_even_when_full() {
         Idempotency::new(store.clone()),
         Idempotency::new(store.clone()),
     );
-    let gate = Arc::new(Semaphore::new(0));
-    let started = Arc::new(Barrier::new(CAPACITY as usize + 1));
-    let running: Vec<_> = (0..CAPACITY)
-        .map(|i| {
-            let (idem, gate, started) = (holder.clone(), gate.clone(), started.clone());
-            tokio::spawn(async move {
-                idem.call(format!("busy-{i}"))
-                    .scope("edge.full")
-                    .run(|| async move {
-                        started.wait().await;
-                        let _ = gate.acquire().await;
-                        Ok::<_, Error>(i)
-                    })
-                    .await
-            })
-        })
-        .collect();
-    started.wait().await;
+    let running = Busy::start(&holder, CAPACITY as u32, &Arc::default()).await;
     let dup = other
         .call("busy-0")
-        .scope("edge.full")
+        .scope("full")
         .concurrency(Concurrency::Reject)
-        .run(|| async { Ok::<_, Error>(u64::MAX) })
+        .run(|| async { Ok::<_, Error>(u32::MAX) })
         .await;
-    gate.add_permits(CAPACITY as usize);
-    for t in running {
-        t.await.unwrap().unwrap();
-    }
+    running.finish().await;
     assert!(
         matches!(dup, Err(Error::InProgress)),
         "a duplicate of a key in progress got {dup:?}"
