@@ -63,7 +63,7 @@ async fn bounded<T>(
 ) -> Result<T, StoreError> {
     tokio::time::timeout(within, op).await.unwrap_or_else(|_| {
         Err(StoreError::msg(
-            "the store did not answer within a third of the lease",
+            "the store did not answer in time (a part of the lease)",
         ))
     })
 }
