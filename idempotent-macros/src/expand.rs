@@ -182,8 +182,8 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) 
         // `impl Trait` parameters are cut off: they tell how an input was passed, not
         // which operation runs.
         None => {
-            let (named, anonymous) = generic_counts(item);
-            quote!(&#krate::__private::default_scope(&|| (), #named, #anonymous))
+            let anonymous = impl_trait_arguments(item);
+            quote!(&#krate::__private::default_scope(&|| (), #anonymous))
         }
     };
     let mut settings = TokenStream::new();
@@ -218,26 +218,17 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) 
     }
 }
 
-/// How many generic arguments the function's type name prints for its named type and
-/// const parameters, and how many for its `impl Trait` arguments (which come after).
-fn generic_counts(item: &ItemFn) -> (usize, usize) {
-    let named = item
-        .sig
-        .generics
-        .params
-        .iter()
-        .filter(|p| !matches!(p, syn::GenericParam::Lifetime(_)))
-        .count();
-    let anonymous = item
-        .sig
+/// How many generic arguments the function's type name prints last for its `impl Trait`
+/// arguments (one for each `impl`, however deep in an argument's type).
+fn impl_trait_arguments(item: &ItemFn) -> usize {
+    item.sig
         .inputs
         .iter()
         .map(|input| match input {
             syn::FnArg::Typed(arg) => count_impl(arg.ty.to_token_stream()),
             syn::FnArg::Receiver(_) => 0,
         })
-        .sum();
-    (named, anonymous)
+        .sum()
 }
 
 /// How many `impl` keywords `tokens` hold, at any depth: each `impl Trait` in an

@@ -59,24 +59,37 @@ impl Codec {
         Ok(Bytes::from(bytes))
     }
 
-    /// Encodes a fresh result and checks that it decodes back, so that nothing is stored
-    /// that would later replay as an error for its whole TTL or as another value: JSON
-    /// writes a `NaN` as `null`, which no `f64` reads back, and `Some(None)` as `null`,
-    /// which reads back as `None` (see `json_fidelity`).
+    /// Encodes a fresh result and checks that it decodes back to the same value, so that
+    /// nothing is stored that would later replay as an error for its whole TTL, or as
+    /// another value:
+    /// - JSON writes a `NaN` as `null`, which no `f64` reads back, and `Some(None)` as
+    ///   `null`, which reads back as `None`, and Postcard cannot skip a field (found before
+    ///   encoding, by `fidelity`);
+    /// - a type whose `Deserialize` does not mirror its `Serialize` (an untagged enum
+    ///   whose first variant reads a later one's form, a field skipped when empty whose
+    ///   default is not empty, any field skipped under Postcard) decodes to another value:
+    ///   found by encoding what was decoded and comparing. The two encodings are compared
+    ///   byte for byte first; when they differ only in order (a `HashMap` or `HashSet`
+    ///   iterates in another order once decoded), their JSON forms are compared with
+    ///   objects and arrays in any order.
     pub(crate) fn encode_checked<T: Serialize + DeserializeOwned>(
         self,
         value: &T,
     ) -> Result<Bytes, CodecError> {
-        if self == Codec::Json {
-            if let Some(loss) = crate::json_fidelity::json_loses(value) {
-                return Err(CodecError::new(CodecErrorKind::Unstorable, loss));
-            }
+        if let Some(loss) = crate::fidelity::loses(self, value) {
+            return Err(CodecError::new(CodecErrorKind::Unstorable, loss));
         }
         let bytes = self.encode(value)?;
-        match self.decode::<T>(&bytes) {
-            Ok(_) => Ok(bytes),
-            Err(e) => Err(CodecError::new(CodecErrorKind::Unstorable, e)),
+        let unstorable = |e| CodecError::new(CodecErrorKind::Unstorable, e);
+        let back = self.decode::<T>(&bytes).map_err(unstorable)?;
+        let again = self.encode(&back).map_err(unstorable)?;
+        if again != bytes && !same_in_any_order(value, &back) {
+            return Err(CodecError::new(
+                CodecErrorKind::Unstorable,
+                crate::fidelity::Loss::Changed,
+            ));
         }
+        Ok(bytes)
     }
 
     /// What is stored in place of a value that could not be: replays of it are
@@ -101,6 +114,38 @@ impl Codec {
                 postcard::from_bytes(body).map_err(|e| CodecError::new(CodecErrorKind::Decode, e))
             }
         }
+    }
+}
+
+/// Whether `a` and `b` serialize to the same JSON, objects and arrays compared in any
+/// order. When either cannot be written as JSON (a map with structured keys), there is no
+/// telling, and they count as the same: the check refuses only what it has shown changed.
+fn same_in_any_order<T: Serialize>(a: &T, b: &T) -> bool {
+    match (serde_json::to_value(a), serde_json::to_value(b)) {
+        (Ok(a), Ok(b)) => unordered(&a) == unordered(&b),
+        _ => true,
+    }
+}
+
+/// A JSON value's text with the members of every object and the elements of every array
+/// sorted by their own text.
+fn unordered(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut members: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), unordered(v)))
+                .collect();
+            members.sort_unstable();
+            format!("{{{}}}", members.join(","))
+        }
+        Value::Array(items) => {
+            let mut items: Vec<String> = items.iter().map(unordered).collect();
+            items.sort_unstable();
+            format!("[{}]", items.join(","))
+        }
+        scalar => scalar.to_string(),
     }
 }
 
@@ -155,6 +200,24 @@ mod tests {
         tuple_keys.insert((1, 2), 3);
         let err = Codec::Json.encode_checked(&tuple_keys).unwrap_err();
         assert_eq!(err.kind(), CodecErrorKind::Encode);
+        // Hash collections decode in another order, and are the same value.
+        let set: std::collections::HashSet<u32> = (0..64).collect();
+        assert!(Codec::Json.encode_checked(&set).is_ok());
+        assert!(Codec::Postcard.encode_checked(&set).is_ok());
+        let map: std::collections::HashMap<String, u32> =
+            (0..64).map(|i| (i.to_string(), i)).collect();
+        assert!(Codec::Json.encode_checked(&map).is_ok());
+        assert!(Codec::Postcard.encode_checked(&map).is_ok());
+        // An untagged enum whose first variant reads the second's form: another value.
+        #[derive(serde::Serialize, serde::Deserialize)]
+        #[serde(untagged)]
+        enum Num {
+            Float(f64),
+            Int(i64),
+        }
+        let err = Codec::Json.encode_checked(&Num::Int(5)).unwrap_err();
+        assert_eq!(err.kind(), CodecErrorKind::Unstorable);
+        assert!(Codec::Json.encode_checked(&Num::Float(5.5)).is_ok());
         let err = Codec::Json.encode_checked(&Some(None::<u8>)).unwrap_err();
         assert_eq!(err.kind(), CodecErrorKind::Unstorable);
         assert!(Codec::Postcard.encode_checked(&Some(None::<u8>)).is_ok());

@@ -661,17 +661,33 @@ impl Inner {
                     return Err(e);
                 }
             };
-            if claim != Claim::Acquired || sent.elapsed() < lease / RENEWALS_PER_LEASE {
+            let prompt = lease / RENEWALS_PER_LEASE;
+            if claim != Claim::Acquired || sent.elapsed() < prompt {
                 unanswered.token = None;
                 return Ok((claim, token, sent));
             }
-            let renewed = tokio::time::Instant::now();
-            if self.store.renew(&req.key, token, lease).await? == Fence::Held {
-                unanswered.token = None;
-                return Ok((claim, token, renewed));
+            // Answered late: the lease may have run out before the answer came. A renewal
+            // answered promptly says the claim is still ours; a late one says nothing, so
+            // ask again, a few times.
+            for _ in 0..3 {
+                let renewed = tokio::time::Instant::now();
+                let renewal = self.store.renew(&req.key, token, lease);
+                match tokio::time::timeout(prompt, renewal).await {
+                    Ok(Ok(Fence::Held)) if renewed.elapsed() < prompt => {
+                        unanswered.token = None;
+                        return Ok((claim, token, renewed));
+                    }
+                    // Lost before it was used: nothing to release; claim again.
+                    Ok(Ok(Fence::Lost)) => {
+                        unanswered.token = None;
+                        break;
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(Fence::Held)) | Err(_) => {}
+                }
             }
-            // Lost before it was used: nothing to release; ask again.
-            unanswered.token = None;
+            // Lost, or never confirmed in time (then, if it is ours still, released).
+            drop(unanswered);
         }
         Err(StoreError::msg(
             "the store answers claims slower than a third of the lease",
@@ -774,10 +790,13 @@ impl Drop for Unanswered<'_> {
             return;
         };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            // After an error the request is over but for a statement the server is still
+            // ending; a caller dropped mid-request leaves it to land up to a statement
+            // timeout later (PostgreSQL's, 1.5 s, on pools `PostgresStore::connect` makes).
             let pauses: &'static [u64] = if self.answered_with_error {
-                &[0]
+                &[0, 250]
             } else {
-                &[0, 50, 250, 1000]
+                &[0, 50, 250, 1000, 2500]
             };
             rt.spawn(release_unanswered(
                 self.engine.clone(),

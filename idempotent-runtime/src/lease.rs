@@ -134,7 +134,9 @@ impl HeldClaim {
     /// runs out.
     async fn heartbeat(&self) -> Infallible {
         let every = self.lease / RENEWALS_PER_LEASE;
-        let mut wait = every;
+        // Counted from the store's last confirmation (a claim renewed because its answer
+        // came late was confirmed after it was sent), not from the body's start.
+        let mut wait = every.saturating_sub(self.confirmed_at().elapsed());
         loop {
             tokio::time::sleep(wait).await;
             if let Some(flight) = &self.flight {

@@ -291,11 +291,11 @@ pub mod clock;
 pub mod codec;
 mod engine;
 mod error;
+mod fidelity;
 mod fingerprint;
 mod flight;
 #[cfg(feature = "tower")]
 pub mod http;
-mod json_fidelity;
 mod key;
 mod lease;
 mod record;

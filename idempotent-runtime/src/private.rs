@@ -42,7 +42,7 @@ pub fn engine(engine: &Idempotency) -> Idempotency {
 /// `named` ones: `charge(order: impl Display)` called with a `&str` and with a `String` is
 /// one operation. Without such parameters the scope is a slice of a `&'static str`: no
 /// allocation.
-pub fn default_scope<M>(_marker: &M, named: usize, anonymous: usize) -> Cow<'static, str> {
+pub fn default_scope<M>(_marker: &M, anonymous: usize) -> Cow<'static, str> {
     let mut name = std::any::type_name::<M>();
     while let Some(outer) = name.strip_suffix("::{{closure}}") {
         name = outer;
@@ -50,58 +50,79 @@ pub fn default_scope<M>(_marker: &M, named: usize, anonymous: usize) -> Cow<'sta
     if anonymous == 0 {
         return Cow::Borrowed(name);
     }
+    // The `impl Trait` arguments' types are the last ones, after the named parameters and
+    // any rustc adds (`Self`, in a trait's default method).
     match generic_arguments(name) {
+        Some((path, args)) if args.len() == anonymous => Cow::Borrowed(path),
+        Some((path, args)) if args.len() > anonymous => {
+            let kept = &args[..args.len() - anonymous];
+            Cow::Owned(format!("{path}<{}>", kept.join(", ")))
+        }
         // Not the shape expected: keep it all, which tells more apart, never less.
-        Some((_, args)) if args.len() != named + anonymous => Cow::Borrowed(name),
-        Some((path, _)) if named == 0 => Cow::Borrowed(path),
-        Some((path, args)) => Cow::Owned(format!("{path}<{}>", args[..named].join(", "))),
-        None => Cow::Borrowed(name),
+        _ => Cow::Borrowed(name),
     }
 }
 
 /// `path<A, B>` split into `path` and its top-level arguments `["A", "B"]`; `None` when the
 /// name does not end in a generic argument list.
+///
+/// Scanned forwards, so that what is quoted (a `char` const argument such as `'>'`) is
+/// skipped, and a function type's `->` is no bracket.
 fn generic_arguments(name: &str) -> Option<(&str, Vec<&str>)> {
-    let bytes = name.as_bytes();
-    if bytes.last() != Some(&b'>') {
+    let b = name.as_bytes();
+    if b.last() != Some(&b'>') {
         return None;
     }
-    // Find the `<` that opens the last list, walking back over nested brackets; the `>`
-    // of a function type's `->` is no bracket.
-    let mut depth = 0usize;
-    let mut open = None;
-    for i in (0..bytes.len()).rev() {
-        match bytes[i] {
-            b'>' if i == 0 || bytes[i - 1] != b'-' => depth += 1,
-            b'<' => {
-                depth = depth.checked_sub(1)?;
-                if depth == 0 {
-                    open = Some(i);
-                    break;
+    // The start of the argument list open at each depth, and the commas at the depth of
+    // the list that closes at the very end.
+    let mut opens: Vec<usize> = Vec::new();
+    let mut commas: Vec<Vec<usize>> = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\'' => {
+                // A char: `'x'`, `'\''` or `'\u{..}'`; skip to its closing quote.
+                i += 1;
+                if b.get(i) == Some(&b'\\') {
+                    i += 1;
+                }
+                i += 1;
+                while i < b.len() && b[i] != b'\'' {
+                    i += 1;
+                }
+            }
+            b'<' | b'(' | b'[' => {
+                opens.push(i);
+                commas.push(Vec::new());
+            }
+            b'-' if b.get(i + 1) == Some(&b'>') => i += 1,
+            b'>' | b')' | b']' => {
+                let open = opens.pop()?;
+                let inner = commas.pop()?;
+                if i == b.len() - 1 {
+                    if b[open] != b'<' {
+                        return None;
+                    }
+                    let mut args = Vec::with_capacity(inner.len() + 1);
+                    let mut start = open + 1;
+                    for c in inner {
+                        args.push(name[start..c].trim());
+                        start = c + 1;
+                    }
+                    args.push(name[start..i].trim());
+                    return Some((&name[..open], args));
+                }
+            }
+            b',' => {
+                if let Some(top) = commas.last_mut() {
+                    top.push(i);
                 }
             }
             _ => {}
         }
+        i += 1;
     }
-    let open = open?;
-    let inner = &name[open + 1..name.len() - 1];
-    let mut args = Vec::new();
-    let (mut depth, mut start) = (0i32, 0);
-    let ib = inner.as_bytes();
-    for i in 0..ib.len() {
-        match ib[i] {
-            b'<' | b'(' | b'[' => depth += 1,
-            b'>' if i == 0 || ib[i - 1] != b'-' => depth -= 1,
-            b')' | b']' => depth -= 1,
-            b',' if depth == 0 => {
-                args.push(inner[start..i].trim());
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    args.push(inner[start..].trim());
-    Some((&name[..open], args))
+    None
 }
 
 /// A call on the key, formatted into its scope before the body moves the arguments.
@@ -231,5 +252,9 @@ mod tests {
             Some(("m::f", vec!["fn(u8) -> u8", "[u8; 3]"]))
         );
         assert_eq!(generic_arguments("m::S<u8>::f"), None);
+        assert_eq!(
+            generic_arguments("m::f<'>', '<', '\\'', &str>"),
+            Some(("m::f", vec!["'>'", "'<'", "'\\''", "&str"]))
+        );
     }
 }

@@ -11,12 +11,13 @@
 //! Expired rows stay until [`PostgresStore::purge_expired`] removes them (a live store
 //! treats them as absent); [`PostgresStore::spawn_purger`] runs it periodically.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgArguments, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::query::Query;
 use sqlx::{Postgres, Row};
 
@@ -30,9 +31,10 @@ use crate::record::{FencingToken, Record, RecordState, StoredResult};
 /// The table name unless set otherwise.
 pub const DEFAULT_TABLE: &str = "idempotency_keys";
 
-/// How long one statement may take unless set otherwise, as long as the Redis store's
-/// response timeout and the pool's acquire timeout.
-pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one statement may take unless set otherwise: under a sixth of the default
+/// lease, the bound the engine puts on a renewal (a statement it stops waiting for
+/// closes its connection, and a new one takes its place in the pool).
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// A [`Store`] on PostgreSQL, through a `sqlx` pool.
 ///
@@ -91,7 +93,9 @@ impl Sql {
     fn for_table(t: &str) -> Self {
         Self {
             // A live record is read and nothing is written: a hit is a read-only
-            // statement, with nothing to flush at commit.
+            // statement, with nothing to flush at commit. A claim that waited on a lock
+            // (an expired row another transaction holds) past $6 ms writes nothing either:
+            // its caller has given up on it by then, and would never release it.
             claim: format!(
                 "WITH live AS (
                    SELECT token, state, fingerprint, result,
@@ -103,10 +107,12 @@ impl Sql {
                    SELECT $1::text, $2::text, 'p', $5::bigint, $3::bytea, NULL,
                           now() + $4::bigint * interval '1 millisecond'
                    WHERE NOT EXISTS (SELECT 1 FROM live)
+                     AND clock_timestamp() < statement_timestamp() + $6::bigint * interval '1 millisecond'
                    ON CONFLICT (scope, key) DO UPDATE
                      SET state = 'p', token = EXCLUDED.token, fingerprint = EXCLUDED.fingerprint,
                          result = NULL, expires_at = EXCLUDED.expires_at
                      WHERE t.expires_at <= now()
+                       AND clock_timestamp() < statement_timestamp() + $6::bigint * interval '1 millisecond'
                    RETURNING token
                  )
                  SELECT true AS acquired, token, NULL::text AS state, NULL::bytea AS fingerprint,
@@ -162,11 +168,21 @@ impl PostgresStore {
     /// Connects a pool to `url` (`postgres://user@host:port/db`). Acquiring a connection
     /// times out after two seconds, so an unreachable database fails a call rather than
     /// hanging it; the pool reconnects by itself when the database is back.
+    ///
+    /// Its connections also carry PostgreSQL's own `statement_timeout` of
+    /// [`DEFAULT_STATEMENT_TIMEOUT`], so that a statement this side gave up on (timed out,
+    /// or its caller dropped) is ended by the server too, rather than land later or hold a
+    /// server process while it waits on a lock. A pool given to
+    /// [`PostgresStore::from_pool`] should be set up the same way.
     pub async fn connect(url: &str) -> Result<Self, Error> {
+        let timeout_ms = DEFAULT_STATEMENT_TIMEOUT.as_millis().to_string();
+        let options = PgConnectOptions::from_str(url)
+            .map_err(store_err("postgres: bad url"))?
+            .options([("statement_timeout", timeout_ms.as_str())]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(2))
-            .connect(url)
+            .connect_with(options)
             .await
             .map_err(store_err("postgres: connect"))?;
         Ok(Self::from_pool(pool))
@@ -186,8 +202,10 @@ impl PostgresStore {
     /// [`DEFAULT_STATEMENT_TIMEOUT`]) before it fails with a store error and its
     /// connection is closed. Without a bound, a connection whose peer stopped answering
     /// would hold a renewal or a completion until the lease ran out, and another caller
-    /// would take the key over and run the operation again. Keep it under a third of the
-    /// shortest lease in use.
+    /// would take the key over and run the operation again. Keep it under a sixth of the
+    /// shortest lease in use: the engine bounds each renewal by that much. A claim takes
+    /// effect only within nine tenths of it, so a claim its caller gave up on (waiting on
+    /// a lock, say) never lands afterwards and holds the key for a call that never ran.
     pub fn with_statement_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -224,6 +242,12 @@ impl PostgresStore {
             .begin()
             .await
             .map_err(store_err("postgres: migrate"))?;
+        // Another process may hold the lock while it creates the table: wait for it, past
+        // the statement timeout that bounds the protocol's statements.
+        sqlx::query("SET LOCAL statement_timeout = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(store_err("postgres: migrate"))?;
         // `IF NOT EXISTS` is not safe against a concurrent creation; the lock is.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
             .bind(format!("idempotent-migrate:{t}"))
@@ -256,10 +280,19 @@ impl PostgresStore {
 
     /// Deletes the rows whose lease or TTL has run out, and says how many.
     pub async fn purge_expired(&self) -> Result<u64, Error> {
-        let done = sqlx::query(&self.sql.purge)
-            .execute(&self.pool)
+        let err = store_err("postgres: purge");
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        // A purge of a large table may take longer than the statement timeout that
+        // bounds the protocol's statements; it holds no key, so it may.
+        sqlx::query("SET LOCAL statement_timeout = 0")
+            .execute(&mut *tx)
             .await
             .map_err(store_err("postgres: purge"))?;
+        let done = sqlx::query(&self.sql.purge)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_err("postgres: purge"))?;
+        tx.commit().await.map_err(store_err("postgres: purge"))?;
         Ok(done.rows_affected())
     }
 
@@ -282,6 +315,13 @@ impl PostgresStore {
                 }
             }
         })
+    }
+
+    /// How long after the server received it a claim may still take effect: nine tenths
+    /// of the statement timeout, so that a claim never lands after its caller gave up on
+    /// it (the server receives a statement a little after the caller starts its clock).
+    fn claim_deadline(&self) -> Duration {
+        self.timeout * 9 / 10
     }
 
     /// A connection for one statement, from the pool.
@@ -394,7 +434,8 @@ impl Store for PostgresStore {
                 .bind(key.key())
                 .bind(&fp)
                 .bind(millis(lease))
-                .bind(token_arg(token));
+                .bind(token_arg(token))
+                .bind(millis(self.claim_deadline()));
             let row = self.fetch_optional("postgres: claim", q).await?;
             if let Some(row) = row {
                 return parse_claim(&row);

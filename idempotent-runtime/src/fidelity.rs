@@ -1,27 +1,32 @@
-//! Values that JSON would store as something else, found before they are stored.
+//! Values that a codec would store as something else, found before they are stored.
 //!
-//! `serde_json` writes a NaN or an infinite float as `null`, and `Some(x)` as plain `x`. So
-//! `Some(None)`, `Some(())` and `Some(f64::NAN)` are all written `null`, and read back as
-//! `None`: a replay would hand the caller another value than the one the operation
-//! returned. (A top-level NaN is caught anyway, since `null` does not decode into an
-//! `f64`; inside an `Option` it decodes, wrongly.) This walks the value's serde data model
-//! once, writing nothing, and names the first such place. Postcard tags options and
-//! keeps floats bit for bit, so it needs no such walk.
+//! - JSON: `serde_json` writes a NaN or an infinite float as `null`, and `Some(x)` as plain
+//!   `x`. So `Some(None)`, `Some(())`, `Some(f64::NAN)` and `Some` of a raw `null` are all
+//!   written `null`, and read back as `None`: a replay would hand the caller another value
+//!   than the one the operation returned. (A top-level NaN is caught anyway, since `null`
+//!   does not decode into an `f64`; inside an `Option` it decodes, wrongly.)
+//! - Postcard: fields carry no names, so a field skipped when serializing
+//!   (`#[serde(skip_serializing_if = ..)]`) shifts every byte after it, and the rest may
+//!   decode, without an error, into other fields.
 //!
-//! Why not compare the value with its decoded copy: the types need not be `PartialEq`, and
-//! comparing their serialized forms reports every `HashSet` as changed (its order depends
-//! on a per-instance random seed).
+//! This walks the value's serde data model once, writing nothing, and names the first such
+//! place. What it cannot see (a `Deserialize` that does not mirror its `Serialize`),
+//! `Codec::encode_checked` finds by encoding what was decoded.
+//!
+//! Why not compare the value with its decoded copy: the types need not be `PartialEq`.
 
 use std::fmt;
 
 use serde::ser::{self, Impossible, Serialize, Serializer};
 
-/// Where a value would not survive JSON, or `None` when it would.
-pub(crate) fn json_loses<T: Serialize + ?Sized>(value: &T) -> Option<Loss> {
-    value.serialize(Walk).err()
+use crate::codec::Codec;
+
+/// Where a value would not survive `codec`, or `None` when it would.
+pub(crate) fn loses<T: Serialize + ?Sized>(codec: Codec, value: &T) -> Option<Loss> {
+    value.serialize(Walk(codec)).err()
 }
 
-/// What JSON would lose.
+/// What a codec would lose.
 #[derive(Debug)]
 pub(crate) enum Loss {
     /// A NaN or an infinite float (written as `null`).
@@ -29,6 +34,11 @@ pub(crate) enum Loss {
     /// `Some` of a value written as `null` (`None`, `()`, a unit struct, a NaN): read back
     /// as `None`.
     SomeOfNull,
+    /// A struct field skipped when serializing, under a codec without field names.
+    SkippedField(&'static str),
+    /// The value decodes to another value (found by `Codec::encode_checked`, not by the
+    /// walk).
+    Changed,
     /// A custom `Serialize` implementation failed.
     Custom(String),
 }
@@ -42,6 +52,11 @@ impl fmt::Display for Loss {
             Loss::SomeOfNull => {
                 f.write_str("Some of a value JSON writes as null, which reads back as None")
             }
+            Loss::SkippedField(name) => write!(
+                f,
+                "the field `{name}` is skipped when serializing, which shifts the fields after it under Postcard"
+            ),
+            Loss::Changed => f.write_str("the value decodes back as another value"),
             Loss::Custom(msg) => f.write_str(msg),
         }
     }
@@ -55,14 +70,17 @@ impl ser::Error for Loss {
     }
 }
 
-/// Walks a value and fails at the first place JSON would lose.
-struct Walk;
+/// Walks a value and fails at the first place its codec would lose.
+#[derive(Clone, Copy)]
+struct Walk(Codec);
 
-fn finite(v: f64) -> Result<(), Loss> {
-    if v.is_finite() {
-        Ok(())
-    } else {
-        Err(Loss::NonFiniteFloat)
+impl Walk {
+    fn float(self, v: f64) -> Result<(), Loss> {
+        if self.0 == Codec::Json && !v.is_finite() {
+            Err(Loss::NonFiniteFloat)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -111,10 +129,10 @@ impl Serializer for Walk {
         Ok(())
     }
     fn serialize_f32(self, v: f32) -> Result<(), Loss> {
-        finite(f64::from(v))
+        self.float(f64::from(v))
     }
     fn serialize_f64(self, v: f64) -> Result<(), Loss> {
-        finite(v)
+        self.float(v)
     }
     fn serialize_char(self, _: char) -> Result<(), Loss> {
         Ok(())
@@ -129,10 +147,10 @@ impl Serializer for Walk {
         Ok(())
     }
     fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), Loss> {
-        if value.serialize(IsNull).is_ok() {
+        if self.0 == Codec::Json && value.serialize(IsNull).is_ok() {
             return Err(Loss::SomeOfNull);
         }
-        value.serialize(Walk)
+        value.serialize(self)
     }
     fn serialize_unit(self) -> Result<(), Loss> {
         Ok(())
@@ -148,7 +166,7 @@ impl Serializer for Walk {
         _: &'static str,
         value: &T,
     ) -> Result<(), Loss> {
-        value.serialize(Walk)
+        value.serialize(self)
     }
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
         self,
@@ -157,16 +175,16 @@ impl Serializer for Walk {
         _: &'static str,
         value: &T,
     ) -> Result<(), Loss> {
-        value.serialize(Walk)
+        value.serialize(self)
     }
     fn serialize_seq(self, _: Option<usize>) -> Result<Walk, Loss> {
-        Ok(Walk)
+        Ok(self)
     }
     fn serialize_tuple(self, _: usize) -> Result<Walk, Loss> {
-        Ok(Walk)
+        Ok(self)
     }
     fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Walk, Loss> {
-        Ok(Walk)
+        Ok(self)
     }
     fn serialize_tuple_variant(
         self,
@@ -175,13 +193,13 @@ impl Serializer for Walk {
         _: &'static str,
         _: usize,
     ) -> Result<Walk, Loss> {
-        Ok(Walk)
+        Ok(self)
     }
     fn serialize_map(self, _: Option<usize>) -> Result<Walk, Loss> {
-        Ok(Walk)
+        Ok(self)
     }
     fn serialize_struct(self, _: &'static str, _: usize) -> Result<Walk, Loss> {
-        Ok(Walk)
+        Ok(self)
     }
     fn serialize_struct_variant(
         self,
@@ -190,22 +208,18 @@ impl Serializer for Walk {
         _: &'static str,
         _: usize,
     ) -> Result<Walk, Loss> {
-        Ok(Walk)
+        Ok(self)
     }
 }
 
-/// The compound parts of a value: each element or field is walked in turn.
+/// The compound parts of a value: each element is walked in turn.
 macro_rules! walk_each {
-    ($($trait:ident :: $method:ident $(($key:ty))?),* $(,)?) => {$(
+    ($($trait:ident :: $method:ident),* $(,)?) => {$(
         impl ser::$trait for Walk {
             type Ok = ();
             type Error = Loss;
-            fn $method<T: Serialize + ?Sized>(
-                &mut self,
-                $(_: $key,)?
-                value: &T,
-            ) -> Result<(), Loss> {
-                value.serialize(Walk)
+            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Loss> {
+                value.serialize(*self)
             }
             fn end(self) -> Result<(), Loss> {
                 Ok(())
@@ -219,9 +233,36 @@ walk_each!(
     SerializeTuple::serialize_element,
     SerializeTupleStruct::serialize_field,
     SerializeTupleVariant::serialize_field,
-    SerializeStruct::serialize_field(&'static str),
-    SerializeStructVariant::serialize_field(&'static str),
 );
+
+/// The named fields of a struct: each is walked in turn, and one skipped is a loss under
+/// Postcard.
+macro_rules! walk_fields {
+    ($($trait:ident),*) => {$(
+        impl ser::$trait for Walk {
+            type Ok = ();
+            type Error = Loss;
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                _: &'static str,
+                value: &T,
+            ) -> Result<(), Loss> {
+                value.serialize(*self)
+            }
+            fn skip_field(&mut self, name: &'static str) -> Result<(), Loss> {
+                match self.0 {
+                    Codec::Postcard => Err(Loss::SkippedField(name)),
+                    _ => Ok(()),
+                }
+            }
+            fn end(self) -> Result<(), Loss> {
+                Ok(())
+            }
+        }
+    )*};
+}
+
+walk_fields!(SerializeStruct, SerializeStructVariant);
 
 impl ser::SerializeMap for Walk {
     type Ok = ();
@@ -231,10 +272,40 @@ impl ser::SerializeMap for Walk {
         Ok(())
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Loss> {
-        value.serialize(Walk)
+        value.serialize(*self)
     }
     fn end(self) -> Result<(), Loss> {
         Ok(())
+    }
+}
+
+/// The name under which serde_json serializes a `RawValue`: a struct of one field, its
+/// text.
+const RAW_VALUE: &str = "$serde_json::private::RawValue";
+
+/// A `RawValue` seen by [`IsNull`]: null when its text is.
+struct RawText {
+    null: bool,
+}
+
+impl ser::SerializeStruct for RawText {
+    type Ok = ();
+    type Error = NotNull;
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        _: &'static str,
+        value: &T,
+    ) -> Result<(), NotNull> {
+        let text = serde_json::to_value(value).map_err(|_| NotNull)?;
+        self.null = text.as_str().map(str::trim) == Some("null");
+        Ok(())
+    }
+    fn end(self) -> Result<(), NotNull> {
+        if self.null {
+            Ok(())
+        } else {
+            Err(NotNull)
+        }
     }
 }
 
@@ -267,7 +338,7 @@ impl Serializer for IsNull {
     type SerializeTupleStruct = Impossible<(), NotNull>;
     type SerializeTupleVariant = Impossible<(), NotNull>;
     type SerializeMap = Impossible<(), NotNull>;
-    type SerializeStruct = Impossible<(), NotNull>;
+    type SerializeStruct = RawText;
     type SerializeStructVariant = Impossible<(), NotNull>;
 
     fn serialize_bool(self, _: bool) -> Result<(), NotNull> {
@@ -377,8 +448,17 @@ impl Serializer for IsNull {
     fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, NotNull> {
         Err(NotNull)
     }
-    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeStruct, NotNull> {
-        Err(NotNull)
+    fn serialize_struct(
+        self,
+        name: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeStruct, NotNull> {
+        // serde_json writes a `RawValue` as its text, which may be `null`.
+        if name == RAW_VALUE {
+            Ok(RawText { null: false })
+        } else {
+            Err(NotNull)
+        }
     }
     fn serialize_struct_variant(
         self,
@@ -411,40 +491,75 @@ mod tests {
 
     #[test]
     fn what_json_keeps_passes() {
-        assert!(json_loses(&1.5f64).is_none());
-        assert!(json_loses(&Some(0.0f32)).is_none());
-        assert!(json_loses(&None::<Option<u8>>).is_none());
-        assert!(json_loses(&Some(Some(1u8))).is_none());
-        assert!(json_loses(&Some(vec![None::<u8>])).is_none());
+        assert!(loses(Codec::Json, &1.5f64).is_none());
+        assert!(loses(Codec::Json, &Some(0.0f32)).is_none());
+        assert!(loses(Codec::Json, &None::<Option<u8>>).is_none());
+        assert!(loses(Codec::Json, &Some(Some(1u8))).is_none());
+        assert!(loses(Codec::Json, &Some(vec![None::<u8>])).is_none());
         let tags: HashSet<String> = ["a".into(), "b".into(), "c".into()].into();
         let r = Receipt {
             id: "r".into(),
             risk: Some(0.1),
             tags,
         };
-        assert!(json_loses(&r).is_none());
-        assert!(json_loses(&HashMap::from([("k", Some(1u8))])).is_none());
+        assert!(loses(Codec::Json, &r).is_none());
+        assert!(loses(Codec::Json, &HashMap::from([("k", Some(1u8))])).is_none());
+    }
+
+    #[test]
+    fn what_postcard_loses_is_named() {
+        #[derive(serde::Serialize)]
+        struct Packed {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            a: Option<u8>,
+            b: u8,
+        }
+        let skipped = Packed { a: None, b: 1 };
+        assert!(matches!(
+            loses(Codec::Postcard, &skipped),
+            Some(Loss::SkippedField("a"))
+        ));
+        assert!(loses(Codec::Json, &skipped).is_none());
+        assert!(loses(Codec::Postcard, &Packed { a: Some(1), b: 1 }).is_none());
+        assert!(loses(Codec::Postcard, &Some(None::<u8>)).is_none());
+        assert!(loses(Codec::Postcard, &f64::NAN).is_none());
     }
 
     #[test]
     fn what_json_loses_is_named() {
-        assert!(matches!(json_loses(&f64::NAN), Some(Loss::NonFiniteFloat)));
+        let raw = serde_json::value::RawValue::from_string("null".into()).unwrap();
         assert!(matches!(
-            json_loses(&vec![1.0, f64::INFINITY]),
+            loses(Codec::Json, &Some(raw)),
+            Some(Loss::SomeOfNull)
+        ));
+        let raw = serde_json::value::RawValue::from_string("1".into()).unwrap();
+        assert!(loses(Codec::Json, &Some(raw)).is_none());
+        assert!(matches!(
+            loses(Codec::Json, &f64::NAN),
             Some(Loss::NonFiniteFloat)
         ));
         assert!(matches!(
-            json_loses(&Some(None::<u8>)),
-            Some(Loss::SomeOfNull)
+            loses(Codec::Json, &vec![1.0, f64::INFINITY]),
+            Some(Loss::NonFiniteFloat)
         ));
-        assert!(matches!(json_loses(&Some(())), Some(Loss::SomeOfNull)));
-        assert!(matches!(json_loses(&Some(Unit)), Some(Loss::SomeOfNull)));
         assert!(matches!(
-            json_loses(&Some(f32::NAN)),
+            loses(Codec::Json, &Some(None::<u8>)),
             Some(Loss::SomeOfNull)
         ));
         assert!(matches!(
-            json_loses(&Wrapper(Some(None))),
+            loses(Codec::Json, &Some(())),
+            Some(Loss::SomeOfNull)
+        ));
+        assert!(matches!(
+            loses(Codec::Json, &Some(Unit)),
+            Some(Loss::SomeOfNull)
+        ));
+        assert!(matches!(
+            loses(Codec::Json, &Some(f32::NAN)),
+            Some(Loss::SomeOfNull)
+        ));
+        assert!(matches!(
+            loses(Codec::Json, &Wrapper(Some(None))),
             Some(Loss::SomeOfNull)
         ));
         let r = Receipt {
@@ -452,9 +567,9 @@ mod tests {
             risk: Some(f64::NAN),
             tags: HashSet::new(),
         };
-        assert!(matches!(json_loses(&r), Some(Loss::SomeOfNull)));
+        assert!(matches!(loses(Codec::Json, &r), Some(Loss::SomeOfNull)));
         assert!(matches!(
-            json_loses(&HashMap::from([("k", Some(Some(None::<u8>)))])),
+            loses(Codec::Json, &HashMap::from([("k", Some(Some(None::<u8>)))])),
             Some(Loss::SomeOfNull)
         ));
     }
