@@ -1,12 +1,17 @@
-//! One hit variant in a loop, for a profiler: instruction counts under callgrind, which
-//! do not drift with the machine's load as timings do, and samples under `perf`.
+//! One hit (or first execution) variant in a loop, for a profiler: instruction counts
+//! under callgrind, which do not drift with the machine's load as timings do, and samples
+//! under `perf`.
 //!
 //! ```text
 //! cargo bench -p idempotent-runtime --bench hit_profile --no-run
 //! valgrind --tool=callgrind target/release/deps/hit_profile-<hash> raw|engine|macro
+//! valgrind --tool=callgrind target/release/deps/hit_profile-<hash> first-raw|first
 //! N=10000000 perf record target/release/deps/hit_profile-<hash> macro
 //! target/release/deps/hit_profile-<hash> sizes
 //! ```
+//!
+//! `first-raw` is the body, a `serde_json` encode and a raw moka insert on a new key;
+//! `first` is `Idempotency::run` on a new key. Both format their key the same way.
 //!
 //! `N` sets the number of calls (default 200,000); `sizes` prints the size of each
 //! variant's future, which a hit moves whole.
@@ -65,6 +70,27 @@ fn main() {
                     black_box(place(&json, black_box("order-1001")).await.expect("hit"));
                 }
             }
+            "first-raw" => {
+                for i in 0..n {
+                    let key = format!("bench|order-{i}");
+                    let value = receipt();
+                    let encoded = serde_json::to_vec(&value).expect("encode");
+                    sync.insert(key, bytes::Bytes::from(encoded));
+                    black_box(value);
+                }
+            }
+            "first" => {
+                let idem = Idempotency::memory();
+                for i in 0..n {
+                    let r: Receipt = idem
+                        .call(format_args!("order-{i}"))
+                        .scope("bench")
+                        .run(|| async { Ok::<_, Error>(receipt()) })
+                        .await
+                        .expect("first");
+                    black_box(r);
+                }
+            }
             "sizes" => {
                 let engine = json
                     .call("order-1001")
@@ -74,7 +100,9 @@ fn main() {
                 let attribute = place(&json, "order-1001");
                 println!("#[idempotent] fn future: {} bytes", size_of_val(&attribute));
             }
-            other => eprintln!("unknown variant {other:?}: raw, engine, macro or sizes"),
+            other => eprintln!(
+                "unknown variant {other:?}: raw, engine, macro, first-raw, first or sizes"
+            ),
         }
     });
 }
