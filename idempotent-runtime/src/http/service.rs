@@ -159,28 +159,23 @@ where
     };
     let scope = scope(&config, &parts);
     let req = Request::from_parts(parts, ReqBody::from(bytes));
-    // The handler runs on a task of its own: a client that disconnects (hyper drops this
-    // future) must not stop a handler that may have made its side effect, nor free its key
-    // for a retry to run it again. The retry waits for it (or gets 409) and replays it.
+    // The handler runs to completion on a task of its own: a client that disconnects
+    // (hyper drops this future) must not stop a handler that may have made its side
+    // effect, nor free its key for a retry to run it again. The retry waits for it (or
+    // gets 409) and replays it.
+    let mut call = config
+        .engine
+        .call(key)
+        .scope(scope)
+        .fingerprint_result(Ok(fp))
+        .concurrency(config.concurrency);
+    if let Some(ttl) = config.ttl {
+        call = call.ttl(ttl);
+    }
     let cfg = config.clone();
-    let engine = config.engine.clone();
-    let task = tokio::spawn(async move {
-        let mut call = engine
-            .call(key)
-            .scope(scope)
-            .fingerprint_result(Ok(fp))
-            .concurrency(cfg.concurrency);
-        if let Some(ttl) = cfg.ttl {
-            call = call.ttl(ttl);
-        }
-        call.run_with_outcome(move || respond(cfg, inner, req))
-            .await
-    });
-    let answered = match task.await {
-        Ok(answered) => answered,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => Err(Pass::Engine(Error::Cancelled)),
-    };
+    let answered = call
+        .run_to_completion_with_outcome(move || respond(cfg, inner, req))
+        .await;
     match answered {
         Ok((stored, outcome)) => Ok(full(stored.to_response(outcome != Outcome::Executed))),
         Err(Pass::Response(resp)) => Ok(resp),
