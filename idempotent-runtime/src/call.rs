@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::codec::Codec;
-use crate::engine::{Concurrency, Idempotency, Outcome, Request, Settings};
+use crate::engine::{Concurrency, Idempotency, Outcome, Plain, Request, Settings};
 use crate::error::ConfigError;
 use crate::error::{CodecError, Error, KeyError};
 use crate::fingerprint::Fingerprint;
@@ -43,7 +43,7 @@ use crate::key::StoreKey;
 /// ```
 #[must_use = "a call does nothing until `.run(..)` is awaited"]
 pub struct Call<'a, K, P = DiscardErrors> {
-    engine: &'a Idempotency,
+    pub(crate) engine: &'a Idempotency,
     key: K,
     scope: Option<Cow<'a, str>>,
     fingerprint: Option<Result<Fingerprint, CodecError>>,
@@ -200,7 +200,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         Fut: Future<Output = Result<T, E>> + 'a,
     {
         let inner = &self.engine.inner;
-        inner.run::<K, T, E, P, F, Fut>(self, op)
+        inner.run::<K, T, E, P, Plain<F>>(self, Plain(op))
     }
 
     /// Like [`Call::run`], but `op` runs on a task of its own, started at once, so it runs
@@ -275,7 +275,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             let rt = tokio::runtime::Handle::try_current()
                 .map_err(|_| Error::Config(ConfigError::NoRuntime))?;
             Ok(Started::Running(rt.spawn(async move {
-                inner.join_or_lead::<T, E, P, F, Fut>(req, op).await
+                inner.join_or_lead::<T, E, P, Plain<F>>(req, Plain(op)).await
             })))
         });
         async move {
@@ -293,7 +293,12 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     /// Resolves the call's settings against the engine's and formats its key. Runs when
     /// the call's future is first polled.
     pub(crate) fn into_request<F>(self) -> Result<Request, Error> {
-        let scope = self.scope.as_deref().unwrap_or(std::any::type_name::<F>());
+        self.into_request_named(std::any::type_name::<F>())
+    }
+
+    /// Like [`Call::into_request`], with the default scope given.
+    pub(crate) fn into_request_named(self, default_scope: &str) -> Result<Request, Error> {
+        let scope = self.scope.as_deref().unwrap_or(default_scope);
         let defaults = self.engine.inner.defaults;
         let settings = Settings {
             ttl: self.ttl.unwrap_or(defaults.ttl),

@@ -7,6 +7,7 @@ use std::panic::{resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::FutureExt as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -309,27 +310,27 @@ pub(crate) struct Request {
     pub(crate) settings: Settings,
 }
 
-type Answer<T, E> = Result<(T, Outcome), E>;
+pub(crate) type Answer<T, E> = Result<(T, Outcome), E>;
 
 impl Inner {
     /// The protocol. Each branch that can use `op` returns, so it runs at most once.
     ///
     /// The call's only `async fn`: what it takes it keeps until it finishes, so it takes
     /// the call as it was built and resolves it here.
-    pub(crate) async fn run<K, T, E, P, F, Fut>(
+    pub(crate) async fn run<K, T, E, P, O>(
         self: &Arc<Self>,
         call: Call<'_, K, P>,
-        op: F,
+        op: O,
     ) -> Answer<T, E>
     where
         K: CallKey,
-        T: Serialize + DeserializeOwned,
+        T: DeserializeOwned,
         E: From<Error>,
         P: ErrorPolicy<E>,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        O: Operation<T, E>,
     {
-        let req = call.into_request::<F>()?;
+        let req = call.into_request_named(O::name())?;
+        op.check(self)?;
         if let Some(rec) = self.store.peek_completed(&req.key) {
             let answer = self.replay_record::<T, E, P>(&req, rec);
             req.key.recycle();
@@ -339,22 +340,21 @@ impl Inner {
         // Each boxed future below is made in a statement of its own: made in the
         // `.await`'s own statement, the unboxed future would be kept, moved-from, in this
         // future's state too.
-        let rest = Box::pin(self.join_or_lead::<T, E, P, F, Fut>(req, op));
+        let rest = Box::pin(self.join_or_lead::<T, E, P, O>(req, op));
         rest.await
     }
 
     /// Everything after the check for a local hit: coalesce, claim, run or wait.
-    pub(crate) async fn join_or_lead<T, E, P, F, Fut>(
+    pub(crate) async fn join_or_lead<T, E, P, O>(
         self: &Arc<Self>,
         req: Request,
-        op: F,
+        op: O,
     ) -> Answer<T, E>
     where
-        T: Serialize + DeserializeOwned,
+        T: DeserializeOwned,
         E: From<Error>,
         P: ErrorPolicy<E>,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        O: Operation<T, E>,
     {
         loop {
             match self.flights.join(&req.key, req.fingerprint) {
@@ -362,7 +362,7 @@ impl Inner {
                 // of over a kilobyte: boxed apart, only the caller that talks to the store
                 // pays for it, not each of a thousand followers.
                 Joined::Leader(flight) => {
-                    let lead = Box::pin(self.lead::<T, E, P, F, Fut>(&req, flight, op));
+                    let lead = Box::pin(self.lead::<T, E, P, O>(&req, flight, op));
                     return lead.await;
                 }
                 Joined::Follower(flight) => {
@@ -378,7 +378,7 @@ impl Inner {
                                     sent,
                                     guard,
                                 );
-                                let run = Box::pin(self.execute::<T, E, P, F, Fut>(&req, held, op));
+                                let run = Box::pin(op.execute::<P>(self, &req, held));
                                 run.await
                             }
                         };
@@ -390,18 +390,17 @@ impl Inner {
 
     /// Leads the key in this process: claims it in the store and runs, replays, or waits
     /// for a holder elsewhere. Local followers wait on `flight` meanwhile.
-    async fn lead<T, E, P, F, Fut>(
+    async fn lead<T, E, P, O>(
         self: &Arc<Self>,
         req: &Request,
         flight: FlightGuard,
-        op: F,
+        op: O,
     ) -> Answer<T, E>
     where
-        T: Serialize + DeserializeOwned,
+        T: DeserializeOwned,
         E: From<Error>,
         P: ErrorPolicy<E>,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        O: Operation<T, E>,
     {
         let mut pause = FIRST_POLL;
         loop {
@@ -421,7 +420,7 @@ impl Inner {
                         sent,
                         flight,
                     );
-                    return self.execute::<T, E, P, F, Fut>(req, held, op).await;
+                    return op.execute::<P>(self, req, held).await;
                 }
                 Claim::Completed(rec) => {
                     let (fingerprint, result) = completed(rec)?;
@@ -572,51 +571,66 @@ impl Inner {
                 resume_unwind(panic)
             }
             Ok(Ok(value)) => {
-                let mut counted_unstored = false;
-                let result = match self.codec.encode_checked(&value) {
-                    Ok(bytes) => bytes,
-                    Err(e) => {
-                        counted_unstored = true;
-                        // The operation ran: releasing would run it again on every retry,
-                        // and storing what does not decode back would replay an error or
-                        // another value. A marker stands in, refused on replay.
-                        bump(&self.stats.unstored);
-                        tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
-                            "the operation's value cannot be stored faithfully; retries of this key get Error::Codec (Unstorable)");
-                        Codec::unstorable()
-                    }
-                };
-                held.complete(Completion {
-                    result: StoredResult::Ok(result),
-                    ttl: req.settings.ttl,
-                    counted_unstored,
-                })
-                .await;
+                held.complete(self.value_completion(req, &value)).await;
                 debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed", "idempotent call");
                 Ok((value, Outcome::Executed))
             }
             Ok(Err(err)) => {
-                match P::encode(&err, self.codec) {
-                    Some(Ok(bytes)) => {
-                        held.complete(Completion {
-                            result: StoredResult::Err(bytes),
-                            ttl: req.settings.ttl,
-                            counted_unstored: false,
-                        })
-                        .await
-                    }
-                    Some(Err(e)) => {
-                        // The caller's own error says more than the codec's; give that back
-                        // and leave the key free for a retry, as for errors not stored.
-                        tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
-                            "could not store the error faithfully; not stored");
-                        held.release().await;
-                    }
-                    None => held.release().await,
-                }
+                self.finish_error(req, held, P::encode(&err, self.codec))
+                    .await;
                 debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed_err", "idempotent call");
                 Err(err)
             }
+        }
+    }
+
+    /// After the operation returned an error, `encoded` by its policy: stores it (with
+    /// [`Call::store_errors`]) or releases the claim, so a retry runs again.
+    pub(crate) async fn finish_error(
+        &self,
+        req: &Request,
+        held: HeldClaim,
+        encoded: Option<Result<Bytes, CodecError>>,
+    ) {
+        match encoded {
+            Some(Ok(bytes)) => {
+                held.complete(Completion {
+                    result: StoredResult::Err(bytes),
+                    ttl: req.settings.ttl,
+                    counted_unstored: false,
+                })
+                .await
+            }
+            Some(Err(e)) => {
+                // The caller's own error says more than the codec's; give that back and
+                // leave the key free for a retry, as for errors not stored.
+                tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
+                    "could not store the error faithfully; not stored");
+                held.release().await;
+            }
+            None => held.release().await,
+        }
+    }
+
+    /// The completion that stores `value`: its encoding, or, for a value that would not
+    /// decode back as it is, a marker refused on replay.
+    pub(crate) fn value_completion<T: Serialize + DeserializeOwned>(&self, req: &Request, value: &T) -> Completion {
+        let (result, counted_unstored) = match self.codec.encode_checked(value) {
+            Ok(bytes) => (bytes, false),
+            Err(e) => {
+                // The operation ran: releasing would run it again on every retry, and
+                // storing what does not decode back would replay an error or another
+                // value. A marker stands in, refused on replay.
+                bump(&self.stats.unstored);
+                tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
+                    "the operation's value cannot be stored faithfully; retries of this key get Error::Codec (Unstorable)");
+                (Codec::unstorable(), true)
+            }
+        };
+        Completion {
+            result: StoredResult::Ok(result),
+            ttl: req.settings.ttl,
+            counted_unstored,
         }
     }
 
@@ -838,4 +852,50 @@ enum Timed<T, E> {
     /// Wait again: the leader beat, is still in progress in the store, or the role moved.
     Again,
     Answer(Followed<T, E>),
+}
+
+/// What runs under a held claim, and how it finishes it: the closure of [`Call::run`], or
+/// one run in a PostgreSQL transaction. Everything before (coalescing, the claim, waiting,
+/// replay) is the same for both.
+pub(crate) trait Operation<T, E> {
+    /// The default scope: the type name of the user's closure.
+    fn name() -> &'static str;
+
+    /// Refuses, before anything runs or is claimed, an operation the engine cannot run.
+    fn check(&self, engine: &Inner) -> Result<(), Error> {
+        let _ = engine;
+        Ok(())
+    }
+
+    /// Runs under `held`, then completes or releases it.
+    fn execute<P: ErrorPolicy<E>>(
+        self,
+        engine: &Arc<Inner>,
+        req: &Request,
+        held: HeldClaim,
+    ) -> impl Future<Output = Answer<T, E>>;
+}
+
+/// The operation of [`Call::run`]: a closure that makes a future.
+pub(crate) struct Plain<F>(pub(crate) F);
+
+impl<T, E, F, Fut> Operation<T, E> for Plain<F>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    fn name() -> &'static str {
+        std::any::type_name::<F>()
+    }
+
+    fn execute<P: ErrorPolicy<E>>(
+        self,
+        engine: &Arc<Inner>,
+        req: &Request,
+        held: HeldClaim,
+    ) -> impl Future<Output = Answer<T, E>> {
+        engine.execute::<T, E, P, F, Fut>(req, held, self.0)
+    }
 }

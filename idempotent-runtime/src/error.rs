@@ -28,7 +28,9 @@ pub enum Error {
     InvalidKey(#[from] KeyError),
 
     /// The store failed (unreachable, timed out, refused). The operation did not run:
-    /// without the store there is no guarantee, so the engine fails closed.
+    /// without the store there is no guarantee, so the engine fails closed. (One
+    /// exception: a transactional call whose commit's outcome is unknown, of kind
+    /// [`StoreErrorKind::CommitUnknown`].)
     #[error("idempotency store failed")]
     Store(#[from] StoreError),
 
@@ -46,6 +48,16 @@ pub enum Error {
     /// claim, if any, frees itself within one lease.
     #[error("the idempotent operation's task was cancelled before it finished")]
     Cancelled,
+
+    /// The operation ran in a transaction (see
+    /// [`Call::run_in_transaction`](crate::Call::run_in_transaction)) but its claim was
+    /// taken over before it committed: its lease ran out without renewal (the task
+    /// stalled, or the store was unreachable for a whole lease) and another caller
+    /// claimed the key. The transaction was rolled back, so none of the operation's
+    /// writes took effect; the key belongs to the other caller, and a retry gets its
+    /// result.
+    #[error("the idempotency claim was taken over before the transaction committed; it was rolled back")]
+    LeaseLost,
 }
 
 /// So that functions returning `std::io::Result<T>` can be idempotent. The kind says
@@ -54,7 +66,7 @@ pub enum Error {
 impl From<Error> for std::io::Error {
     fn from(e: Error) -> Self {
         let kind = match &e {
-            Error::InProgress => std::io::ErrorKind::WouldBlock,
+            Error::InProgress | Error::LeaseLost => std::io::ErrorKind::WouldBlock,
             Error::Mismatch | Error::InvalidKey(_) | Error::Config(_) => {
                 std::io::ErrorKind::InvalidInput
             }
@@ -131,6 +143,11 @@ pub enum ConfigError {
     /// tokio runtime, so there is nowhere to run the operation's own task.
     #[error("running to completion needs a tokio runtime")]
     NoRuntime,
+    /// [`Call::run_in_transaction`](crate::Call::run_in_transaction) was called on an
+    /// engine whose store keeps no transactions of the operation's database (only a
+    /// [`PostgresStore`](crate::store::PostgresStore) does). Nothing ran.
+    #[error("run_in_transaction needs an engine over a PostgresStore")]
+    NotTransactional,
     /// The maximum key length is zero: no key could be used.
     #[error("the maximum key length must be at least 1")]
     ZeroMaxKeyLen,
@@ -159,6 +176,13 @@ pub enum StoreErrorKind {
     /// The store holds as many claims in progress as it can, and refused a new one rather
     /// than let an operation run without a claim it keeps.
     Full,
+    /// An operation run in a transaction
+    /// ([`Call::run_in_transaction`](crate::Call::run_in_transaction)) returned, and its
+    /// commit was sent, but the database could not be asked whether it committed (the
+    /// connection broke during the commit, and the database stayed unreachable). Its
+    /// writes and its stored result took effect together or not at all: a retry replays
+    /// the result if they did, and runs the operation again if they did not.
+    CommitUnknown,
 }
 
 impl StoreError {
@@ -177,6 +201,19 @@ impl StoreError {
             context,
             kind: StoreErrorKind::Failed,
             source: None,
+        }
+    }
+
+    /// A commit whose outcome could not be learned, described by `context`.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn commit_unknown(
+        context: &'static str,
+        source: impl Into<Box<dyn StdError + Send + Sync>>,
+    ) -> Self {
+        Self {
+            context,
+            kind: StoreErrorKind::CommitUnknown,
+            source: Some(source.into()),
         }
     }
 

@@ -57,7 +57,7 @@ pub(crate) struct Completion {
 /// `op`, or a [`StoreError`] once `within` has passed: a store that stops answering (a
 /// connection whose peer vanished without a reset) must not hold a renewal or a
 /// completion past the lease, which would let another caller take the key over and run.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     within: Duration,
     op: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
@@ -215,6 +215,40 @@ impl HeldClaim {
             result,
             fingerprint: self.flight.as_ref().and_then(|f| f.flight().fingerprint()),
         }
+    }
+
+    /// The store keeps `result` already (a transaction completed the claim and
+    /// committed): hands it to the local followers.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn committed(mut self, result: StoredResult) {
+        self.pending = Pending::Nothing;
+        let landing = self.result_landing(result);
+        if let Some(flight) = self.flight.take() {
+            flight.land(landing);
+        }
+    }
+
+    /// The completion found the claim taken over: counts it, and sends the local
+    /// followers to the key's new holder.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn lost(mut self) {
+        self.pending = Pending::Nothing;
+        lost_before_completion(&self.engine, &self.key, self.token);
+        if let Some(flight) = self.flight.take() {
+            flight.land(Landing::Retry);
+        }
+    }
+
+    /// The claim's token.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// The claim's lease.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn lease(&self) -> Duration {
+        self.lease
     }
 
     /// Gives the claim up now, then wakes the followers to start over. Dropped before the

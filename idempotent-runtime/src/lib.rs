@@ -301,6 +301,8 @@ mod lease;
 mod record;
 mod stats;
 pub mod store;
+#[cfg(feature = "postgres")]
+mod transaction;
 
 /// Makes an `async fn` idempotent; see [the crate docs](crate#the-idempotent-attribute).
 pub use idempotent_macros::idempotent;

@@ -26,6 +26,8 @@ pub use self::memory::{
     MemoryStore, MemoryStoreBuilder, DEFAULT_CAPACITY as DEFAULT_MEMORY_CAPACITY,
 };
 #[cfg(feature = "postgres")]
+pub(crate) use self::postgres::{Settled, Statement};
+#[cfg(feature = "postgres")]
 pub use self::postgres::{
     PostgresStore, DEFAULT_STATEMENT_TIMEOUT as DEFAULT_POSTGRES_STATEMENT_TIMEOUT,
     DEFAULT_TABLE as DEFAULT_POSTGRES_TABLE,
@@ -129,6 +131,15 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
     fn evicted(&self) -> u64 {
         0
     }
+
+    /// The [`PostgresStore`] this store keeps its records in, whose transactions
+    /// [`Call::run_in_transaction`](crate::Call::run_in_transaction) runs operations in:
+    /// itself, for a `PostgresStore`, or the one a wrapper forwards to. Other stores keep
+    /// the default, `None`, and refuse transactional calls.
+    #[cfg(feature = "postgres")]
+    fn postgres(&self) -> Option<&PostgresStore> {
+        None
+    }
 }
 
 #[async_trait]
@@ -172,5 +183,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn evicted(&self) -> u64 {
         (**self).evicted()
+    }
+
+    #[cfg(feature = "postgres")]
+    fn postgres(&self) -> Option<&PostgresStore> {
+        (**self).postgres()
     }
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::query::Query;
 use sqlx::{Postgres, Row};
 
@@ -57,16 +57,26 @@ pub struct PostgresStore {
     timeout: Duration,
 }
 
-/// A connection taken from the pool for one statement. If the statement does not finish
-/// (it timed out, or its caller was dropped), the connection is closed rather than given
-/// back: its answer may still be on the way, or never come (a peer that vanished without
-/// a reset), and the next statement on it would read that answer or wait forever.
-struct Statement(Option<PoolConnection<Postgres>>);
+/// A connection taken from the pool for one statement, or one transaction. If it does not
+/// finish (a statement timed out, or its caller was dropped), the connection is closed
+/// rather than given back: its answer may still be on the way, or never come (a peer that
+/// vanished without a reset), and the next statement on it would read that answer or wait
+/// forever. Closed, it also ends its transaction: the server rolls back what was not
+/// committed.
+pub(crate) struct Statement(Option<PoolConnection<Postgres>>);
 
 impl Statement {
     /// The connection, back to the pool: the statement finished.
-    fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         drop(self.0.take());
+    }
+
+    /// The connection, while the statement or transaction runs.
+    pub(crate) fn connection(&mut self) -> Result<&mut PgConnection, StoreError> {
+        match self.0.as_mut() {
+            Some(conn) => Ok(&mut **conn),
+            None => Err(StoreError::msg("postgres: connection already given back")),
+        }
     }
 }
 
@@ -87,6 +97,8 @@ struct Sql {
     complete: String,
     release: String,
     purge: String,
+    complete_in_transaction: String,
+    settle: String,
 }
 
 impl Sql {
@@ -140,6 +152,22 @@ impl Sql {
                  WHERE scope = $1 AND key = $2 AND state = 'p' AND token = $3 AND expires_at > now()"
             ),
             purge: format!("DELETE FROM {t} WHERE expires_at <= now()"),
+            // In the operation's transaction, just before its commit. No check of the
+            // lease: a claim whose lease ran out but that nobody took over is still the
+            // only one, and this row lock makes a takeover wait for the commit (and then
+            // find the result) or come first (and then the token no longer matches).
+            // `now()` is the transaction's start; the TTL counts from the completion.
+            complete_in_transaction: format!(
+                "UPDATE {t} SET state = $4, result = $5,
+                                expires_at = clock_timestamp() + $6::bigint * interval '1 millisecond'
+                 WHERE scope = $1 AND key = $2 AND token = $3 AND state = 'p'"
+            ),
+            // After a commit whose answer was lost: `FOR SHARE` waits for the
+            // transaction that completed the row (it holds the row's lock) to end, so the
+            // row read is what that transaction's end left.
+            settle: format!(
+                "SELECT state, token FROM {t} WHERE scope = $1 AND key = $2 FOR SHARE"
+            ),
         }
     }
 }
@@ -375,6 +403,89 @@ impl PostgresStore {
     }
 }
 
+/// Whether a transaction whose commit's answer was lost committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// The key holds the result the transaction completed it with.
+    Committed,
+    /// The key does not: the transaction rolled back.
+    RolledBack,
+}
+
+/// What [`Call::run_in_transaction`](crate::Call::run_in_transaction) needs of the store
+/// beyond [`Store`]: a connection of its own, the completion in the transaction, and, when
+/// a commit's answer was lost, what it did.
+impl PostgresStore {
+    /// How long one statement may take; see [`PostgresStore::with_statement_timeout`].
+    pub(crate) fn statement_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// A connection for one transaction, from the pool, within the statement timeout.
+    pub(crate) async fn transaction_connection(&self) -> Result<Statement, StoreError> {
+        let op = "postgres: begin";
+        tokio::time::timeout(self.timeout, self.statement(op))
+            .await
+            .map_err(|elapsed| StoreError::new(op, elapsed))?
+    }
+
+    /// Completes `token`'s claim with `result` inside the transaction on `conn`: held
+    /// means the commit will make the result and the transaction's writes durable
+    /// together. Bounded by the statement timeout; a failure leaves the transaction to be
+    /// rolled back.
+    pub(crate) async fn complete_in(
+        &self,
+        conn: &mut PgConnection,
+        key: &StoreKey,
+        token: FencingToken,
+        result: &StoredResult,
+        ttl: Duration,
+    ) -> Result<Fence, StoreError> {
+        let op = "postgres: complete in transaction";
+        let (state, bytes) = (if result.is_err() { "e" } else { "c" }, result.bytes());
+        let q = sqlx::query(&self.sql.complete_in_transaction)
+            .bind(key.scope())
+            .bind(key.key())
+            .bind(token_arg(token))
+            .bind(state)
+            .bind(bytes.as_ref())
+            .bind(millis(ttl));
+        let done = tokio::time::timeout(self.timeout, q.execute(conn))
+            .await
+            .map_err(|elapsed| StoreError::new(op, elapsed))?
+            .map_err(store_err(op))?;
+        Ok(if done.rows_affected() == 1 {
+            Fence::Held
+        } else {
+            Fence::Lost
+        })
+    }
+
+    /// Whether the transaction that completed `token`'s claim committed, asked on another
+    /// connection once the transaction's own was closed. Waits (within the statement
+    /// timeout) for that transaction to end if the server has not ended it yet.
+    pub(crate) async fn settle(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+    ) -> Result<Settled, StoreError> {
+        let q = sqlx::query(&self.sql.settle)
+            .bind(key.scope())
+            .bind(key.key());
+        let Some(row) = self.fetch_optional("postgres: settle", q).await? else {
+            return Ok(Settled::RolledBack);
+        };
+        let bad = |e: sqlx::Error| StoreError::new("postgres: unexpected settle row", e);
+        let state: String = row.try_get("state").map_err(bad)?;
+        let holder: i64 = row.try_get("token").map_err(bad)?;
+        Ok(if holder == token_arg(token) && state != "p" {
+            Settled::Committed
+        } else {
+            Settled::RolledBack
+        })
+    }
+}
+
 /// A claim's answer row.
 fn parse_claim(row: &PgRow) -> Result<Claim, StoreError> {
     let bad = |e: sqlx::Error| StoreError::new("postgres: unexpected claim row", e);
@@ -484,6 +595,10 @@ impl Store for PostgresStore {
             .bind(key.key())
             .bind(token_arg(token));
         self.fenced("postgres: release", q).await
+    }
+
+    fn postgres(&self) -> Option<&PostgresStore> {
+        Some(self)
     }
 }
 

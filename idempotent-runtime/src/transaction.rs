@@ -1,0 +1,307 @@
+//! Calls whose operation writes to the database the records are kept in, and whose writes
+//! commit in one transaction with the stored result ([`Call::run_in_transaction`]).
+//!
+//! The claim is made as for [`Call::run`], committed at once, so other processes see the
+//! key taken and wait. The operation then runs in a transaction of its own on the store's
+//! pool; the completion of the claim, guarded by its token, is the transaction's last
+//! statement, and one commit makes the operation's writes and its result durable
+//! together. Whatever stops the operation before that commit (an error, a panic, a
+//! cancelled caller, a crashed process, a claim taken over) rolls its writes back with the
+//! transaction, so a retry that runs it again never finds the first run's writes.
+
+use std::future::Future;
+use std::panic::{resume_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt as _;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sqlx::{Connection as _, Postgres, Transaction};
+use tracing::{debug, warn};
+
+use crate::call::{Call, CallKey, ErrorPolicy};
+use crate::engine::{Answer, Inner, Operation, Outcome, Request};
+use crate::error::{ConfigError, Error, StoreError};
+use crate::lease::{bounded, Completion, HeldClaim};
+use crate::stats::bump;
+use crate::store::{Fence, PostgresStore, Settled, Statement};
+
+impl<'a, K: CallKey, P> Call<'a, K, P> {
+    /// Runs `op` at most once for the key inside a transaction on the engine's
+    /// [`PostgresStore`], and commits its writes together with its stored result; or
+    /// returns the stored result of an earlier call. See
+    /// [`Call::run_in_transaction_with_outcome`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use idempotent_runtime::{store::PostgresStore, Idempotency};
+    ///
+    /// #[derive(Debug, thiserror::Error)]
+    /// enum LedgerError {
+    ///     #[error(transparent)]
+    ///     Db(#[from] sqlx::Error),
+    ///     #[error(transparent)]
+    ///     Idempotency(#[from] idempotent_runtime::Error),
+    /// }
+    ///
+    /// let store = PostgresStore::connect("postgres://app@127.0.0.1/app").await?;
+    /// store.migrate().await?;
+    /// let idem = Idempotency::new(store);
+    /// let (msg_id, account, cents) = ("msg-1", "acct-7", 1250_i64);
+    /// let posted: i64 = idem
+    ///     .call(msg_id)
+    ///     .scope("ledger.apply")
+    ///     .run_in_transaction(|tx| {
+    ///         Box::pin(async move {
+    ///             sqlx::query("INSERT INTO postings (message_id, account, cents) VALUES ($1, $2, $3)")
+    ///                 .bind(msg_id)
+    ///                 .bind(account)
+    ///                 .bind(cents)
+    ///                 .execute(&mut **tx)
+    ///                 .await?;
+    ///             Ok::<_, LedgerError>(cents)
+    ///         })
+    ///     })
+    ///     .await?;
+    /// # let _ = posted; Ok(()) }
+    /// ```
+    pub fn run_in_transaction<T, E, F>(self, op: F) -> impl Future<Output = Result<T, E>> + 'a
+    where
+        K: 'a,
+        T: Serialize + DeserializeOwned + 'a,
+        E: From<Error> + 'a,
+        P: ErrorPolicy<E> + 'a,
+        F: for<'c> FnOnce(&'c mut Transaction<'_, Postgres>) -> BoxFuture<'c, Result<T, E>> + 'a,
+    {
+        self.run_in_transaction_with_outcome(op)
+            .map(|answer| answer.map(|(value, _)| value))
+    }
+
+    /// Like [`Call::run_in_transaction`], and says whether the value was executed,
+    /// replayed or coalesced.
+    ///
+    /// `op` gets a transaction on the store's pool (the closure's shape is that of sqlx's
+    /// `Connection::transaction`); its statements run under the pool's settings, so on a
+    /// pool made by [`PostgresStore::connect`] each is bounded by its statement timeout
+    /// (`SET LOCAL statement_timeout` in `op` lifts that for one transaction).
+    ///
+    /// Coalescing, waiting for a holder in another process, fingerprints, the TTL and
+    /// replay are those of [`Call::run_with_outcome`]. What differs is how the operation
+    /// ends:
+    /// - `Ok`: the claim is completed inside the transaction, which then commits: the
+    ///   writes and the stored result become durable together, or neither does.
+    /// - `Err`: the transaction rolls back, then the key is released (or, with
+    ///   [`Call::store_errors`], the error is stored, so a retry gets it back; the
+    ///   writes stay rolled back).
+    /// - A panic, or this future dropped: the transaction rolls back and the key is
+    ///   released. The process dying does the same: the database rolls back the
+    ///   transaction of a closed connection, and the claim lapses one lease later.
+    /// - The claim taken over meanwhile (its lease ran out without renewal and another
+    ///   caller claimed the key): the completion finds another token, the transaction
+    ///   rolls back, and the caller gets [`Error::LeaseLost`], not a value whose effects
+    ///   were undone.
+    /// - The commit's answer lost: the outcome is asked of the database on another
+    ///   connection; when even that fails, the caller gets [`Error::Store`] of kind
+    ///   [`CommitUnknown`](crate::StoreErrorKind::CommitUnknown), and a retry finds out.
+    ///
+    /// On an engine over any other store, the call fails with [`Error::Config`]
+    /// ([`ConfigError::NotTransactional`]) and runs nothing.
+    pub fn run_in_transaction_with_outcome<T, E, F>(
+        self,
+        op: F,
+    ) -> impl Future<Output = Result<(T, Outcome), E>> + 'a
+    where
+        K: 'a,
+        T: Serialize + DeserializeOwned + 'a,
+        E: From<Error> + 'a,
+        P: ErrorPolicy<E> + 'a,
+        F: for<'c> FnOnce(&'c mut Transaction<'_, Postgres>) -> BoxFuture<'c, Result<T, E>> + 'a,
+    {
+        let inner = &self.engine.inner;
+        inner.run::<K, T, E, P, InTransaction<F>>(self, InTransaction(op))
+    }
+}
+
+/// The operation of [`Call::run_in_transaction`].
+pub(crate) struct InTransaction<F>(F);
+
+impl<T, E, F> Operation<T, E> for InTransaction<F>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+    F: for<'c> FnOnce(&'c mut Transaction<'_, Postgres>) -> BoxFuture<'c, Result<T, E>>,
+{
+    fn name() -> &'static str {
+        std::any::type_name::<F>()
+    }
+
+    fn check(&self, engine: &Inner) -> Result<(), Error> {
+        match engine.store.postgres() {
+            Some(_) => Ok(()),
+            None => Err(Error::Config(ConfigError::NotTransactional)),
+        }
+    }
+
+    fn execute<P: ErrorPolicy<E>>(
+        self,
+        engine: &Arc<Inner>,
+        req: &Request,
+        held: HeldClaim,
+    ) -> impl Future<Output = Answer<T, E>> {
+        run::<T, E, P, F>(engine, req, held, self.0)
+    }
+}
+
+/// Runs `op` in a transaction under `held`, and completes the claim in it.
+async fn run<T, E, P, F>(engine: &Arc<Inner>, req: &Request, held: HeldClaim, op: F) -> Answer<T, E>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+    P: ErrorPolicy<E>,
+    F: for<'c> FnOnce(&'c mut Transaction<'_, Postgres>) -> BoxFuture<'c, Result<T, E>>,
+{
+    let Some(pg) = engine.store.postgres() else {
+        held.release().await;
+        return Err(Error::Config(ConfigError::NotTransactional).into());
+    };
+    // A connection that is closed, not given back, unless the transaction ends cleanly:
+    // dropped half-way (a cancelled caller), it takes its transaction down with it.
+    let mut conn = match pg.transaction_connection().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            held.release().await;
+            return Err(Error::Store(e).into());
+        }
+    };
+    let mut tx = match begin(pg, &mut conn).await {
+        Ok(tx) => tx,
+        Err(e) => {
+            held.release().await;
+            return Err(Error::Store(e).into());
+        }
+    };
+    bump(&engine.stats.executed);
+    let body = AssertUnwindSafe(op(&mut tx)).catch_unwind();
+    let ran = held.renewing(body).await;
+    match ran {
+        Err(panic) => {
+            drop(tx);
+            drop(conn);
+            held.release().await;
+            resume_unwind(panic)
+        }
+        Ok(Err(err)) => {
+            // Rolled back before the key is given up: a retry that takes it over then
+            // meets none of this transaction's locks.
+            if bounded(pg.statement_timeout(), rollback(tx)).await.is_ok() {
+                conn.finish();
+            }
+            engine
+                .finish_error(req, held, P::encode(&err, engine.codec))
+                .await;
+            debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed_err", "idempotent call in a transaction");
+            Err(err)
+        }
+        Ok(Ok(value)) => {
+            let completion = engine.value_completion(req, &value);
+            let ended = bounded(
+                held.lease(),
+                complete_and_commit(pg, tx, req, held.token(), &completion),
+            )
+            .await;
+            match ended {
+                Ok(Fence::Held) => {
+                    conn.finish();
+                    held.committed(completion.result);
+                }
+                Ok(Fence::Lost) => {
+                    conn.finish();
+                    held.lost();
+                    return Err(Error::LeaseLost.into());
+                }
+                Err(e) => {
+                    // Closed, the connection ends the transaction on the server unless
+                    // its commit arrived; either way, the row says which.
+                    drop(conn);
+                    settle(engine, pg, req, held, completion, e).await?;
+                }
+            }
+            debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed", "idempotent call in a transaction");
+            Ok((value, Outcome::Executed))
+        }
+    }
+}
+
+/// Begins a transaction on `conn`, within the statement timeout.
+async fn begin<'c>(
+    pg: &PostgresStore,
+    conn: &'c mut Statement,
+) -> Result<Transaction<'c, Postgres>, StoreError> {
+    let conn = conn.connection()?;
+    bounded(pg.statement_timeout(), async {
+        conn.begin()
+            .await
+            .map_err(|e| StoreError::new("postgres: begin", e))
+    })
+    .await
+}
+
+async fn rollback(tx: Transaction<'_, Postgres>) -> Result<(), StoreError> {
+    tx.rollback()
+        .await
+        .map_err(|e| StoreError::new("postgres: rollback", e))
+}
+
+/// Completes the claim in `tx` and commits; rolls back if the claim was taken over.
+async fn complete_and_commit(
+    pg: &PostgresStore,
+    mut tx: Transaction<'_, Postgres>,
+    req: &Request,
+    token: crate::record::FencingToken,
+    completion: &Completion,
+) -> Result<Fence, StoreError> {
+    let fence = pg
+        .complete_in(&mut tx, &req.key, token, &completion.result, completion.ttl)
+        .await?;
+    match fence {
+        Fence::Held => tx
+            .commit()
+            .await
+            .map_err(|e| StoreError::new("postgres: commit", e))?,
+        Fence::Lost => rollback(tx).await?,
+    }
+    Ok(fence)
+}
+
+/// After the completion or the commit failed: finds out from the database whether the
+/// transaction committed, and answers as it did.
+async fn settle<E: From<Error>>(
+    engine: &Arc<Inner>,
+    pg: &PostgresStore,
+    req: &Request,
+    held: HeldClaim,
+    completion: Completion,
+    failed: StoreError,
+) -> Result<(), E> {
+    match pg.settle(&req.key, held.token()).await {
+        Ok(Settled::Committed) => {
+            debug!(scope = req.key.scope(), key = %req.key.digest(), "commit answer lost; the transaction committed");
+            held.committed(completion.result);
+            Ok(())
+        }
+        Ok(Settled::RolledBack) => {
+            // Nothing of the operation took effect; the key is free for a retry.
+            bump(&engine.stats.store_errors);
+            held.release().await;
+            Err(Error::Store(failed).into())
+        }
+        Err(e) => {
+            bump(&engine.stats.store_errors);
+            warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
+                "could not learn whether the idempotent transaction committed; a retry will");
+            held.release().await;
+            Err(Error::Store(StoreError::commit_unknown("postgres: commit", failed)).into())
+        }
+    }
+}
