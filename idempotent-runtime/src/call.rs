@@ -275,7 +275,9 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             let rt = tokio::runtime::Handle::try_current()
                 .map_err(|_| Error::Config(ConfigError::NoRuntime))?;
             Ok(Started::Running(rt.spawn(async move {
-                inner.join_or_lead::<T, E, P, Plain<F>>(req, Plain(op)).await
+                inner
+                    .join_or_lead::<T, E, P, Plain<F>>(req, Plain(op))
+                    .await
             })))
         });
         async move {

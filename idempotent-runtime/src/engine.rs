@@ -329,7 +329,7 @@ impl Inner {
         P: ErrorPolicy<E>,
         O: Operation<T, E>,
     {
-        let req = call.into_request_named(O::name())?;
+        let req = call.into_request_named(op.name())?;
         op.check(self)?;
         if let Some(rec) = self.store.peek_completed(&req.key) {
             let answer = self.replay_record::<T, E, P>(&req, rec);
@@ -614,7 +614,11 @@ impl Inner {
 
     /// The completion that stores `value`: its encoding, or, for a value that would not
     /// decode back as it is, a marker refused on replay.
-    pub(crate) fn value_completion<T: Serialize + DeserializeOwned>(&self, req: &Request, value: &T) -> Completion {
+    pub(crate) fn value_completion<T: Serialize + DeserializeOwned>(
+        &self,
+        req: &Request,
+        value: &T,
+    ) -> Completion {
         let (result, counted_unstored) = match self.codec.encode_checked(value) {
             Ok(bytes) => (bytes, false),
             Err(e) => {
@@ -859,7 +863,7 @@ enum Timed<T, E> {
 /// replay) is the same for both.
 pub(crate) trait Operation<T, E> {
     /// The default scope: the type name of the user's closure.
-    fn name() -> &'static str;
+    fn name(&self) -> &'static str;
 
     /// Refuses, before anything runs or is claimed, an operation the engine cannot run.
     fn check(&self, engine: &Inner) -> Result<(), Error> {
@@ -886,7 +890,7 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    fn name() -> &'static str {
+    fn name(&self) -> &'static str {
         std::any::type_name::<F>()
     }
 

@@ -56,7 +56,9 @@ pub enum Error {
     /// claimed the key. The transaction was rolled back, so none of the operation's
     /// writes took effect; the key belongs to the other caller, and a retry gets its
     /// result.
-    #[error("the idempotency claim was taken over before the transaction committed; it was rolled back")]
+    #[error(
+        "the idempotency claim was taken over before the transaction committed; it was rolled back"
+    )]
     LeaseLost,
 }
 

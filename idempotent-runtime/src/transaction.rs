@@ -17,7 +17,7 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sqlx::{Connection as _, Postgres, Transaction};
+use sqlx::{Postgres, Transaction};
 use tracing::{debug, warn};
 
 use crate::call::{Call, CallKey, ErrorPolicy};
@@ -25,7 +25,7 @@ use crate::engine::{Answer, Inner, Operation, Outcome, Request};
 use crate::error::{ConfigError, Error, StoreError};
 use crate::lease::{bounded, Completion, HeldClaim};
 use crate::stats::bump;
-use crate::store::{Fence, PostgresStore, Settled, Statement};
+use crate::store::{Fence, PostgresStore, Settled};
 
 impl<'a, K: CallKey, P> Call<'a, K, P> {
     /// Runs `op` at most once for the key inside a transaction on the engine's
@@ -72,7 +72,9 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         T: Serialize + DeserializeOwned + 'a,
         E: From<Error> + 'a,
         P: ErrorPolicy<E> + 'a,
-        F: for<'c> FnOnce(&'c mut Transaction<'_, Postgres>) -> BoxFuture<'c, Result<T, E>> + 'a,
+        F: for<'c> FnOnce(&'c mut Transaction<'a, Postgres>) -> BoxFuture<'c, Result<T, E>>
+            + Send
+            + 'a,
     {
         self.run_in_transaction_with_outcome(op)
             .map(|answer| answer.map(|(value, _)| value))
@@ -116,24 +118,45 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         T: Serialize + DeserializeOwned + 'a,
         E: From<Error> + 'a,
         P: ErrorPolicy<E> + 'a,
-        F: for<'c> FnOnce(&'c mut Transaction<'_, Postgres>) -> BoxFuture<'c, Result<T, E>> + 'a,
+        F: for<'c> FnOnce(&'c mut Transaction<'a, Postgres>) -> BoxFuture<'c, Result<T, E>>
+            + Send
+            + 'a,
     {
         let inner = &self.engine.inner;
-        inner.run::<K, T, E, P, InTransaction<F>>(self, InTransaction(op))
+        let op = InTransaction {
+            name: std::any::type_name::<F>(),
+            body: Box::new(op),
+        };
+        inner.run::<K, T, E, P, InTransaction<'a, T, E>>(self, op)
     }
 }
 
 /// The operation of [`Call::run_in_transaction`].
-pub(crate) struct InTransaction<F>(F);
+///
+/// The transaction it is given is typed with the call's lifetime `'a`, so that the
+/// closure's future, which lives no longer than its borrow of the transaction, may borrow
+/// what the call may (`&self`, the caller's locals) rather than own everything, as sqlx's
+/// own `Connection::transaction` asks. The closure is boxed: held as a type parameter
+/// under that higher-ranked bound, it would make the call's future fail the compiler's
+/// `Send` check wherever it is spawned.
+pub(crate) struct InTransaction<'a, T, E> {
+    name: &'static str,
+    body: Body<'a, T, E>,
+}
 
-impl<T, E, F> Operation<T, E> for InTransaction<F>
+type Body<'a, T, E> = Box<
+    dyn for<'c> FnOnce(&'c mut Transaction<'a, Postgres>) -> BoxFuture<'c, Result<T, E>>
+        + Send
+        + 'a,
+>;
+
+impl<'a, T, E> Operation<T, E> for InTransaction<'a, T, E>
 where
     T: Serialize + DeserializeOwned,
     E: From<Error>,
-    F: for<'c> FnOnce(&'c mut Transaction<'_, Postgres>) -> BoxFuture<'c, Result<T, E>>,
 {
-    fn name() -> &'static str {
-        std::any::type_name::<F>()
+    fn name(&self) -> &'static str {
+        self.name
     }
 
     fn check(&self, engine: &Inner) -> Result<(), Error> {
@@ -149,32 +172,31 @@ where
         req: &Request,
         held: HeldClaim,
     ) -> impl Future<Output = Answer<T, E>> {
-        run::<T, E, P, F>(engine, req, held, self.0)
+        run::<T, E, P>(engine, req, held, self.body)
     }
 }
 
 /// Runs `op` in a transaction under `held`, and completes the claim in it.
-async fn run<T, E, P, F>(engine: &Arc<Inner>, req: &Request, held: HeldClaim, op: F) -> Answer<T, E>
+async fn run<'a, T, E, P>(
+    engine: &Arc<Inner>,
+    req: &Request,
+    held: HeldClaim,
+    op: Body<'a, T, E>,
+) -> Answer<T, E>
 where
     T: Serialize + DeserializeOwned,
     E: From<Error>,
     P: ErrorPolicy<E>,
-    F: for<'c> FnOnce(&'c mut Transaction<'_, Postgres>) -> BoxFuture<'c, Result<T, E>>,
 {
     let Some(pg) = engine.store.postgres() else {
         held.release().await;
         return Err(Error::Config(ConfigError::NotTransactional).into());
     };
-    // A connection that is closed, not given back, unless the transaction ends cleanly:
-    // dropped half-way (a cancelled caller), it takes its transaction down with it.
-    let mut conn = match pg.transaction_connection().await {
-        Ok(conn) => conn,
-        Err(e) => {
-            held.release().await;
-            return Err(Error::Store(e).into());
-        }
-    };
-    let mut tx = match begin(pg, &mut conn).await {
+    // Dropped half-way (a panic, a cancelled caller), the transaction queues its rollback
+    // and its connection goes back to the pool, which sends the rollback before it hands
+    // the connection out again, and closes it if it is broken; a closed connection's
+    // transaction is rolled back by the server.
+    let mut tx: Transaction<'a, Postgres> = match begin(pg).await {
         Ok(tx) => tx,
         Err(e) => {
             held.release().await;
@@ -187,16 +209,13 @@ where
     match ran {
         Err(panic) => {
             drop(tx);
-            drop(conn);
             held.release().await;
             resume_unwind(panic)
         }
         Ok(Err(err)) => {
             // Rolled back before the key is given up: a retry that takes it over then
             // meets none of this transaction's locks.
-            if bounded(pg.statement_timeout(), rollback(tx)).await.is_ok() {
-                conn.finish();
-            }
+            let _ = bounded(pg.statement_timeout(), rollback(tx)).await;
             engine
                 .finish_error(req, held, P::encode(&err, engine.codec))
                 .await;
@@ -211,19 +230,14 @@ where
             )
             .await;
             match ended {
-                Ok(Fence::Held) => {
-                    conn.finish();
-                    held.committed(completion.result);
-                }
+                Ok(Fence::Held) => held.committed(completion.result),
                 Ok(Fence::Lost) => {
-                    conn.finish();
                     held.lost();
                     return Err(Error::LeaseLost.into());
                 }
                 Err(e) => {
-                    // Closed, the connection ends the transaction on the server unless
-                    // its commit arrived; either way, the row says which.
-                    drop(conn);
+                    // The connection, broken or not, ends the transaction (a commit that
+                    // reached the server, or a rollback); the row says which.
                     settle(engine, pg, req, held, completion, e).await?;
                 }
             }
@@ -233,14 +247,12 @@ where
     }
 }
 
-/// Begins a transaction on `conn`, within the statement timeout.
-async fn begin<'c>(
-    pg: &PostgresStore,
-    conn: &'c mut Statement,
-) -> Result<Transaction<'c, Postgres>, StoreError> {
-    let conn = conn.connection()?;
+/// Begins a transaction on a connection of the store's pool, within the statement
+/// timeout.
+async fn begin(pg: &PostgresStore) -> Result<Transaction<'static, Postgres>, StoreError> {
+    let begun = pg.pool().begin();
     bounded(pg.statement_timeout(), async {
-        conn.begin()
+        begun
             .await
             .map_err(|e| StoreError::new("postgres: begin", e))
     })

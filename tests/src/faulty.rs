@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
 use async_trait::async_trait;
-use idempotent_runtime::store::{Claim, Fence, Store};
+use idempotent_runtime::store::{Claim, Fence, PostgresStore, Store};
 use idempotent_runtime::{FencingToken, Fingerprint, Record, StoreError, StoreKey, StoredResult};
 
 /// Wraps a store; while [`FaultyStore::set_down`] is on, every operation fails as an
@@ -219,5 +219,11 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         } else {
             None
         }
+    }
+
+    // The transactions run on the inner store's pool, past the faults: a test of a
+    // transactional call takes down the claim's renewals, not the operation's database.
+    fn postgres(&self) -> Option<&PostgresStore> {
+        self.inner.postgres()
     }
 }

@@ -57,26 +57,16 @@ pub struct PostgresStore {
     timeout: Duration,
 }
 
-/// A connection taken from the pool for one statement, or one transaction. If it does not
-/// finish (a statement timed out, or its caller was dropped), the connection is closed
-/// rather than given back: its answer may still be on the way, or never come (a peer that
-/// vanished without a reset), and the next statement on it would read that answer or wait
-/// forever. Closed, it also ends its transaction: the server rolls back what was not
-/// committed.
-pub(crate) struct Statement(Option<PoolConnection<Postgres>>);
+/// A connection taken from the pool for one statement. If the statement does not finish
+/// (it timed out, or its caller was dropped), the connection is closed rather than given
+/// back: its answer may still be on the way, or never come (a peer that vanished without
+/// a reset), and the next statement on it would read that answer or wait forever.
+struct Statement(Option<PoolConnection<Postgres>>);
 
 impl Statement {
     /// The connection, back to the pool: the statement finished.
-    pub(crate) fn finish(mut self) {
+    fn finish(mut self) {
         drop(self.0.take());
-    }
-
-    /// The connection, while the statement or transaction runs.
-    pub(crate) fn connection(&mut self) -> Result<&mut PgConnection, StoreError> {
-        match self.0.as_mut() {
-            Some(conn) => Ok(&mut **conn),
-            None => Err(StoreError::msg("postgres: connection already given back")),
-        }
     }
 }
 
@@ -419,14 +409,6 @@ impl PostgresStore {
     /// How long one statement may take; see [`PostgresStore::with_statement_timeout`].
     pub(crate) fn statement_timeout(&self) -> Duration {
         self.timeout
-    }
-
-    /// A connection for one transaction, from the pool, within the statement timeout.
-    pub(crate) async fn transaction_connection(&self) -> Result<Statement, StoreError> {
-        let op = "postgres: begin";
-        tokio::time::timeout(self.timeout, self.statement(op))
-            .await
-            .map_err(|elapsed| StoreError::new(op, elapsed))?
     }
 
     /// Completes `token`'s claim with `result` inside the transaction on `conn`: held

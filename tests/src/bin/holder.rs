@@ -3,6 +3,10 @@
 //!
 //! Usage: `holder redis <url> <prefix> <lease-ms>` or `holder postgres <url> <table>
 //! <lease-ms>`; prints `CLAIMED` once it holds the key `crash` in the scope `holder`.
+//!
+//! `holder postgres-tx <url> <table> <lease-ms>` runs the operation in a transaction
+//! instead: it inserts a row `('holder')` into `<table>_fx` and prints `INSERTED`, then
+//! hangs before its commit.
 
 use std::io::Write;
 use std::time::Duration;
@@ -22,7 +26,7 @@ async fn main() -> Result<(), Error> {
         "redis" => {
             Idempotency::builder().store(RedisStore::connect(url).await?.with_prefix(space.clone()))
         }
-        "postgres" => {
+        "postgres" | "postgres-tx" => {
             Idempotency::builder().store(PostgresStore::connect(url).await?.with_table(space)?)
         }
         other => {
@@ -31,6 +35,24 @@ async fn main() -> Result<(), Error> {
         }
     };
     let idem = builder.lease(lease).build()?;
+    if kind == "postgres-tx" {
+        let insert = format!("INSERT INTO {space}_fx (who) VALUES ('holder')");
+        idem.call("crash")
+            .scope("holder")
+            .run_in_transaction(|tx| {
+                Box::pin(async move {
+                    sqlx::query(&insert).execute(&mut **tx).await.map_err(|e| {
+                        Error::Store(idempotent_runtime::StoreError::new("insert", e))
+                    })?;
+                    println!("INSERTED");
+                    let _ = std::io::stdout().flush();
+                    std::future::pending::<()>().await;
+                    Ok::<u32, Error>(0)
+                })
+            })
+            .await?;
+        return Ok(());
+    }
     idem.call("crash")
         .scope("holder")
         .run(|| async {
