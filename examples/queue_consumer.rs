@@ -343,17 +343,14 @@ impl Ledger {
     /// Applies a posting, or hands back the result of the delivery that already did. The
     /// posting's rows and the idempotency record commit together or not at all.
     async fn apply(&self, posting: Posting) -> Result<(Applied, Outcome), AppError> {
-        // The body may outlive this borrow of `self` as far as the compiler knows, so it
-        // takes its own copies.
-        let sql = self.sql.clone();
         let stall = self.stall_on.as_ref() == Some(&posting.id);
-        let key = posting.id.clone();
-        let fingerprint = (posting.account.clone(), posting.cents);
+        // The body borrows what it needs: its future lives no longer than the call.
+        let (sql, posting) = (&self.sql, &posting);
         self.idem
-            .call(&key)
+            .call(&posting.id)
             .scope("ledger.apply")
-            .fingerprint(&fingerprint)
-            .run_in_transaction_with_outcome(move |tx| {
+            .fingerprint(&(&posting.account, posting.cents))
+            .run_in_transaction_with_outcome(|tx| {
                 Box::pin(async move {
                     sqlx::query(&sql.insert_posting)
                         .bind(&posting.id)

@@ -21,6 +21,7 @@ const NAMES: &[&str] = &[
     "cache_errors",
     "concurrent",
     "on_cancel",
+    "transaction",
     "crate",
 ];
 
@@ -60,6 +61,8 @@ pub(crate) struct Args {
     pub(crate) cache_errors: bool,
     pub(crate) concurrent: Option<Concurrent>,
     pub(crate) on_cancel: Option<OnCancel>,
+    /// The name the body reaches its transaction by (`transaction = tx`).
+    pub(crate) transaction: Option<Ident>,
     pub(crate) krate: Option<Path>,
 }
 
@@ -127,6 +130,7 @@ impl Args {
             "cache_errors" => self.cache_errors = boolean(name, &value)?,
             "concurrent" => self.concurrent = Some(concurrent(&value)?),
             "on_cancel" => self.on_cancel = Some(on_cancel(&value)?),
+            "transaction" => self.transaction = Some(transaction(&value)?),
             "crate" => self.krate = Some(crate_path(&value)?),
             _ => return Err(unknown(name)),
         }
@@ -163,6 +167,23 @@ fn unknown(name: &Ident) -> syn::Error {
         None => format!("; expected one of: {}", NAMES.join(", ")),
     };
     syn::Error::new(name.span(), format!("unknown argument `{n}`{hint}"))
+}
+
+/// `transaction = tx`: a plain name, which the body then uses as its transaction.
+fn transaction(value: &Expr) -> syn::Result<Ident> {
+    match value {
+        Expr::Path(p) if p.qself.is_none() && p.attrs.is_empty() => match p.path.get_ident() {
+            Some(ident) => Ok(ident.clone()),
+            None => Err(syn::Error::new(
+                value.span(),
+                "expected a name for the body's transaction, e.g. `transaction = tx`",
+            )),
+        },
+        other => Err(syn::Error::new(
+            other.span(),
+            "expected a name for the body's transaction, e.g. `transaction = tx` (a name, not a string)",
+        )),
+    }
 }
 
 fn lit_str(value: &Expr, what: &str) -> syn::Result<LitStr> {

@@ -91,10 +91,16 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
         .unwrap_or_else(|| syn::parse_quote!(::idempotent_runtime));
     let names = Names::new();
     let prelude = prelude(args, key, &item, &krate, &names);
-    // `on_cancel = "finish"` runs the body on a task of its own.
-    let runner = match args.on_cancel {
-        Some(OnCancel::Finish) => quote!(run_to_completion),
-        Some(OnCancel::Release) | None => quote!(run),
+    // `on_cancel = "finish"` runs the body on a task of its own; `transaction = tx` in a
+    // transaction, which the body gets as an argument.
+    let runner = match (&args.transaction, args.on_cancel) {
+        (Some(_), _) => quote!(run_in_transaction),
+        (None, Some(OnCancel::Finish)) => quote!(run_to_completion),
+        (None, Some(OnCancel::Release) | None) => quote!(run),
+    };
+    let params = match &args.transaction {
+        Some(tx) => quote!(#tx),
+        None => TokenStream::new(),
     };
     let Names {
         call,
@@ -110,13 +116,25 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
             // type error point at the user's return type.
             // Spanned at the return type: an unusable type is reported there, once.
             let run_fn = respan(quote!(#krate::__private::#runner), ret.span());
-            let run = quote_spanned! {ret.span()=>
-                #run_fn::<#ret, _, _, _>(#call, move || async move {
-                    let #ret_name: #ret = #block;
-                    #[allow(unreachable_code)]
-                    #ret_name
-                })
-                .await
+            let run = match &args.transaction {
+                // Boxed, as sqlx's own transactions ask: the body's future borrows the
+                // transaction it is given.
+                Some(_) => quote_spanned! {ret.span()=>
+                    #run_fn::<#ret, _, _>(#call, move |#params| ::std::boxed::Box::pin(async move {
+                        let #ret_name: #ret = #block;
+                        #[allow(unreachable_code)]
+                        #ret_name
+                    }))
+                    .await
+                },
+                None => quote_spanned! {ret.span()=>
+                    #run_fn::<#ret, _, _, _>(#call, move || async move {
+                        let #ret_name: #ret = #block;
+                        #[allow(unreachable_code)]
+                        #ret_name
+                    })
+                    .await
+                },
             };
             *item.block = syn::parse_quote!({ #prelude #run });
         }
@@ -125,12 +143,26 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
                 let body = &inner.block;
                 // `#[async_trait]` rebinds every argument inside its block; one used only
                 // by the key (read above, outside) would warn as unused there.
-                inner.block = syn::parse_quote!({
-                    #prelude
-                    #[allow(unused_variables)]
-                    let #body_name = move || async move #body;
-                    #krate::__private::#runner::<_, _, _, _>(#call, #body_name).await
-                });
+                inner.block = match &args.transaction {
+                    // The closure's signature is inferred from the bound of the function
+                    // it is first passed to, which only says what it is for a closure
+                    // written in place.
+                    Some(_) => syn::parse_quote!({
+                        #prelude
+                        #[allow(unused_variables)]
+                        let #body_name = #krate::__private::transaction_body(
+                            &#call,
+                            move |#params| ::std::boxed::Box::pin(async move #body),
+                        );
+                        #krate::__private::#runner::<_, _, _>(#call, #body_name).await
+                    }),
+                    None => syn::parse_quote!({
+                        #prelude
+                        #[allow(unused_variables)]
+                        let #body_name = move || async move #body;
+                        #krate::__private::#runner::<_, _, _, _>(#call, #body_name).await
+                    }),
+                };
             }
         }
         Err(e) => return e.to_compile_error(),

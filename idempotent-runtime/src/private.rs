@@ -14,6 +14,10 @@ use crate::call::{Call, ErrorPolicy, PreparedKey};
 use crate::engine::Idempotency;
 use crate::error::{CodecError, Error};
 use crate::fingerprint::Fingerprint;
+#[cfg(feature = "postgres")]
+use futures_util::future::BoxFuture;
+#[cfg(feature = "postgres")]
+use sqlx::{Postgres, Transaction};
 
 /// The engine of functions that name no `store`: one per process, in memory.
 pub fn default_engine() -> &'static Idempotency {
@@ -230,6 +234,34 @@ where
 {
     call.run_to_completion(move || async move { body().await.into_result() })
         .map(R::from_result)
+}
+
+/// Runs the function's body through the engine in a transaction of its store
+/// (`transaction = tx`): see [`Call::run_in_transaction`].
+#[cfg(feature = "postgres")]
+pub fn run_in_transaction<'a, R, P, F>(
+    call: Call<'a, PreparedKey, P>,
+    body: F,
+) -> impl Future<Output = R> + 'a
+where
+    R: IdempotentResult + 'a,
+    R::Ok: StoredValue,
+    R::Err: EngineError,
+    P: ErrorPolicy<R::Err> + 'a,
+    F: for<'c> FnOnce(&'c mut Transaction<'a, Postgres>) -> BoxFuture<'c, R> + Send + 'a,
+{
+    call.run_in_transaction(move |tx| Box::pin(body(tx).map(R::into_result)))
+        .map(R::from_result)
+}
+
+/// The body of an `#[async_trait]` method run in a transaction, bound to a `let` before
+/// it is run: passed through here, the closure's signature is inferred from this bound.
+#[cfg(feature = "postgres")]
+pub fn transaction_body<'a, R, P, F>(_call: &Call<'a, PreparedKey, P>, body: F) -> F
+where
+    F: for<'c> FnOnce(&'c mut Transaction<'a, Postgres>) -> BoxFuture<'c, R> + Send + 'a,
+{
+    body
 }
 
 #[cfg(test)]

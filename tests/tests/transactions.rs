@@ -766,3 +766,84 @@ async fn a_commit_that_cannot_be_settled_is_reported_unknown_and_a_retry_learns(
     assert_eq!(retry, (6, Outcome::Replayed), "the commit had landed");
     assert_eq!(rows(&direct).await, ["committed"]);
 }
+
+#[derive(Debug, thiserror::Error)]
+enum LedgerError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Idempotency(#[from] Error),
+}
+
+/// A service whose method runs in a transaction through the attribute.
+struct Ledger {
+    idem: Idempotency,
+    table: String,
+    runs: AtomicU32,
+}
+
+impl Ledger {
+    #[idempotent_runtime::idempotent(key = id, store = &self.idem, scope = "ledger.post", transaction = tx)]
+    async fn post(&self, id: &str, cents: i64) -> Result<i64, LedgerError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        sqlx::query(&format!("INSERT INTO {}_fx (who) VALUES ($1)", self.table))
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        if cents < 0 {
+            // Written, then refused: the write must not stay.
+            return Err(LedgerError::Idempotency(Error::Mismatch));
+        }
+        Ok(cents)
+    }
+}
+
+/// The same through `#[async_trait]`, which rewrites the method before the attribute.
+#[async_trait::async_trait]
+trait Post {
+    async fn post_boxed(&self, id: String, cents: i64) -> Result<i64, LedgerError>;
+}
+
+#[async_trait::async_trait]
+impl Post for Ledger {
+    #[idempotent_runtime::idempotent(key = id, store = &self.idem, scope = "ledger.boxed", transaction = tx)]
+    async fn post_boxed(&self, id: String, cents: i64) -> Result<i64, LedgerError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        sqlx::query(&format!("INSERT INTO {}_fx (who) VALUES ($1)", self.table))
+            .bind(&id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(cents)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_attribute_runs_the_body_in_a_transaction() {
+    let store = setup().await;
+    let ledger = Arc::new(Ledger {
+        idem: engine(store.clone(), Duration::from_secs(5)),
+        table: store.table().to_owned(),
+        runs: AtomicU32::new(0),
+    });
+    // Concurrent duplicates, spawned: one runs, the rest get its result.
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let ledger = ledger.clone();
+        calls.push(tokio::spawn(async move { ledger.post("p-1", 250).await }));
+    }
+    for c in calls {
+        assert_eq!(c.await.expect("task").expect("post"), 250);
+    }
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(rows(&store).await, ["p-1"]);
+
+    let refused = ledger.post("p-2", -5).await;
+    assert!(matches!(refused, Err(LedgerError::Idempotency(Error::Mismatch))));
+    assert_eq!(rows(&store).await, ["p-1"], "the refused post's write rolled back");
+
+    for _ in 0..2 {
+        assert_eq!(ledger.post_boxed("p-3".into(), 75).await.expect("boxed"), 75);
+    }
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 3);
+    assert_eq!(rows(&store).await, ["p-1", "p-3"]);
+}
