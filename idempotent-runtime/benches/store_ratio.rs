@@ -1,4 +1,5 @@
-//! Redis and PostgreSQL against their raw commands, measured interleaved: each round
+//! Redis and PostgreSQL against their raw commands, and a call in a PostgreSQL
+//! transaction against the same body in a bare sqlx transaction, measured interleaved: each round
 //! times a batch of calls of the raw command and of the engine back to back, and the
 //! ratio is taken within the round. Criterion's separate timing of each variant (the
 //! `redis` and `postgres` benches) moved by up to 25 % between runs on the shared machine
@@ -72,8 +73,15 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(redis());
-    rt.block_on(postgres());
+    // `store_ratio transaction` runs the last part alone.
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if only.is_none() {
+        rt.block_on(redis());
+        rt.block_on(postgres());
+    }
+    if only.is_none() || only.as_deref() == Some("transaction") {
+        rt.block_on(transaction());
+    }
 }
 
 async fn redis() {
@@ -206,5 +214,63 @@ async fn postgres() {
     println!("PostgreSQL: {ROUNDS} rounds of {HITS} hits / {FIRSTS} first executions per variant, interleaved");
     report("hit vs SELECT", raw_hit, hit);
     report("first vs INSERT", raw_first, first);
+    fixture.drop_tables().await;
+}
+
+/// `run_in_transaction` against the same body (one `INSERT`) in a bare sqlx transaction,
+/// both on the store's pool: the difference is the claim, and the completion inside the
+/// transaction.
+async fn transaction() {
+    const ROUNDS: usize = 60;
+    const CALLS: usize = 20;
+    let fixture = postgres_fixture("idemtx").await;
+    let (idem, pool) = (&fixture.idem, &fixture.pool);
+    let insert = &fixture.insert;
+    let (mut raw, mut engine) = (vec![], vec![]);
+    let mut n = 0u64;
+    for round in 0..ROUNDS {
+        let (r, e) = pair!(
+            round,
+            per_call!(CALLS, {
+                n += 1;
+                let encoded = serde_json::to_vec(&receipt()).expect("encode");
+                let mut tx = pool.begin().await.expect("begin");
+                sqlx::query(insert)
+                    .bind(format!("k{n}"))
+                    .bind(encoded)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("insert");
+                tx.commit().await.expect("commit");
+                black_box(receipt());
+            }),
+            per_call!(CALLS, {
+                n += 1;
+                let k = format!("k{n}");
+                let r: Receipt = idem
+                    .call(&k)
+                    .scope("bench-tx")
+                    .run_in_transaction(|tx| {
+                        Box::pin(async {
+                            let encoded = serde_json::to_vec(&receipt()).expect("encode");
+                            sqlx::query(insert)
+                                .bind(&k)
+                                .bind(encoded)
+                                .execute(&mut **tx)
+                                .await
+                                .expect("insert");
+                            Ok::<_, Error>(receipt())
+                        })
+                    })
+                    .await
+                    .expect("first");
+                black_box(r);
+            })
+        );
+        raw.push(r);
+        engine.push(e);
+    }
+    println!("PostgreSQL transactions: {ROUNDS} rounds of {CALLS} calls per variant, interleaved");
+    report("tx vs bare tx", raw, engine);
     fixture.drop_tables().await;
 }

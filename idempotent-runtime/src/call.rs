@@ -318,6 +318,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             key,
             fingerprint,
             settings,
+            transactional: false,
         })
     }
 }

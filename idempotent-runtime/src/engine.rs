@@ -308,6 +308,9 @@ pub(crate) struct Request {
     pub(crate) key: StoreKey,
     pub(crate) fingerprint: Option<Fingerprint>,
     pub(crate) settings: Settings,
+    /// The operation runs in a transaction of the store's database, whose commit makes
+    /// its claim durable too (see `PostgresStore::claim_for_transaction`).
+    pub(crate) transactional: bool,
 }
 
 pub(crate) type Answer<T, E> = Result<(T, Outcome), E>;
@@ -329,8 +332,9 @@ impl Inner {
         P: ErrorPolicy<E>,
         O: Operation<T, E>,
     {
-        let req = call.into_request_named(op.name())?;
         op.check(self)?;
+        let mut req = call.into_request_named(op.name())?;
+        req.transactional = op.transactional();
         if let Some(rec) = self.store.peek_completed(&req.key) {
             let answer = self.replay_record::<T, E, P>(&req, rec);
             req.key.recycle();
@@ -663,11 +667,7 @@ impl Inner {
                 token: Some(token),
                 answered_with_error: false,
             };
-            let claim = match self
-                .store
-                .claim(&req.key, token, req.fingerprint, lease)
-                .await
-            {
+            let claim = match self.claim_once(req, token).await {
                 Ok(claim) => claim,
                 Err(e) => {
                     // A full store refused before it kept anything; any other failure may
@@ -710,6 +710,21 @@ impl Inner {
         Err(StoreError::msg(
             "the store answers claims slower than a third of the lease",
         ))
+    }
+
+    /// One claim of the key with `token`: the store's, or, for an operation run in a
+    /// transaction of the store's database, the one made for that.
+    async fn claim_once(&self, req: &Request, token: FencingToken) -> Result<Claim, StoreError> {
+        let (key, fingerprint, lease) = (&req.key, req.fingerprint, req.settings.lease);
+        #[cfg(feature = "postgres")]
+        if req.transactional {
+            if let Some(pg) = self.store.postgres() {
+                return pg
+                    .claim_for_transaction(key, token, fingerprint, lease)
+                    .await;
+            }
+        }
+        self.store.claim(key, token, fingerprint, lease).await
     }
 
     /// Answers from a completed record found in the store.
@@ -864,6 +879,11 @@ enum Timed<T, E> {
 pub(crate) trait Operation<T, E> {
     /// The default scope: the type name of the user's closure.
     fn name(&self) -> &'static str;
+
+    /// Whether the operation runs in a transaction of the store's database.
+    fn transactional(&self) -> bool {
+        false
+    }
 
     /// Refuses, before anything runs or is claimed, an operation the engine cannot run.
     fn check(&self, engine: &Inner) -> Result<(), Error> {

@@ -159,6 +159,10 @@ where
         self.name
     }
 
+    fn transactional(&self) -> bool {
+        true
+    }
+
     fn check(&self, engine: &Inner) -> Result<(), Error> {
         match engine.store.postgres() {
             Some(_) => Ok(()),
@@ -226,7 +230,13 @@ where
             let completion = engine.value_completion(req, &value);
             let ended = bounded(
                 held.lease(),
-                complete_and_commit(pg, tx, req, held.token(), &completion),
+                pg.complete_and_commit(
+                    tx,
+                    &req.key,
+                    held.token(),
+                    &completion.result,
+                    completion.ttl,
+                ),
             )
             .await;
             match ended {
@@ -263,27 +273,6 @@ async fn rollback(tx: Transaction<'_, Postgres>) -> Result<(), StoreError> {
     tx.rollback()
         .await
         .map_err(|e| StoreError::new("postgres: rollback", e))
-}
-
-/// Completes the claim in `tx` and commits; rolls back if the claim was taken over.
-async fn complete_and_commit(
-    pg: &PostgresStore,
-    mut tx: Transaction<'_, Postgres>,
-    req: &Request,
-    token: crate::record::FencingToken,
-    completion: &Completion,
-) -> Result<Fence, StoreError> {
-    let fence = pg
-        .complete_in(&mut tx, &req.key, token, &completion.result, completion.ttl)
-        .await?;
-    match fence {
-        Fence::Held => tx
-            .commit()
-            .await
-            .map_err(|e| StoreError::new("postgres: commit", e))?,
-        Fence::Lost => rollback(tx).await?,
-    }
-    Ok(fence)
 }
 
 /// After the completion or the commit failed: finds out from the database whether the

@@ -838,11 +838,21 @@ async fn the_attribute_runs_the_body_in_a_transaction() {
     assert_eq!(rows(&store).await, ["p-1"]);
 
     let refused = ledger.post("p-2", -5).await;
-    assert!(matches!(refused, Err(LedgerError::Idempotency(Error::Mismatch))));
-    assert_eq!(rows(&store).await, ["p-1"], "the refused post's write rolled back");
+    assert!(matches!(
+        refused,
+        Err(LedgerError::Idempotency(Error::Mismatch))
+    ));
+    assert_eq!(
+        rows(&store).await,
+        ["p-1"],
+        "the refused post's write rolled back"
+    );
 
     for _ in 0..2 {
-        assert_eq!(ledger.post_boxed("p-3".into(), 75).await.expect("boxed"), 75);
+        assert_eq!(
+            ledger.post_boxed("p-3".into(), 75).await.expect("boxed"),
+            75
+        );
     }
     assert_eq!(ledger.runs.load(Ordering::SeqCst), 3);
     assert_eq!(rows(&store).await, ["p-1", "p-3"]);

@@ -17,9 +17,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::query::Query;
-use sqlx::{Postgres, Row};
+use sqlx::{Postgres, Row, Transaction};
 
 use super::{Claim, Fence, Store};
 use crate::clock::Timestamp;
@@ -83,6 +83,7 @@ impl Drop for Statement {
 #[derive(Debug, Clone)]
 struct Sql {
     claim: String,
+    claim_volatile: String,
     renew: String,
     complete: String,
     release: String,
@@ -94,34 +95,16 @@ struct Sql {
 impl Sql {
     fn for_table(t: &str) -> Self {
         Self {
-            // A live record is read and nothing is written: a hit is a read-only
-            // statement, with nothing to flush at commit. A claim that waited on a lock
-            // (an expired row another transaction holds) past $6 ms writes nothing either:
-            // its caller has given up on it by then, and would never release it.
-            claim: format!(
-                "WITH live AS (
-                   SELECT token, state, fingerprint, result,
-                          (extract(epoch FROM expires_at) * 1000)::bigint AS ends_at
-                   FROM {t}
-                   WHERE scope = $1::text AND key = $2::text AND expires_at > now()
-                 ), claimed AS (
-                   INSERT INTO {t} AS t (scope, key, state, token, fingerprint, result, expires_at)
-                   SELECT $1::text, $2::text, 'p', $5::bigint, $3::bytea, NULL,
-                          now() + $4::bigint * interval '1 millisecond'
-                   WHERE NOT EXISTS (SELECT 1 FROM live)
-                     AND clock_timestamp() < statement_timestamp() + $6::bigint * interval '1 millisecond'
-                   ON CONFLICT (scope, key) DO UPDATE
-                     SET state = 'p', token = EXCLUDED.token, fingerprint = EXCLUDED.fingerprint,
-                         result = NULL, expires_at = EXCLUDED.expires_at
-                     WHERE t.expires_at <= now()
-                       AND clock_timestamp() < statement_timestamp() + $6::bigint * interval '1 millisecond'
-                   RETURNING token
-                 )
-                 SELECT true AS acquired, token, NULL::text AS state, NULL::bytea AS fingerprint,
-                        NULL::bytea AS result, NULL::bigint AS ends_at
-                 FROM claimed
-                 UNION ALL
-                 SELECT false, token, state, fingerprint, result, ends_at FROM live"
+            claim: claim_sql(t, ""),
+            // For a call run in a transaction: the same claim, committed without waiting
+            // for its WAL to reach the disk. It is visible to every other process at once
+            // all the same; only a crash of the database could lose it, and that crash also
+            // ends the holder's transaction, which can then no longer commit: its
+            // completion, in the same transaction, needs the claim's row, and the commit that
+            // makes the completion durable flushes the claim's WAL before it.
+            claim_volatile: claim_sql(
+                t,
+                "AND set_config('synchronous_commit', 'off', true) = 'off'",
             ),
             renew: format!(
                 "UPDATE {t} SET expires_at = now() + $4::bigint * interval '1 millisecond'
@@ -160,6 +143,39 @@ impl Sql {
             ),
         }
     }
+}
+
+/// The claim statement; `extra` is one more condition of the insert.
+fn claim_sql(t: &str, extra: &str) -> String {
+    // A live record is read and nothing is written: a hit is a read-only statement, with
+    // nothing to flush at commit. A claim that waited on a lock (an expired row another
+    // transaction holds) past $6 ms writes nothing either: its caller has given up on it
+    // by then, and would never release it.
+    format!(
+                "WITH live AS (
+                   SELECT token, state, fingerprint, result,
+                          (extract(epoch FROM expires_at) * 1000)::bigint AS ends_at
+                   FROM {t}
+                   WHERE scope = $1::text AND key = $2::text AND expires_at > now()
+                 ), claimed AS (
+                   INSERT INTO {t} AS t (scope, key, state, token, fingerprint, result, expires_at)
+                   SELECT $1::text, $2::text, 'p', $5::bigint, $3::bytea, NULL,
+                          now() + $4::bigint * interval '1 millisecond'
+                   WHERE NOT EXISTS (SELECT 1 FROM live) {extra}
+                     AND clock_timestamp() < statement_timestamp() + $6::bigint * interval '1 millisecond'
+                   ON CONFLICT (scope, key) DO UPDATE
+                     SET state = 'p', token = EXCLUDED.token, fingerprint = EXCLUDED.fingerprint,
+                         result = NULL, expires_at = EXCLUDED.expires_at
+                     WHERE t.expires_at <= now()
+                       AND clock_timestamp() < statement_timestamp() + $6::bigint * interval '1 millisecond'
+                   RETURNING token
+                 )
+                 SELECT true AS acquired, token, NULL::text AS state, NULL::bytea AS fingerprint,
+                        NULL::bytea AS result, NULL::bigint AS ends_at
+                 FROM claimed
+                 UNION ALL
+                 SELECT false, token, state, fingerprint, result, ends_at FROM live"
+            )
 }
 
 fn valid_table(name: &str) -> bool {
@@ -411,36 +427,85 @@ impl PostgresStore {
         self.timeout
     }
 
-    /// Completes `token`'s claim with `result` inside the transaction on `conn`: held
-    /// means the commit will make the result and the transaction's writes durable
-    /// together. Bounded by the statement timeout; a failure leaves the transaction to be
-    /// rolled back.
-    pub(crate) async fn complete_in(
+    /// A claim by the statement `sql` (the plain claim, or the one for transactions).
+    async fn claim_with(
         &self,
-        conn: &mut PgConnection,
+        sql: &str,
+        key: &StoreKey,
+        token: FencingToken,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let fp = fingerprint.map(|f| f.as_bytes().to_vec());
+        // Under READ COMMITTED, a row another transaction inserts after this statement's
+        // snapshot makes the insert a no-op that the read cannot see yet; the next
+        // statement sees it. Rare, and bounded.
+        for _ in 0..5 {
+            let q = sqlx::query(sql)
+                .bind(key.scope())
+                .bind(key.key())
+                .bind(&fp)
+                .bind(millis(lease))
+                .bind(token_arg(token))
+                .bind(millis(self.claim_deadline()));
+            let row = self.fetch_optional("postgres: claim", q).await?;
+            if let Some(row) = row {
+                return parse_claim(&row);
+            }
+        }
+        Err(StoreError::msg(
+            "postgres: claim found neither a free key nor a record",
+        ))
+    }
+
+    /// A claim for a call run in a transaction: see the statement's comment in `Sql`.
+    pub(crate) async fn claim_for_transaction(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.claim_with(&self.sql.claim_volatile, key, token, fingerprint, lease)
+            .await
+    }
+
+    /// Completes `token`'s claim with `result` as the last statement of `tx`, then
+    /// commits `tx`: held means the operation's writes and the result are durable
+    /// together; lost means the claim was taken over, and `tx` was rolled back. An error
+    /// leaves the outcome to [`PostgresStore::settle`].
+    ///
+    /// (Sending the completion and the `COMMIT` as one simple query saves a round trip
+    /// but was slower here: such a statement is parsed and planned on every call, where
+    /// this one is prepared once per connection.)
+    pub(crate) async fn complete_and_commit(
+        &self,
+        mut tx: Transaction<'_, Postgres>,
         key: &StoreKey,
         token: FencingToken,
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<Fence, StoreError> {
-        let op = "postgres: complete in transaction";
         let (state, bytes) = (if result.is_err() { "e" } else { "c" }, result.bytes());
-        let q = sqlx::query(&self.sql.complete_in_transaction)
+        let done = sqlx::query(&self.sql.complete_in_transaction)
             .bind(key.scope())
             .bind(key.key())
             .bind(token_arg(token))
             .bind(state)
             .bind(bytes.as_ref())
-            .bind(millis(ttl));
-        let done = tokio::time::timeout(self.timeout, q.execute(conn))
+            .bind(millis(ttl))
+            .execute(&mut *tx)
             .await
-            .map_err(|elapsed| StoreError::new(op, elapsed))?
-            .map_err(store_err(op))?;
-        Ok(if done.rows_affected() == 1 {
-            Fence::Held
+            .map_err(store_err("postgres: complete in transaction"))?;
+        if done.rows_affected() == 1 {
+            tx.commit().await.map_err(store_err("postgres: commit"))?;
+            Ok(Fence::Held)
         } else {
-            Fence::Lost
-        })
+            tx.rollback()
+                .await
+                .map_err(store_err("postgres: rollback"))?;
+            Ok(Fence::Lost)
+        }
     }
 
     /// Whether the transaction that completed `token`'s claim committed, asked on another
@@ -517,26 +582,8 @@ impl Store for PostgresStore {
         fingerprint: Option<Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let fp = fingerprint.map(|f| f.as_bytes().to_vec());
-        // Under READ COMMITTED, a row another transaction inserts after this statement's
-        // snapshot makes the insert a no-op that the read cannot see yet; the next
-        // statement sees it. Rare, and bounded.
-        for _ in 0..5 {
-            let q = sqlx::query(&self.sql.claim)
-                .bind(key.scope())
-                .bind(key.key())
-                .bind(&fp)
-                .bind(millis(lease))
-                .bind(token_arg(token))
-                .bind(millis(self.claim_deadline()));
-            let row = self.fetch_optional("postgres: claim", q).await?;
-            if let Some(row) = row {
-                return parse_claim(&row);
-            }
-        }
-        Err(StoreError::msg(
-            "postgres: claim found neither a free key nor a record",
-        ))
+        self.claim_with(&self.sql.claim, key, token, fingerprint, lease)
+            .await
     }
 
     async fn renew(
