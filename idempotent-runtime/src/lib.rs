@@ -65,6 +65,7 @@
 //! | `cache_errors = true` | store `Err` results too (then `E` must be `Serialize + DeserializeOwned`) | `false` |
 //! | `concurrent = "wait" \| "reject"` | a duplicate in flight waits for the first, or gets `Error::InProgress` | `"wait"` |
 //! | `on_cancel = "release" \| "finish"` | a dropped caller stops the body and frees the key, or the body runs to its end on a task of its own ([`Call::run_to_completion`]; arguments must be `Send + 'static`) | `"release"` |
+//! | `transaction = tx` | run the body in a transaction of the engine's `PostgresStore` (feature `postgres`), reachable in the body as `tx: &mut sqlx::Transaction<'_, Postgres>`; its writes and the stored result commit together ([`Call::run_in_transaction`]) | none |
 //! | `crate = "path"` | where the runtime is, for crates that re-export it | `::idempotent_runtime` |
 //!
 //! The default scope is the function's path as `std::any::type_name` writes it, with the
@@ -103,7 +104,9 @@
 //! async block, so `return` and `?` keep their meaning. The `__idempotent_*` names are
 //! hygienic (as `macro_rules!` locals): arguments of the same names neither see them nor
 //! are shadowed by them. With `on_cancel = "finish"`, `__private::run_to_completion`
-//! takes the place of `__private::run`. A `store` reached through `&self`,
+//! takes the place of `__private::run`; with `transaction = tx`,
+//! `__private::run_in_transaction`, and the closure is
+//! `move |tx| Box::pin(async move { .. })`. A `store` reached through `&self`,
 //! a shared-reference argument or a static stays borrowed; one reached through `&mut self`,
 //! `self` or an argument by value is first cloned into an owned handle (an `Arc` clone),
 //! so the body may still move or mutate what it came from.
@@ -208,6 +211,57 @@
 //! assert_eq!(transfer(1, 500).await.unwrap(), 500);
 //! # }
 //! ```
+//! `transaction = tx` (feature `postgres`), on an engine over a `PostgresStore`: the body's
+//! writes and the stored result commit in one transaction, so a holder that dies before
+//! its commit leaves none of its writes behind, and the retry applies them once. The body
+//! reaches the transaction by the name given, and may borrow `&self` and the arguments:
+#![cfg_attr(feature = "postgres", doc = "```")]
+#![cfg_attr(not(feature = "postgres"), doc = "```ignore")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use idempotent_runtime::{idempotent, store::PostgresStore, Idempotency};
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! enum LedgerError {
+//!     #[error(transparent)]
+//!     Db(#[from] sqlx::Error),
+//!     #[error(transparent)]
+//!     Idempotency(#[from] idempotent_runtime::Error),
+//! }
+//!
+//! struct Ledger { idem: Idempotency }
+//!
+//! impl Ledger {
+//!     #[idempotent(key = msg_id, store = &self.idem, scope = "ledger.post", transaction = tx)]
+//!     async fn post(&self, msg_id: &str, account: &str, cents: i64) -> Result<i64, LedgerError> {
+//!         sqlx::query("INSERT INTO doc_postings (message_id, account, cents) VALUES ($1, $2, $3)")
+//!             .bind(msg_id)
+//!             .bind(account)
+//!             .bind(cents)
+//!             .execute(&mut **tx)
+//!             .await?;
+//!         Ok(cents)
+//!     }
+//! }
+//!
+//! # let url = std::env::var("IDEMPOTENT_TEST_POSTGRES")
+//! #     .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+//! let store = PostgresStore::connect(&url).await?;
+//! store.migrate().await?;
+//! # sqlx::query("CREATE TABLE IF NOT EXISTS doc_postings (message_id text, account text, cents bigint)")
+//! #     .execute(store.pool()).await?;
+//! # let pool = store.pool().clone();
+//! let ledger = Ledger { idem: Idempotency::new(store) };
+//! # let id = format!("msg-{}-{:?}", std::process::id(), std::time::SystemTime::now());
+//! # let msg_id = id.as_str();
+//! assert_eq!(ledger.post(msg_id, "acct-7", 1250).await?, 1250);
+//! assert_eq!(ledger.post(msg_id, "acct-7", 1250).await?, 1250); // replayed, not run
+//! # let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM doc_postings WHERE message_id = $1")
+//! #     .bind(msg_id).fetch_one(&pool).await?;
+//! # assert_eq!(rows, 1);
+//! # sqlx::query("DELETE FROM doc_postings WHERE message_id = $1").bind(msg_id).execute(&pool).await?;
+//! # Ok(()) }
+//! ```
 //! `crate`, for a crate that re-exports the runtime:
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -264,7 +318,9 @@
 //! # Stores and features
 //! - [`store::MemoryStore`], the default: in this process, bounded, no server.
 //! - `store::RedisStore` (feature `redis`) and `store::PostgresStore` (feature `postgres`):
-//!   one guarantee across every process that shares the server.
+//!   one guarantee across every process that shares the server. On PostgreSQL,
+//!   `Call::run_in_transaction` also commits the operation's own writes with its result,
+//!   so they happen once even when the holder dies half-way.
 //! - `http::IdempotencyLayer` (feature `tower`): the `Idempotency-Key` header protocol as
 //!   a tower layer for axum, hyper or tonic.
 //!
