@@ -12,6 +12,7 @@
 use std::future::Future;
 use std::panic::{resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt as _;
@@ -200,8 +201,16 @@ where
     // and its connection goes back to the pool, which sends the rollback before it hands
     // the connection out again, and closes it if it is broken; a closed connection's
     // transaction is rolled back by the server.
-    let mut tx: Transaction<'a, Postgres> = match begin(pg).await {
-        Ok(tx) => tx,
+    // Renewed meanwhile: with as many transactions running as the store allows, or every
+    // connection of the pool taken, the wait may be long.
+    let begun = held
+        .renewing(async {
+            let permit = pg.transaction_permit().await?;
+            Ok::<_, StoreError>((permit, begin(pg, held.lease()).await?))
+        })
+        .await;
+    let (_permit, mut tx): (_, Transaction<'a, Postgres>) = match begun {
+        Ok(begun) => begun,
         Err(e) => {
             held.release().await;
             return Err(Error::Store(e).into());
@@ -257,11 +266,14 @@ where
     }
 }
 
-/// Begins a transaction on a connection of the store's pool, within the statement
-/// timeout.
-async fn begin(pg: &PostgresStore) -> Result<Transaction<'static, Postgres>, StoreError> {
+/// Begins a transaction on a connection of the store's pool: within the pool's acquire
+/// timeout and, as a last bound for a pool without one, `within`.
+async fn begin(
+    pg: &PostgresStore,
+    within: Duration,
+) -> Result<Transaction<'static, Postgres>, StoreError> {
     let begun = pg.pool().begin();
-    bounded(pg.statement_timeout(), async {
+    bounded(within, async {
         begun
             .await
             .map_err(|e| StoreError::new("postgres: begin", e))

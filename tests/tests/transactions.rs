@@ -857,3 +857,99 @@ async fn the_attribute_runs_the_body_in_a_transaction() {
     assert_eq!(ledger.runs.load(Ordering::SeqCst), 3);
     assert_eq!(rows(&store).await, ["p-1", "p-3"]);
 }
+
+/// Eight transactional calls on a pool of four connections, each running for two leases,
+/// while another process waits on the same keys, ready to take over any claim that
+/// lapses: no live holder may lose its claim for want of a connection to renew it with.
+///
+/// (With `with_transaction_limit(8)` on the store, which lets the transactions take every
+/// connection, this fails: renewals time out waiting for a connection, four holders get
+/// `Error::LeaseLost` and four a store error, and the other process runs all eight.)
+async fn more_transactions_than_connections() -> (Vec<String>, u64) {
+    let base = setup().await;
+    let t = base.table().to_owned();
+    let lease = Duration::from_millis(600);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&postgres_url())
+        .await
+        .expect("connect");
+    let store = PostgresStore::from_pool(pool)
+        .with_table(&t)
+        .expect("table");
+    let holder = engine(store, lease);
+    let other = engine(
+        PostgresStore::connect(&postgres_url())
+            .await
+            .expect("connect")
+            .with_table(&t)
+            .expect("table"),
+        lease,
+    );
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let (idem, t) = (holder.clone(), t.clone());
+        calls.push(tokio::spawn(async move {
+            idem.call(format!("k{i}"))
+                .scope(SCOPE)
+                .run_in_transaction(|tx| {
+                    Box::pin(async move {
+                        insert(&t, "holder", tx).await?;
+                        tokio::time::sleep(2 * lease).await;
+                        Ok::<_, Error>("holder".to_owned())
+                    })
+                })
+                .await
+        }));
+    }
+    // Every key claimed in the database before the other process asks for it.
+    let claimed = format!("SELECT count(*) FROM {t} WHERE state = 'p'");
+    let started = Instant::now();
+    while sqlx::query_scalar::<_, i64>(&claimed)
+        .fetch_one(base.pool())
+        .await
+        .expect("count the claims")
+        < 8
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not all eight claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut waiting = Vec::new();
+    for i in 0..8 {
+        let (idem, t) = (other.clone(), t.clone());
+        waiting.push(tokio::spawn(async move {
+            idem.call(format!("k{i}"))
+                .scope(SCOPE)
+                .run_in_transaction(|tx| {
+                    Box::pin(async move {
+                        insert(&t, "other", tx).await?;
+                        Ok::<_, Error>("other".to_owned())
+                    })
+                })
+                .await
+        }));
+    }
+    let mut answers = Vec::new();
+    for c in calls.into_iter().chain(waiting) {
+        answers.push(match c.await.expect("task") {
+            Ok(v) => v,
+            Err(e) => format!("{e:?}"),
+        });
+    }
+    (answers, holder.stats().lease_lost)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn more_transactions_than_connections_keep_their_claims() {
+    let (answers, lease_lost) = more_transactions_than_connections().await;
+    assert_eq!(
+        answers,
+        vec!["holder".to_owned(); 16],
+        "every caller got the holder's value"
+    );
+    assert_eq!(lease_lost, 0);
+}

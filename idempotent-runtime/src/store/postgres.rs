@@ -12,6 +12,7 @@
 //! treats them as absent); [`PostgresStore::spawn_purger`] runs it periodically.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,6 +21,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::query::Query;
 use sqlx::{Postgres, Row, Transaction};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::{Claim, Fence, Store};
 use crate::clock::Timestamp;
@@ -55,6 +57,8 @@ pub struct PostgresStore {
     table: String,
     sql: Sql,
     timeout: Duration,
+    // Shared by clones, as the pool is.
+    transactions: Arc<Semaphore>,
 }
 
 /// A connection taken from the pool for one statement. If the statement does not finish
@@ -223,13 +227,34 @@ impl PostgresStore {
     }
 
     /// A store on an existing pool, with the table [`DEFAULT_TABLE`].
+    ///
+    /// Transactions of [`Call::run_in_transaction`](crate::Call::run_in_transaction) may
+    /// hold at most three quarters of the pool's connections at once (all but one, in a
+    /// pool of up to seven); see [`PostgresStore::with_transaction_limit`].
     pub fn from_pool(pool: PgPool) -> Self {
+        let max = usize::try_from(pool.options().get_max_connections()).unwrap_or(usize::MAX);
+        let limit = max.saturating_sub((max / 4).max(1)).max(1);
         Self {
             pool,
             table: DEFAULT_TABLE.to_owned(),
             sql: Sql::for_table(DEFAULT_TABLE),
             timeout: DEFAULT_STATEMENT_TIMEOUT,
+            transactions: Arc::new(Semaphore::new(limit)),
         }
+    }
+
+    /// How many transactions of
+    /// [`Call::run_in_transaction`](crate::Call::run_in_transaction) may run at once on
+    /// this store's pool (default: three quarters of its connections). Each holds a
+    /// connection for its whole operation, and every call's claim, and the renewals that
+    /// keep a running operation's claim alive, need one too: with every connection held by
+    /// a transaction, renewals would wait in vain, live holders would lose their claims,
+    /// and their work would be rolled back. Calls past the limit wait for a transaction
+    /// to end, their claims renewed meanwhile. Leave room for the application's own
+    /// queries on the pool as well.
+    pub fn with_transaction_limit(mut self, transactions: usize) -> Self {
+        self.transactions = Arc::new(Semaphore::new(transactions.max(1)));
+        self
     }
 
     /// How long one claim, renewal, completion or release may take (default
@@ -422,6 +447,15 @@ pub(crate) enum Settled {
 /// beyond [`Store`]: a connection of its own, the completion in the transaction, and, when
 /// a commit's answer was lost, what it did.
 impl PostgresStore {
+    /// Waits for room for one more transaction (see
+    /// [`PostgresStore::with_transaction_limit`]).
+    pub(crate) async fn transaction_permit(&self) -> Result<SemaphorePermit<'_>, StoreError> {
+        self.transactions
+            .acquire()
+            .await
+            .map_err(|e| StoreError::new("postgres: transaction limit", e))
+    }
+
     /// How long one statement may take; see [`PostgresStore::with_statement_timeout`].
     pub(crate) fn statement_timeout(&self) -> Duration {
         self.timeout
