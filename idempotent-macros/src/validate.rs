@@ -20,6 +20,13 @@ pub(crate) fn validate<'a>(args: &'a Args, item: &ItemFn) -> syn::Result<&'a Exp
                  caller's transaction rolls back, so its body never stops half-way",
             ));
         }
+        if args.store.is_none() {
+            errors.push(syn::Error::new(
+                tx.span(),
+                "`transaction` needs `store = <an engine over a PostgresStore>`: the default \
+                 engine keeps its records in memory, outside any database transaction",
+            ));
+        }
         if binds(item, tx) {
             errors.push(syn::Error::new(
                 tx.span(),

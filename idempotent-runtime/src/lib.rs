@@ -65,7 +65,7 @@
 //! | `cache_errors = true` | store `Err` results too (then `E` must be `Serialize + DeserializeOwned`) | `false` |
 //! | `concurrent = "wait" \| "reject"` | a duplicate in flight waits for the first, or gets `Error::InProgress` | `"wait"` |
 //! | `on_cancel = "release" \| "finish"` | a dropped caller stops the body and frees the key, or the body runs to its end on a task of its own ([`Call::run_to_completion`]; arguments must be `Send + 'static`) | `"release"` |
-//! | `transaction = tx` | run the body in a transaction of the engine's `PostgresStore` (feature `postgres`), reachable in the body as `tx: &mut sqlx::Transaction<'_, Postgres>`; its writes and the stored result commit together ([`Call::run_in_transaction`]) | none |
+//! | `transaction = tx` | with `store` naming an engine over a `PostgresStore`: run the body in a transaction of that store (feature `postgres`), reachable in the body as `tx: &mut sqlx::Transaction<'_, Postgres>`; its writes and the stored result commit together ([`Call::run_in_transaction`]) | none |
 //! | `crate = "path"` | where the runtime is, for crates that re-export it | `::idempotent_runtime` |
 //!
 //! The default scope is the function's path as `std::any::type_name` writes it, with the

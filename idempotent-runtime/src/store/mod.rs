@@ -135,7 +135,9 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
     /// The [`PostgresStore`] this store keeps its records in, whose transactions
     /// [`Call::run_in_transaction`](crate::Call::run_in_transaction) runs operations in:
     /// itself, for a `PostgresStore`, or the one a wrapper forwards to. Other stores keep
-    /// the default, `None`, and refuse transactional calls.
+    /// the default, `None`, and refuse transactional calls. The claims of transactional
+    /// calls go to the returned store directly (they are made for its transactions), so
+    /// a wrapper does not see them.
     #[cfg(feature = "postgres")]
     fn postgres(&self) -> Option<&PostgresStore> {
         None
