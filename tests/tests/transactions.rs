@@ -60,6 +60,29 @@ async fn insert(
     Ok(())
 }
 
+/// `idem`'s call of `key`, run in a transaction that inserts the row `who` and returns
+/// `value`.
+async fn apply<T>(
+    idem: &Idempotency,
+    table: &str,
+    key: &str,
+    who: &str,
+    value: T,
+) -> Result<(T, Outcome), Error>
+where
+    T: Serialize + serde::de::DeserializeOwned + Send,
+{
+    idem.call(key)
+        .scope(SCOPE)
+        .run_in_transaction_with_outcome(|tx| {
+            Box::pin(async move {
+                insert(table, who, tx).await?;
+                Ok(value)
+            })
+        })
+        .await
+}
+
 fn engine(store: impl idempotent_runtime::store::Store, lease: Duration) -> Idempotency {
     Idempotency::builder()
         .store(store)
@@ -690,16 +713,7 @@ async fn a_commit_whose_answer_is_lost_is_found_to_have_committed() {
     let idem = engine(store, Duration::from_secs(5));
 
     trap.armed.store(true, Ordering::SeqCst);
-    let answer = idem
-        .call("msg-commit")
-        .scope(SCOPE)
-        .run_in_transaction_with_outcome(|tx| {
-            Box::pin(async {
-                insert(&t, "committed", tx).await?;
-                Ok::<_, Error>(5_u32)
-            })
-        })
-        .await;
+    let answer = apply(&idem, &t, "msg-commit", "committed", 5_u32).await;
     assert!(
         !trap.armed.load(Ordering::SeqCst),
         "the trap caught the commit"
@@ -737,16 +751,7 @@ async fn a_commit_that_cannot_be_settled_is_reported_unknown_and_a_retry_learns(
     // connections, so the outcome cannot be asked.
     trap.then_refuse.store(true, Ordering::SeqCst);
     trap.armed.store(true, Ordering::SeqCst);
-    let answer = idem
-        .call("msg-unknown")
-        .scope(SCOPE)
-        .run_in_transaction_with_outcome(|tx| {
-            Box::pin(async {
-                insert(&t, "committed", tx).await?;
-                Ok::<_, Error>(6_u32)
-            })
-        })
-        .await;
+    let answer = apply(&idem, &t, "msg-unknown", "committed", 6_u32).await;
     assert!(
         !trap.armed.load(Ordering::SeqCst),
         "the trap caught the commit"

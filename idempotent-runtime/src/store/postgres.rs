@@ -520,14 +520,7 @@ impl PostgresStore {
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<Fence, StoreError> {
-        let (state, bytes) = (if result.is_err() { "e" } else { "c" }, result.bytes());
-        let done = sqlx::query(&self.sql.complete_in_transaction)
-            .bind(key.scope())
-            .bind(key.key())
-            .bind(token_arg(token))
-            .bind(state)
-            .bind(bytes.as_ref())
-            .bind(millis(ttl))
+        let done = completion(&self.sql.complete_in_transaction, key, token, result, ttl)
             .execute(&mut *tx)
             .await
             .map_err(store_err("postgres: complete in transaction"))?;
@@ -565,6 +558,25 @@ impl PostgresStore {
             Settled::RolledBack
         })
     }
+}
+
+/// A completion statement (`complete`, or `complete_in_transaction`, which take the same
+/// parameters), bound.
+fn completion<'q>(
+    sql: &'q str,
+    key: &'q StoreKey,
+    token: FencingToken,
+    result: &'q StoredResult,
+    ttl: Duration,
+) -> Query<'q, Postgres, PgArguments> {
+    let state = if result.is_err() { "e" } else { "c" };
+    sqlx::query(sql)
+        .bind(key.scope())
+        .bind(key.key())
+        .bind(token_arg(token))
+        .bind(state)
+        .bind(result.bytes().as_ref())
+        .bind(millis(ttl))
 }
 
 /// A claim's answer row.
@@ -641,14 +653,7 @@ impl Store for PostgresStore {
         result: StoredResult,
         ttl: Duration,
     ) -> Result<Fence, StoreError> {
-        let (state, bytes) = (if result.is_err() { "e" } else { "c" }, result.bytes());
-        let q = sqlx::query(&self.sql.complete)
-            .bind(key.scope())
-            .bind(key.key())
-            .bind(token_arg(token))
-            .bind(state)
-            .bind(bytes.as_ref())
-            .bind(millis(ttl));
+        let q = completion(&self.sql.complete, key, token, &result, ttl);
         self.fenced("postgres: complete", q).await
     }
 
