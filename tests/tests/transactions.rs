@@ -863,6 +863,33 @@ async fn the_attribute_runs_the_body_in_a_transaction() {
     assert_eq!(rows(&store).await, ["p-1", "p-3"]);
 }
 
+/// Spawns calls of the keys `k0`..`k7` on `idem`, each inserting `who` and holding its
+/// transaction open for `hold`, and answering `who`.
+fn spawn_eight(
+    idem: &Idempotency,
+    t: &str,
+    who: &'static str,
+    hold: Duration,
+) -> Vec<tokio::task::JoinHandle<Result<String, Error>>> {
+    (0..8)
+        .map(|i| {
+            let (idem, t) = (idem.clone(), t.to_owned());
+            tokio::spawn(async move {
+                idem.call(format!("k{i}"))
+                    .scope(SCOPE)
+                    .run_in_transaction(|tx| {
+                        Box::pin(async move {
+                            insert(&t, who, tx).await?;
+                            tokio::time::sleep(hold).await;
+                            Ok::<_, Error>(who.to_owned())
+                        })
+                    })
+                    .await
+            })
+        })
+        .collect()
+}
+
 /// Eight transactional calls on a pool of four connections, each running for two leases,
 /// while another process waits on the same keys, ready to take over any claim that
 /// lapses: no live holder may lose its claim for want of a connection to renew it with.
@@ -892,22 +919,7 @@ async fn more_transactions_than_connections() -> (Vec<String>, u64) {
             .expect("table"),
         lease,
     );
-    let mut calls = Vec::new();
-    for i in 0..8 {
-        let (idem, t) = (holder.clone(), t.clone());
-        calls.push(tokio::spawn(async move {
-            idem.call(format!("k{i}"))
-                .scope(SCOPE)
-                .run_in_transaction(|tx| {
-                    Box::pin(async move {
-                        insert(&t, "holder", tx).await?;
-                        tokio::time::sleep(2 * lease).await;
-                        Ok::<_, Error>("holder".to_owned())
-                    })
-                })
-                .await
-        }));
-    }
+    let calls = spawn_eight(&holder, &t, "holder", 2 * lease);
     // Every key claimed in the database before the other process asks for it.
     let claimed = format!("SELECT count(*) FROM {t} WHERE state = 'p'");
     let started = Instant::now();
@@ -923,21 +935,7 @@ async fn more_transactions_than_connections() -> (Vec<String>, u64) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let mut waiting = Vec::new();
-    for i in 0..8 {
-        let (idem, t) = (other.clone(), t.clone());
-        waiting.push(tokio::spawn(async move {
-            idem.call(format!("k{i}"))
-                .scope(SCOPE)
-                .run_in_transaction(|tx| {
-                    Box::pin(async move {
-                        insert(&t, "other", tx).await?;
-                        Ok::<_, Error>("other".to_owned())
-                    })
-                })
-                .await
-        }));
-    }
+    let waiting = spawn_eight(&other, &t, "other", Duration::ZERO);
     let mut answers = Vec::new();
     for c in calls.into_iter().chain(waiting) {
         answers.push(match c.await.expect("task") {
