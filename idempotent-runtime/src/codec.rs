@@ -9,7 +9,8 @@
 //! as Postcard is the number 53): such a record is
 //! [`CodecErrorKind::WrongCodec`]. A third tag, `U`,
 //! marks a result that ran but could not be stored faithfully
-//! ([`CodecErrorKind::Unstorable`]).
+//! ([`CodecErrorKind::Unstorable`]), and a fourth, `T`, an operation that ended its own
+//! transaction ([`Error::TransactionEnded`](crate::Error::TransactionEnded)).
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -20,6 +21,7 @@ use crate::error::{CodecError, CodecErrorKind};
 const JSON: u8 = b'J';
 const POSTCARD: u8 = b'P';
 const UNSTORABLE: u8 = b'U';
+const TRANSACTION_ENDED: u8 = b'T';
 
 /// The format of stored results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -98,12 +100,22 @@ impl Codec {
         Bytes::from_static(&[UNSTORABLE])
     }
 
+    /// What is stored for an operation that ended its own transaction: replays of it are
+    /// [`CodecErrorKind::TransactionEnded`].
+    #[cfg(feature = "postgres")]
+    pub(crate) fn transaction_ended() -> Bytes {
+        Bytes::from_static(&[TRANSACTION_ENDED])
+    }
+
     /// Decodes a stored result into the caller's type.
     pub(crate) fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, CodecError> {
         let body = match bytes.split_first() {
             Some((&tag, body)) if tag == self.tag() => body,
             Some((&UNSTORABLE, _)) => {
                 return Err(CodecError::of_kind(CodecErrorKind::Unstorable));
+            }
+            Some((&TRANSACTION_ENDED, _)) => {
+                return Err(CodecError::of_kind(CodecErrorKind::TransactionEnded));
             }
             _ => return Err(CodecError::of_kind(CodecErrorKind::WrongCodec)),
         };

@@ -15,7 +15,7 @@ use tracing::debug;
 
 use crate::call::{Call, CallKey, ErrorPolicy};
 use crate::codec::Codec;
-use crate::error::{CodecError, ConfigError, Error, StoreError, StoreErrorKind};
+use crate::error::{CodecError, CodecErrorKind, ConfigError, Error, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
 use crate::flight::{Flight, FlightGuard, Flights, Following, Joined, Landing, Waited};
 use crate::key::StoreKey;
@@ -758,7 +758,10 @@ impl Inner {
         };
         bump(counter);
         debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = ?outcome, "idempotent call");
-        let scoped = |e: CodecError| Error::Codec(e.in_scope(req.key.scope()));
+        let scoped = |e: CodecError| match e.kind() {
+            CodecErrorKind::TransactionEnded => Error::TransactionEnded,
+            _ => Error::Codec(e.in_scope(req.key.scope())),
+        };
         match result {
             StoredResult::Ok(bytes) => Ok((self.codec.decode(&bytes).map_err(scoped)?, outcome)),
             StoredResult::Err(bytes) => Err(P::decode(&bytes, self.codec).map_err(scoped)?),

@@ -60,6 +60,18 @@ pub enum Error {
         "the idempotency claim was taken over before the transaction committed; it was rolled back"
     )]
     LeaseLost,
+
+    /// The operation run in a transaction (see
+    /// [`Call::run_in_transaction`](crate::Call::run_in_transaction)) committed or rolled
+    /// back that transaction itself (with a raw `COMMIT` or `ROLLBACK`), so its writes
+    /// could not commit together with its result. Whether they took effect depends on
+    /// what the operation did, so the key holds a marker for its TTL in place of the
+    /// result, and retries get this error too rather than running again. A bug in the
+    /// operation: use a savepoint (`tx.begin()`) to undo part of its work.
+    #[error(
+        "the operation ended its own transaction; its result could not be stored with its writes"
+    )]
+    TransactionEnded,
 }
 
 /// So that functions returning `std::io::Result<T>` can be idempotent. The kind says
@@ -72,7 +84,9 @@ impl From<Error> for std::io::Error {
             Error::Mismatch | Error::InvalidKey(_) | Error::Config(_) => {
                 std::io::ErrorKind::InvalidInput
             }
-            Error::Store(_) | Error::Codec(_) | Error::Cancelled => std::io::ErrorKind::Other,
+            Error::Store(_) | Error::Codec(_) | Error::Cancelled | Error::TransactionEnded => {
+                std::io::ErrorKind::Other
+            }
         };
         std::io::Error::new(kind, e)
     }
@@ -271,6 +285,9 @@ pub enum CodecErrorKind {
     /// place the key holds a marker for its TTL, so a retry gets this error rather than
     /// running again or receiving something else.
     Unstorable,
+    /// The operation ended the transaction it ran in itself; see
+    /// [`Error::TransactionEnded`], which replays of such a record are reported as.
+    TransactionEnded,
 }
 
 impl CodecError {
@@ -325,6 +342,9 @@ impl fmt::Display for CodecError {
             CodecErrorKind::WrongCodec => "the stored result was written by another codec",
             CodecErrorKind::Unstorable => {
                 "the operation ran, but its value could not be stored faithfully, so it cannot be replayed"
+            }
+            CodecErrorKind::TransactionEnded => {
+                "the operation ended its own transaction, so its result was not stored with its writes"
             }
         })?;
         if let Some(scope) = &self.scope {

@@ -12,7 +12,6 @@
 use std::future::Future;
 use std::panic::{resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt as _;
@@ -22,11 +21,13 @@ use sqlx::{Postgres, Transaction};
 use tracing::{debug, warn};
 
 use crate::call::{Call, CallKey, ErrorPolicy};
+use crate::codec::Codec;
 use crate::engine::{Answer, Inner, Operation, Outcome, Request};
 use crate::error::{ConfigError, Error, StoreError};
 use crate::lease::{bounded, Completion, HeldClaim};
+use crate::record::StoredResult;
 use crate::stats::bump;
-use crate::store::{Fence, PostgresStore, Settled};
+use crate::store::{Ended, PostgresStore, Settled};
 
 impl<'a, K: CallKey, P> Call<'a, K, P> {
     /// Runs `op` at most once for the key inside a transaction on the engine's
@@ -105,8 +106,15 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     ///   rolls back, and the caller gets [`Error::LeaseLost`], not a value whose effects
     ///   were undone.
     /// - The commit's answer lost: the outcome is asked of the database on another
-    ///   connection; when even that fails, the caller gets [`Error::Store`] of kind
-    ///   [`CommitUnknown`](crate::StoreErrorKind::CommitUnknown), and a retry finds out.
+    ///   connection, by the transaction's id; when even that fails, the caller gets
+    ///   [`Error::Store`] of kind [`CommitUnknown`](crate::StoreErrorKind::CommitUnknown),
+    ///   and a retry finds out. The server ends a transaction whose commit never came
+    ///   one lease after its completion, so a peer gone silent does not keep the key's
+    ///   row locked.
+    /// - `op` committed or rolled back the transaction itself (raw `COMMIT` or
+    ///   `ROLLBACK`; use a savepoint, `tx.begin()`, to undo part of the work): its writes
+    ///   may be there without their result, so the key is marked for its TTL and this
+    ///   call and every retry get [`Error::TransactionEnded`] rather than running again.
     ///
     /// On an engine over any other store, the call fails with [`Error::Config`]
     /// ([`ConfigError::NotTransactional`]) and runs nothing.
@@ -200,13 +208,13 @@ where
     // Dropped half-way (a panic, a cancelled caller), the transaction queues its rollback
     // and its connection goes back to the pool, which sends the rollback before it hands
     // the connection out again, and closes it if it is broken; a closed connection's
-    // transaction is rolled back by the server.
-    // Renewed meanwhile: with as many transactions running as the store allows, or every
+    // transaction is rolled back by the server. The claim is renewed while the call
+    // waits for a transaction: with as many running as the store allows, or every
     // connection of the pool taken, the wait may be long.
     let begun = held
         .renewing(async {
             let permit = pg.transaction_permit().await?;
-            Ok::<_, StoreError>((permit, begin(pg, held.lease()).await?))
+            Ok::<_, StoreError>((permit, pg.begin(held.token(), held.lease()).await?))
         })
         .await;
     let (_permit, mut tx): (_, Transaction<'a, Postgres>) = match begun {
@@ -226,6 +234,12 @@ where
             resume_unwind(panic)
         }
         Ok(Err(err)) => {
+            // An operation that committed its transaction itself, then failed, must not
+            // have its key released: its writes may be there.
+            if let Ok(false) = pg.still_ours(&mut tx, held.token()).await {
+                drop(tx);
+                return Err(ended_by_operation(engine, req, held).await.into());
+            }
             // Rolled back before the key is given up: a retry that takes it over then
             // meets none of this transaction's locks.
             let _ = bounded(pg.statement_timeout(), rollback(tx)).await;
@@ -237,27 +251,33 @@ where
         }
         Ok(Ok(value)) => {
             let completion = engine.value_completion(req, &value);
-            let ended = bounded(
-                held.lease(),
-                pg.complete_and_commit(
+            let ended = pg
+                .complete_and_commit(
                     tx,
                     &req.key,
                     held.token(),
                     &completion.result,
                     completion.ttl,
-                ),
-            )
-            .await;
+                    held.lease(),
+                )
+                .await;
             match ended {
-                Ok(Fence::Held) => held.committed(completion.result),
-                Ok(Fence::Lost) => {
+                Ended::Committed => held.committed(completion.result),
+                Ended::Lost => {
                     held.lost();
                     return Err(Error::LeaseLost.into());
                 }
-                Err(e) => {
-                    // The connection, broken or not, ends the transaction (a commit that
-                    // reached the server, or a rollback); the row says which.
-                    settle(engine, pg, req, held, completion, e).await?;
+                Ended::ByOperation => {
+                    return Err(ended_by_operation(engine, req, held).await.into());
+                }
+                Ended::NotCommitted(e) => {
+                    // Nothing of the operation took effect; the key is free for a retry.
+                    bump(&engine.stats.store_errors);
+                    held.release().await;
+                    return Err(Error::Store(e).into());
+                }
+                Ended::CommitSent(e, xid) => {
+                    settle(engine, pg, req, held, completion, e, xid).await?;
                 }
             }
             debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed", "idempotent call in a transaction");
@@ -266,28 +286,29 @@ where
     }
 }
 
-/// Begins a transaction on a connection of the store's pool: within the pool's acquire
-/// timeout and, as a last bound for a pool without one, `within`.
-async fn begin(
-    pg: &PostgresStore,
-    within: Duration,
-) -> Result<Transaction<'static, Postgres>, StoreError> {
-    let begun = pg.pool().begin();
-    bounded(within, async {
-        begun
-            .await
-            .map_err(|e| StoreError::new("postgres: begin", e))
-    })
-    .await
-}
-
 async fn rollback(tx: Transaction<'_, Postgres>) -> Result<(), StoreError> {
     tx.rollback()
         .await
         .map_err(|e| StoreError::new("postgres: rollback", e))
 }
 
-/// After the completion or the commit failed: finds out from the database whether the
+/// After the operation committed or rolled back its transaction itself: its writes may or
+/// may not be there, and its result cannot be stored with them. Running it again could
+/// apply them twice, so the key gets a marker for its TTL, which retries are refused by.
+async fn ended_by_operation(engine: &Arc<Inner>, req: &Request, held: HeldClaim) -> Error {
+    warn!(scope = req.key.scope(), key = %req.key.digest(),
+        "the operation committed or rolled back its own transaction; its key is marked, and retries get Error::TransactionEnded");
+    bump(&engine.stats.unstored);
+    held.complete(Completion {
+        result: StoredResult::Ok(Codec::transaction_ended()),
+        ttl: req.settings.ttl,
+        counted_unstored: true,
+    })
+    .await;
+    Error::TransactionEnded
+}
+
+/// After the commit's answer was lost: finds out from the database whether the
 /// transaction committed, and answers as it did.
 async fn settle<E: From<Error>>(
     engine: &Arc<Inner>,
@@ -296,8 +317,9 @@ async fn settle<E: From<Error>>(
     held: HeldClaim,
     completion: Completion,
     failed: StoreError,
+    xid: i64,
 ) -> Result<(), E> {
-    match pg.settle(&req.key, held.token()).await {
+    match pg.settle(&req.key, xid).await {
         Ok(Settled::Committed) => {
             debug!(scope = req.key.scope(), key = %req.key.digest(), "commit answer lost; the transaction committed");
             held.committed(completion.result);

@@ -13,6 +13,7 @@ pub mod crash;
 mod faulty;
 pub mod postgres;
 pub mod redis_server;
+pub mod transactions;
 
 pub use faulty::{FaultyStore, Held, Stop};
 pub use postgres::{PostgresHarness, TcpProxy};

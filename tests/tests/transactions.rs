@@ -11,54 +11,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use idempotent_runtime::store::PostgresStore;
-use idempotent_runtime::{
-    Concurrency, ConfigError, Error, Idempotency, Outcome, StoreError, StoreErrorKind,
+use idempotent_runtime::{Concurrency, ConfigError, Error, Idempotency, Outcome, StoreErrorKind};
+use idempotent_tests::postgres::postgres_url;
+use idempotent_tests::transactions::{
+    effects, engine, insert, other_process, server_addr, store_with_effects, url_through,
 };
-use idempotent_tests::postgres::{fresh_store, postgres_url};
 use idempotent_tests::{eventually, FaultyStore};
 use serde::{Deserialize, Serialize};
-use sqlx::{Postgres, Transaction};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 
 const SCOPE: &str = "ledger.apply";
-
-/// A migrated store on a fresh table, and beside it the table the operations write to,
-/// `<table>_fx`, with no unique constraint: a second application would show as a second
-/// row.
-async fn setup() -> PostgresStore {
-    let store = fresh_store(&postgres_url()).await;
-    sqlx::query(&format!(
-        "CREATE TABLE {}_fx (id bigserial PRIMARY KEY, who text NOT NULL)",
-        store.table()
-    ))
-    .execute(store.pool())
-    .await
-    .expect("create the effects table");
-    store
-}
-
-async fn rows(store: &PostgresStore) -> Vec<String> {
-    sqlx::query_scalar(&format!("SELECT who FROM {}_fx ORDER BY id", store.table()))
-        .fetch_all(store.pool())
-        .await
-        .expect("read the effects table")
-}
-
-/// The operation's write, in its transaction.
-async fn insert(
-    store_table: &str,
-    who: &str,
-    tx: &mut Transaction<'_, Postgres>,
-) -> Result<(), Error> {
-    sqlx::query(&format!("INSERT INTO {store_table}_fx (who) VALUES ($1)"))
-        .bind(who)
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| Error::Store(StoreError::new("insert", e)))?;
-    Ok(())
-}
 
 /// `idem`'s call of `key`, run in a transaction that inserts the row `who` and returns
 /// `value`.
@@ -83,17 +47,9 @@ where
         .await
 }
 
-fn engine(store: impl idempotent_runtime::store::Store, lease: Duration) -> Idempotency {
-    Idempotency::builder()
-        .store(store)
-        .lease(lease)
-        .build()
-        .expect("valid settings")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_writes_and_the_result_commit_together_and_replay_runs_nothing() {
-    let store = setup().await;
+    let store = store_with_effects().await;
     let idem = engine(store.clone(), Duration::from_secs(5));
     let t = store.table().to_owned();
     let runs = AtomicU32::new(0);
@@ -120,7 +76,7 @@ async fn the_writes_and_the_result_commit_together_and_replay_runs_nothing() {
         assert_eq!(outcome, expected);
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-    assert_eq!(rows(&store).await, ["first"]);
+    assert_eq!(effects(&store).await, ["first"]);
 
     // The record was written by the same commit: a different payload under the key is
     // refused, and nothing runs.
@@ -136,7 +92,7 @@ async fn the_writes_and_the_result_commit_together_and_replay_runs_nothing() {
         })
         .await;
     assert!(matches!(refused, Err(Error::Mismatch)), "{refused:?}");
-    assert_eq!(rows(&store).await, ["first"]);
+    assert_eq!(effects(&store).await, ["first"]);
     assert_eq!(idem.stats().executed, 1);
 }
 
@@ -156,7 +112,7 @@ impl From<Error> for Refused {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_error_rolls_the_writes_back_and_frees_the_key_or_is_stored() {
-    let store = setup().await;
+    let store = store_with_effects().await;
     let idem = engine(store.clone(), Duration::from_secs(5));
     let t = store.table().to_owned();
 
@@ -173,7 +129,7 @@ async fn an_error_rolls_the_writes_back_and_frees_the_key_or_is_stored() {
         .await;
     assert_eq!(failed, Err(Refused::InsufficientFunds));
     assert!(
-        rows(&store).await.is_empty(),
+        effects(&store).await.is_empty(),
         "the failed call's write was rolled back"
     );
     let retried = idem
@@ -189,7 +145,7 @@ async fn an_error_rolls_the_writes_back_and_frees_the_key_or_is_stored() {
         .await
         .expect("the key was released");
     assert_eq!(retried, (7, Outcome::Executed));
-    assert_eq!(rows(&store).await, ["retried"]);
+    assert_eq!(effects(&store).await, ["retried"]);
 
     // Stored: the writes are still rolled back, and a retry gets the same error without
     // running.
@@ -214,12 +170,12 @@ async fn an_error_rolls_the_writes_back_and_frees_the_key_or_is_stored() {
         1,
         "the stored error was replayed"
     );
-    assert_eq!(rows(&store).await, ["retried"]);
+    assert_eq!(effects(&store).await, ["retried"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_panic_or_a_cancelled_caller_rolls_back_and_frees_the_key() {
-    let store = setup().await;
+    let store = store_with_effects().await;
     let idem = engine(store.clone(), Duration::from_secs(30));
     let t = store.table().to_owned();
 
@@ -294,25 +250,18 @@ async fn a_panic_or_a_cancelled_caller_rolls_back_and_frees_the_key() {
             }
         }
     }
-    assert_eq!(rows(&store).await, ["retried", "retried"]);
+    assert_eq!(effects(&store).await, ["retried", "retried"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_claim_taken_over_rolls_back_and_reports_lease_lost() {
-    let base = setup().await;
+    let base = store_with_effects().await;
     let t = base.table().to_owned();
     let lease = Duration::from_millis(400);
     // The first holder's renewals go through a store that a test can take down.
     let faulty = FaultyStore::new(base.clone());
     let stale = engine(faulty.clone(), lease);
-    let fresh = engine(
-        PostgresStore::connect(&postgres_url())
-            .await
-            .expect("connect")
-            .with_table(&t)
-            .expect("table"),
-        lease,
-    );
+    let fresh = engine(other_process(&t).await, lease);
 
     let inserted = Arc::new(Notify::new());
     let go_on = Arc::new(Semaphore::new(0));
@@ -359,7 +308,7 @@ async fn a_claim_taken_over_rolls_back_and_reports_lease_lost() {
     );
     assert_eq!(stale.stats().lease_lost, 1);
     assert_eq!(
-        rows(&base).await,
+        effects(&base).await,
         ["fresh"],
         "the stale holder's write never landed"
     );
@@ -374,20 +323,13 @@ async fn a_claim_taken_over_rolls_back_and_reports_lease_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn duplicates_in_this_process_and_others_run_the_operation_once() {
-    let store = setup().await;
+    let store = store_with_effects().await;
     let t = store.table().to_owned();
     let lease = Duration::from_secs(2);
     // Two engines with pools of their own are two processes to each other: they meet only
     // in the database.
     let mut engines = vec![engine(store.clone(), lease)];
-    engines.push(engine(
-        PostgresStore::connect(&postgres_url())
-            .await
-            .expect("connect")
-            .with_table(&t)
-            .expect("table"),
-        lease,
-    ));
+    engines.push(engine(other_process(&t).await, lease));
     let runs = Arc::new(AtomicU32::new(0));
     let started = Arc::new(Notify::new());
     let finish = Arc::new(Semaphore::new(0));
@@ -430,12 +372,12 @@ async fn duplicates_in_this_process_and_others_run_the_operation_once() {
         outcomes.iter().filter(|o| **o == Outcome::Executed).count(),
         1
     );
-    assert_eq!(rows(&store).await, ["dup"]);
+    assert_eq!(effects(&store).await, ["dup"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_ttl_the_key_is_new() {
-    let store = setup().await;
+    let store = store_with_effects().await;
     let idem = engine(store.clone(), Duration::from_secs(5));
     let t = store.table().to_owned();
     let call = |who: &'static str| {
@@ -462,7 +404,7 @@ async fn after_the_ttl_the_key_is_new() {
         got(call("three").await),
         ("three".into(), Outcome::Executed)
     );
-    assert_eq!(rows(&store).await, ["one", "three"]);
+    assert_eq!(effects(&store).await, ["one", "three"]);
 }
 
 #[tokio::test]
@@ -518,7 +460,7 @@ fn start_holder(table: &str, lease: Duration) -> std::process::Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_holder_killed_mid_transaction_leaves_nothing_and_its_key_is_taken_over() {
-    let store = setup().await;
+    let store = store_with_effects().await;
     let t = store.table().to_owned();
     let lease = Duration::from_millis(800);
     let idem = engine(store.clone(), lease);
@@ -558,7 +500,7 @@ async fn a_holder_killed_mid_transaction_leaves_nothing_and_its_key_is_taken_ove
         killed.elapsed()
     );
     assert_eq!(
-        rows(&store).await,
+        effects(&store).await,
         ["survivor"],
         "the killed holder's row vanished"
     );
@@ -667,14 +609,7 @@ impl CommitTrap {
     }
 
     fn url(&self) -> String {
-        let url = postgres_url();
-        let rest = url.split_once('@').map_or("", |(_, r)| r);
-        let db = rest.split_once('/').map_or("test", |(_, d)| d);
-        let user = url
-            .strip_prefix("postgres://")
-            .and_then(|u| u.split_once('@'))
-            .map_or("postgres", |(u, _)| u);
-        format!("postgres://{user}@{}/{db}", self.addr)
+        url_through(self.addr)
     }
 }
 
@@ -684,25 +619,9 @@ impl Drop for CommitTrap {
     }
 }
 
-async fn server_addr() -> SocketAddr {
-    let url = postgres_url();
-    let hostport = url
-        .split_once('@')
-        .map_or("127.0.0.1:5432", |(_, r)| r)
-        .split('/')
-        .next()
-        .unwrap_or("127.0.0.1:5432")
-        .to_owned();
-    tokio::net::lookup_host(hostport)
-        .await
-        .expect("resolve the test database")
-        .next()
-        .expect("an address")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_commit_whose_answer_is_lost_is_found_to_have_committed() {
-    let direct = setup().await;
+    let direct = store_with_effects().await;
     let t = direct.table().to_owned();
     let trap = CommitTrap::start(server_addr().await).await;
     let store = PostgresStore::connect(&trap.url())
@@ -720,7 +639,7 @@ async fn a_commit_whose_answer_is_lost_is_found_to_have_committed() {
     );
     // The database says it committed: the caller gets the value, as the retry would.
     assert_eq!(answer.expect("the call"), (5, Outcome::Executed));
-    assert_eq!(rows(&direct).await, ["committed"]);
+    assert_eq!(effects(&direct).await, ["committed"]);
     let replay = idem
         .call("msg-commit")
         .scope(SCOPE)
@@ -732,7 +651,7 @@ async fn a_commit_whose_answer_is_lost_is_found_to_have_committed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_commit_that_cannot_be_settled_is_reported_unknown_and_a_retry_learns() {
-    let direct = setup().await;
+    let direct = store_with_effects().await;
     let t = direct.table().to_owned();
     let trap = CommitTrap::start(server_addr().await).await;
     // One connection: the transaction's, so the outcome can only be asked on a new one.
@@ -769,7 +688,7 @@ async fn a_commit_that_cannot_be_settled_is_reported_unknown_and_a_retry_learns(
         .await
         .expect("the retry");
     assert_eq!(retry, (6, Outcome::Replayed), "the commit had landed");
-    assert_eq!(rows(&direct).await, ["committed"]);
+    assert_eq!(effects(&direct).await, ["committed"]);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -824,7 +743,7 @@ impl Post for Ledger {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_attribute_runs_the_body_in_a_transaction() {
-    let store = setup().await;
+    let store = store_with_effects().await;
     let ledger = Arc::new(Ledger {
         idem: engine(store.clone(), Duration::from_secs(5)),
         table: store.table().to_owned(),
@@ -840,7 +759,7 @@ async fn the_attribute_runs_the_body_in_a_transaction() {
         assert_eq!(c.await.expect("task").expect("post"), 250);
     }
     assert_eq!(ledger.runs.load(Ordering::SeqCst), 1);
-    assert_eq!(rows(&store).await, ["p-1"]);
+    assert_eq!(effects(&store).await, ["p-1"]);
 
     let refused = ledger.post("p-2", -5).await;
     assert!(matches!(
@@ -848,7 +767,7 @@ async fn the_attribute_runs_the_body_in_a_transaction() {
         Err(LedgerError::Idempotency(Error::Mismatch))
     ));
     assert_eq!(
-        rows(&store).await,
+        effects(&store).await,
         ["p-1"],
         "the refused post's write rolled back"
     );
@@ -860,7 +779,7 @@ async fn the_attribute_runs_the_body_in_a_transaction() {
         );
     }
     assert_eq!(ledger.runs.load(Ordering::SeqCst), 3);
-    assert_eq!(rows(&store).await, ["p-1", "p-3"]);
+    assert_eq!(effects(&store).await, ["p-1", "p-3"]);
 }
 
 /// Spawns calls of the keys `k0`..`k7` on `idem`, each inserting `who` and holding its
@@ -898,7 +817,7 @@ fn spawn_eight(
 /// connection, this fails: renewals time out waiting for a connection, four holders get
 /// `Error::LeaseLost` and four a store error, and the other process runs all eight.)
 async fn more_transactions_than_connections() -> (Vec<String>, u64) {
-    let base = setup().await;
+    let base = store_with_effects().await;
     let t = base.table().to_owned();
     let lease = Duration::from_millis(600);
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -911,14 +830,7 @@ async fn more_transactions_than_connections() -> (Vec<String>, u64) {
         .with_table(&t)
         .expect("table");
     let holder = engine(store, lease);
-    let other = engine(
-        PostgresStore::connect(&postgres_url())
-            .await
-            .expect("connect")
-            .with_table(&t)
-            .expect("table"),
-        lease,
-    );
+    let other = engine(other_process(&t).await, lease);
     let calls = spawn_eight(&holder, &t, "holder", 2 * lease);
     // Every key claimed in the database before the other process asks for it.
     let claimed = format!("SELECT count(*) FROM {t} WHERE state = 'p'");

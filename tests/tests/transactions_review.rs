@@ -1,5 +1,7 @@
-//! Review of #13 (`run_in_transaction`): attacks against the real PostgreSQL. Each test
-//! asserts what the documented guarantee promises; a failure is a finding.
+//! `run_in_transaction` under attack, from the outside review of #13, against the real
+//! PostgreSQL: cancellation at every step, a `BEGIN` or `COMMIT` whose answer is slow or
+//! lost, a peer gone silent, a full pool, a takeover racing the commit, bodies that end
+//! their own transaction. Each test asserts what the documented guarantee promises.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -7,75 +9,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use idempotent_runtime::store::PostgresStore;
-use idempotent_runtime::{Concurrency, Error, Idempotency, Outcome, StoreError, StoreErrorKind};
-use idempotent_tests::postgres::{fresh_store, postgres_url};
+use idempotent_runtime::{Concurrency, Error, Outcome, StoreError, StoreErrorKind};
+use idempotent_tests::transactions::{
+    effects, engine, insert, other_process, server_addr, store_with_effects, url_through,
+};
 use idempotent_tests::FaultyStore;
-use sqlx::{Postgres, Transaction};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 const SCOPE: &str = "review.apply";
-
-async fn setup() -> PostgresStore {
-    let store = fresh_store(&postgres_url()).await;
-    sqlx::query(&format!(
-        "CREATE TABLE {}_fx (id bigserial PRIMARY KEY, who text NOT NULL)",
-        store.table()
-    ))
-    .execute(store.pool())
-    .await
-    .expect("create the effects table");
-    store
-}
-
-async fn rows(store: &PostgresStore) -> Vec<String> {
-    sqlx::query_scalar(&format!("SELECT who FROM {}_fx ORDER BY id", store.table()))
-        .fetch_all(store.pool())
-        .await
-        .expect("read the effects table")
-}
-
-async fn insert(t: &str, who: &str, tx: &mut Transaction<'_, Postgres>) -> Result<(), Error> {
-    sqlx::query(&format!("INSERT INTO {t}_fx (who) VALUES ($1)"))
-        .bind(who)
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| Error::Store(StoreError::new("insert", e)))?;
-    Ok(())
-}
-
-fn engine(store: impl idempotent_runtime::store::Store, lease: Duration) -> Idempotency {
-    Idempotency::builder()
-        .store(store)
-        .lease(lease)
-        .build()
-        .expect("valid settings")
-}
-
-async fn other_process(t: &str) -> PostgresStore {
-    PostgresStore::connect(&postgres_url())
-        .await
-        .expect("connect")
-        .with_table(t)
-        .expect("table")
-}
-
-async fn server_addr() -> SocketAddr {
-    let url = postgres_url();
-    let hostport = url
-        .split_once('@')
-        .map_or("127.0.0.1:5432", |(_, r)| r)
-        .split('/')
-        .next()
-        .unwrap_or("127.0.0.1:5432")
-        .to_owned();
-    tokio::net::lookup_host(hostport)
-        .await
-        .expect("resolve")
-        .next()
-        .expect("an address")
-}
 
 /// What the trap does to the first `COMMIT` it sees once armed.
 #[derive(Clone, Copy, PartialEq)]
@@ -201,7 +144,7 @@ impl Trap {
     }
 
     fn url(&self) -> String {
-        format!("postgres://postgres@{}/test", self.addr)
+        url_through(self.addr)
     }
 }
 
@@ -219,7 +162,7 @@ impl Drop for Trap {
 // ---------------------------------------------------------------------------------------
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_silent_peer_at_commit_does_not_lock_the_key_for_longer_than_a_few_leases() {
-    let direct = setup().await;
+    let direct = store_with_effects().await;
     let t = direct.table().to_owned();
     let trap = Trap::start(server_addr().await, OnCommit::Swallow).await;
     let via_trap = PostgresStore::connect(&trap.url())
@@ -242,10 +185,7 @@ async fn a_silent_peer_at_commit_does_not_lock_the_key_for_longer_than_a_few_lea
             })
         })
         .await;
-    eprintln!(
-        "first call after {:?}: {first:?}",
-        started.elapsed()
-    );
+    eprintln!("first call after {:?}: {first:?}", started.elapsed());
     assert!(!trap.armed.load(Ordering::SeqCst), "the trap sprang");
 
     // Another process retries for 10 leases. The first transaction never committed
@@ -298,7 +238,7 @@ async fn a_silent_peer_at_commit_does_not_lock_the_key_for_longer_than_a_few_lea
 // ---------------------------------------------------------------------------------------
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_commit_whose_answer_is_lost_is_never_reported_as_not_run_when_it_committed() {
-    let direct = setup().await;
+    let direct = store_with_effects().await;
     let t = direct.table().to_owned();
     let trap = Trap::start(
         server_addr().await,
@@ -335,7 +275,7 @@ async fn a_commit_whose_answer_is_lost_is_never_reported_as_not_run_when_it_comm
         })
         .await;
     let purged = purger.await.expect("purger");
-    let written = rows(&direct).await;
+    let written = effects(&direct).await;
     eprintln!("answer {answer:?}, purged {purged}, rows {written:?}");
     assert_eq!(written, ["committed"], "the transaction committed");
     match answer {
@@ -356,7 +296,7 @@ async fn a_commit_whose_answer_is_lost_is_never_reported_as_not_run_when_it_comm
 // ---------------------------------------------------------------------------------------
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_pool_does_not_cost_live_holders_their_leases() {
-    let store = setup().await; // PostgresStore::connect: 16 connections
+    let store = store_with_effects().await; // PostgresStore::connect: 16 connections
     let t = store.table().to_owned();
     let lease = Duration::from_millis(600);
     let busy = engine(store.clone(), lease);
@@ -420,9 +360,12 @@ async fn a_full_pool_does_not_cost_live_holders_their_leases() {
 // ---------------------------------------------------------------------------------------
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_caller_cancelled_anywhere_leaves_exactly_one_write_after_a_retry() {
-    let store = setup().await;
+    let store = store_with_effects().await;
     let t = store.table().to_owned();
-    let _ = tracing_subscriber::fmt().with_env_filter("idempotent_runtime=warn").with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("idempotent_runtime=warn")
+        .with_test_writer()
+        .try_init();
     let idem = engine(store.clone(), Duration::from_secs(30));
     // First measure how long a whole call takes, to spread the cancellations over it.
     let t0 = Instant::now();
@@ -497,7 +440,7 @@ async fn a_caller_cancelled_anywhere_leaves_exactly_one_write_after_a_retry() {
             }
         }
     }
-    let written = rows(&store).await;
+    let written = effects(&store).await;
     let firsts = written.iter().filter(|w| *w == "first").count();
     let retries = written.iter().filter(|w| *w == "retry").count();
     eprintln!("whole call {whole} us; first writes kept {firsts}, retries ran {retries}");
@@ -505,17 +448,17 @@ async fn a_caller_cancelled_anywhere_leaves_exactly_one_write_after_a_retry() {
 }
 
 // ---------------------------------------------------------------------------------------
-// The body ends the transaction itself with raw SQL. (Misuse, but nothing stops it or
-// says so.)
+// The body ends the transaction itself with raw SQL: misuse, refused loudly. The key is
+// marked, so neither an apply twice nor a value whose writes were undone can follow.
 // ---------------------------------------------------------------------------------------
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_body_that_commits_by_hand_and_fails_is_not_run_twice() {
-    let store = setup().await;
+    let store = store_with_effects().await;
     let t = store.table().to_owned();
     let idem = engine(store.clone(), Duration::from_secs(5));
     let attempt = AtomicU32::new(0);
     for _ in 0..2 {
-        let _ = idem
+        let answer = idem
             .call("msg-raw-commit")
             .scope(SCOPE)
             .run_in_transaction(|tx| {
@@ -530,9 +473,11 @@ async fn a_body_that_commits_by_hand_and_fails_is_not_run_twice() {
                 })
             })
             .await;
+        assert!(matches!(answer, Err(Error::TransactionEnded)), "{answer:?}");
     }
+    assert_eq!(attempt.load(Ordering::SeqCst), 1, "the retry was refused");
     assert_eq!(
-        rows(&store).await,
+        effects(&store).await,
         ["written"],
         "the body's write was applied once per attempt"
     );
@@ -540,7 +485,7 @@ async fn a_body_that_commits_by_hand_and_fails_is_not_run_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_body_that_rolls_back_by_hand_has_no_result_stored_for_undone_writes() {
-    let store = setup().await;
+    let store = store_with_effects().await;
     let t = store.table().to_owned();
     let idem = engine(store.clone(), Duration::from_secs(5));
     let answer = idem
@@ -562,11 +507,9 @@ async fn a_body_that_rolls_back_by_hand_has_no_result_stored_for_undone_writes()
         .scope(SCOPE)
         .run_in_transaction_with_outcome(|_tx| Box::pin(async { Ok::<_, Error>(0_u32) }))
         .await;
-    eprintln!("answer {answer:?}, replay {replay:?}, rows {:?}", rows(&store).await);
-    assert!(
-        !(matches!(replay, Ok((9, Outcome::Replayed))) && rows(&store).await.is_empty()),
-        "the result 9 is replayed, but the writes it stands for were rolled back"
-    );
+    assert!(matches!(answer, Err(Error::TransactionEnded)), "{answer:?}");
+    assert!(matches!(replay, Err(Error::TransactionEnded)), "{replay:?}");
+    assert!(effects(&store).await.is_empty());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -574,7 +517,7 @@ async fn a_body_that_rolls_back_by_hand_has_no_result_stored_for_undone_writes()
 // ---------------------------------------------------------------------------------------
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_body_in_an_aborted_transaction_returning_ok_frees_the_key() {
-    let store = setup().await;
+    let store = store_with_effects().await;
     let t = store.table().to_owned();
     let idem = engine(store.clone(), Duration::from_secs(5));
     let answer = idem
@@ -596,7 +539,7 @@ async fn a_body_in_an_aborted_transaction_returning_ok_frees_the_key() {
         panic!("{answer:?}")
     };
     assert_ne!(e.kind(), StoreErrorKind::CommitUnknown, "{e:?}");
-    assert!(rows(&store).await.is_empty());
+    assert!(effects(&store).await.is_empty());
     let again = idem
         .call("msg-aborted")
         .scope(SCOPE)
@@ -618,7 +561,7 @@ async fn a_body_in_an_aborted_transaction_returning_ok_frees_the_key() {
 // ---------------------------------------------------------------------------------------
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn long_bodies_and_lapsed_leases_nobody_took_complete() {
-    let base = setup().await;
+    let base = store_with_effects().await;
     let t = base.table().to_owned();
     let lease = Duration::from_millis(400);
     let faulty = FaultyStore::new(base.clone());
@@ -671,7 +614,7 @@ async fn long_bodies_and_lapsed_leases_nobody_took_complete() {
         .await;
     faulty.set_down(false);
     assert_eq!(lapsed.expect("lapsed but not taken"), 5);
-    assert_eq!(rows(&base).await, ["long", "lapsed"]);
+    assert_eq!(effects(&base).await, ["long", "lapsed"]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -680,7 +623,7 @@ async fn long_bodies_and_lapsed_leases_nobody_took_complete() {
 // ---------------------------------------------------------------------------------------
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_takeover_racing_the_commit_never_applies_twice() {
-    let base = setup().await;
+    let base = store_with_effects().await;
     let t = base.table().to_owned();
     let lease = Duration::from_millis(300);
     let faulty = FaultyStore::new(base.clone());
@@ -744,7 +687,7 @@ async fn a_takeover_racing_the_commit_never_applies_twice() {
 // ---------------------------------------------------------------------------------------
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_statement_timeout_bounds_the_body_and_the_key_frees() {
-    let store = setup().await;
+    let store = store_with_effects().await;
     let t = store.table().to_owned();
     let idem = engine(store.clone(), Duration::from_secs(5));
     let began = Instant::now();
@@ -762,9 +705,13 @@ async fn the_statement_timeout_bounds_the_body_and_the_key_frees() {
             })
         })
         .await;
-    assert!(began.elapsed() < Duration::from_secs(3), "{:?}", began.elapsed());
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
     assert!(answer.is_err());
-    assert!(rows(&store).await.is_empty());
+    assert!(effects(&store).await.is_empty());
     let ran = AtomicBool::new(false);
     let again = idem
         .call("msg-slow")
@@ -849,7 +796,7 @@ async fn slow_begin_proxy(target: SocketAddr, delay: Duration) -> (SocketAddr, A
 // ---------------------------------------------------------------------------------------
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_begin_that_times_out_does_not_poison_the_pool() {
-    let direct = setup().await;
+    let direct = store_with_effects().await;
     let t = direct.table().to_owned();
     let (addr, armed) = slow_begin_proxy(server_addr().await, Duration::from_secs(2)).await;
     // One connection, so the test is deterministic; a larger pool gets the same
@@ -860,11 +807,15 @@ async fn a_begin_that_times_out_does_not_poison_the_pool() {
         .connect(&format!("postgres://postgres@{addr}/test"))
         .await
         .expect("connect through the proxy");
-    let store = PostgresStore::from_pool(pool).with_table(&t).expect("table");
-    let idem = engine(store.clone(), Duration::from_secs(2));
+    let store = PostgresStore::from_pool(pool)
+        .with_table(&t)
+        .expect("table");
+    // The engine waits for a transaction to begin for one lease at the most: half the
+    // proxy's delay.
+    let idem = engine(store.clone(), Duration::from_secs(1));
 
-    // 1. The server is slow to answer one BEGIN: the engine gives up after its statement
-    //    timeout and releases the key. Nothing was run.
+    // 1. The server is slow to answer one BEGIN: the engine gives up and releases the
+    //    key. Nothing was run.
     armed.store(true, Ordering::SeqCst);
     let slow = idem
         .call("tx-slow")
@@ -873,21 +824,27 @@ async fn a_begin_that_times_out_does_not_poison_the_pool() {
         .await;
     eprintln!("slow begin: {slow:?}");
     assert!(matches!(slow, Err(Error::Store(_))), "{slow:?}");
-    tokio::time::sleep(Duration::from_secs(1)).await; // the BEGIN's answer arrives
+    // The BEGIN's answer arrives (the proxy's delay is up); with the pool's one
+    // connection busy until then, what follows would wait for it anyway.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // 2. A plain call runs and is told its result is stored.
     let runs = AtomicU32::new(0);
     let plain = || {
-        idem.call("plain-A").scope(SCOPE).run_with_outcome(|| async {
-            runs.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, Error>(1_u32)
-        })
+        idem.call("plain-A")
+            .scope(SCOPE)
+            .run_with_outcome(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(1_u32)
+            })
     };
     assert_eq!(plain().await.expect("plain"), (1, Outcome::Executed));
-    let visible: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t} WHERE key LIKE '%plain-A' AND state = 'c'"))
-        .fetch_one(direct.pool())
-        .await
-        .expect("count");
+    let visible: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {t} WHERE key LIKE '%plain-A' AND state = 'c'"
+    ))
+    .fetch_one(direct.pool())
+    .await
+    .expect("count");
     eprintln!("records visible to another connection after the plain call: {visible}");
 
     // 3. An unrelated transactional call fails and rolls back.
@@ -905,6 +862,13 @@ async fn a_begin_that_times_out_does_not_poison_the_pool() {
 
     // 4. The plain call's retry must replay.
     let again = plain().await;
-    eprintln!("plain retry: {again:?}; runs {}", runs.load(Ordering::SeqCst));
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "the plain operation ran twice");
+    eprintln!(
+        "plain retry: {again:?}; runs {}",
+        runs.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the plain operation ran twice"
+    );
 }

@@ -2,7 +2,10 @@
 use idempotent_runtime::{idempotent, Error, Idempotency};
 
 #[allow(dead_code)]
-struct Svc { idem: Idempotency, n: u64 }
+struct Svc {
+    idem: Idempotency,
+    n: u64,
+}
 
 impl Svc {
     #[idempotent(key = id, store = &self.idem, transaction = tx)]
@@ -14,7 +17,11 @@ impl Svc {
 }
 
 #[idempotent(key = id, store = idem, transaction = tx)]
-async fn generic<V: serde::Serialize + Send + Sync>(idem: &Idempotency, id: &str, v: V) -> Result<u64, Error> {
+async fn generic<V: serde::Serialize + Send + Sync>(
+    idem: &Idempotency,
+    id: &str,
+    v: V,
+) -> Result<u64, Error> {
     let _ = (&mut **tx, serde_json::to_string(&v));
     Ok(1)
 }

@@ -26,7 +26,7 @@ pub use self::memory::{
     MemoryStore, MemoryStoreBuilder, DEFAULT_CAPACITY as DEFAULT_MEMORY_CAPACITY,
 };
 #[cfg(feature = "postgres")]
-pub(crate) use self::postgres::Settled;
+pub(crate) use self::postgres::{Ended, Settled};
 #[cfg(feature = "postgres")]
 pub use self::postgres::{
     PostgresStore, DEFAULT_STATEMENT_TIMEOUT as DEFAULT_POSTGRES_STATEMENT_TIMEOUT,

@@ -94,6 +94,7 @@ struct Sql {
     purge: String,
     complete_in_transaction: String,
     settle: String,
+    still_ours: String,
 }
 
 impl Sql {
@@ -134,16 +135,30 @@ impl Sql {
             // only one, and this row lock makes a takeover wait for the commit (and then
             // find the result) or come first (and then the token no longer matches).
             // `now()` is the transaction's start; the TTL counts from the completion.
+            //
+            // Only in the transaction the call began ($3 is in its `idempotent.token`,
+            // set there): an operation that committed or rolled it back itself runs this
+            // in a transaction of its own, which must not complete the claim. From here
+            // on the session may stay idle in the transaction only $7 ms: a commit lost on
+            // the way (a peer gone silent) ends the transaction, and frees the row lock
+            // taken here, then rather than when the server notices the dead client.
             complete_in_transaction: format!(
-                "UPDATE {t} SET state = $4, result = $5,
-                                expires_at = clock_timestamp() + $6::bigint * interval '1 millisecond'
-                 WHERE scope = $1 AND key = $2 AND token = $3 AND state = 'p'"
+                "WITH done AS (
+                   UPDATE {t} SET state = $4, result = $5,
+                          expires_at = clock_timestamp() + $6::bigint * interval '1 millisecond'
+                   WHERE scope = $1 AND key = $2 AND token = $3 AND state = 'p'
+                     AND current_setting('{TOKEN_SETTING}', true) = $3::text
+                     AND set_config('idle_in_transaction_session_timeout', $7::text, true) IS NOT NULL
+                   RETURNING txid_current() AS xid
+                 )
+                 SELECT (SELECT xid FROM done) AS xid,
+                        coalesce(current_setting('{TOKEN_SETTING}', true) = $3::text, false) AS ours"
             ),
             // After a commit whose answer was lost: `FOR SHARE` waits for the
-            // transaction that completed the row (it holds the row's lock) to end, so the
-            // row read is what that transaction's end left.
-            settle: format!(
-                "SELECT state, token FROM {t} WHERE scope = $1 AND key = $2 FOR SHARE"
+            // transaction that completed the row (it holds the row's lock) to end.
+            settle: format!("SELECT 1 FROM {t} WHERE scope = $1 AND key = $2 FOR SHARE"),
+            still_ours: format!(
+                "SELECT coalesce(current_setting('{TOKEN_SETTING}', true) = $1::bigint::text, false)"
             ),
         }
     }
@@ -181,6 +196,10 @@ fn claim_sql(t: &str, extra: &str) -> String {
                  SELECT false, token, state, fingerprint, result, ends_at FROM live"
             )
 }
+
+/// The setting a call's transaction carries its claim's token in, set by the `BEGIN`
+/// that starts it: the completion checks that it still runs in that transaction.
+const TOKEN_SETTING: &str = "idempotent.token";
 
 fn valid_table(name: &str) -> bool {
     let mut chars = name.chars();
@@ -434,18 +453,34 @@ impl PostgresStore {
     }
 }
 
-/// Whether a transaction whose commit's answer was lost committed.
+/// How the end of a call's transaction went.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// Committed: the operation's writes and its result are durable.
+    Committed,
+    /// The claim was taken over; the transaction was rolled back.
+    Lost,
+    /// The operation committed or rolled back the transaction itself; nothing was
+    /// completed.
+    ByOperation,
+    /// Failed before the commit was sent: the transaction, dropped, rolls back.
+    NotCommitted(StoreError),
+    /// The commit of the transaction with this id was sent, and its answer never came.
+    CommitSent(StoreError, i64),
+}
+
+/// What became of a transaction whose commit's answer was lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Settled {
-    /// The key holds the result the transaction completed it with.
+    /// It committed.
     Committed,
-    /// The key does not: the transaction rolled back.
+    /// It rolled back.
     RolledBack,
 }
 
 /// What [`Call::run_in_transaction`](crate::Call::run_in_transaction) needs of the store
-/// beyond [`Store`]: a connection of its own, the completion in the transaction, and, when
-/// a commit's answer was lost, what it did.
+/// beyond [`Store`]: a transaction marked as the call's, the completion in it, and, when
+/// a commit's answer was lost, what the commit did.
 impl PostgresStore {
     /// Waits for room for one more transaction (see
     /// [`PostgresStore::with_transaction_limit`]).
@@ -504,14 +539,31 @@ impl PostgresStore {
             .await
     }
 
+    /// Begins a transaction for the claim `token` on a connection of the pool, within
+    /// the pool's acquire timeout and, as a last bound, `within`. The `BEGIN` runs on a
+    /// task of its own: sqlx (0.8) gives a connection back to the pool inside the
+    /// transaction when a `BEGIN` is dropped before its answer, and every later
+    /// statement on it would join that transaction. Here it always finishes, and a
+    /// transaction nobody waits for any more is dropped, which rolls it back.
+    pub(crate) async fn begin(
+        &self,
+        token: FencingToken,
+        within: Duration,
+    ) -> Result<Transaction<'static, Postgres>, StoreError> {
+        let op = "postgres: begin";
+        let pool = self.pool.clone();
+        // A number, so nothing but digits and a sign goes into the text.
+        let begin = format!("BEGIN; SET LOCAL {TOKEN_SETTING} = '{}'", token_arg(token));
+        let task = tokio::spawn(async move { pool.begin_with(begin).await });
+        match tokio::time::timeout(within, task).await {
+            Ok(Ok(begun)) => begun.map_err(store_err(op)),
+            Ok(Err(join)) => Err(StoreError::new(op, join)),
+            Err(elapsed) => Err(StoreError::new(op, elapsed)),
+        }
+    }
+
     /// Completes `token`'s claim with `result` as the last statement of `tx`, then
-    /// commits `tx`: held means the operation's writes and the result are durable
-    /// together; lost means the claim was taken over, and `tx` was rolled back. An error
-    /// leaves the outcome to [`PostgresStore::settle`].
-    ///
-    /// (Sending the completion and the `COMMIT` as one simple query saves a round trip
-    /// but was slower here: such a statement is parsed and planned on every call, where
-    /// this one is prepared once per connection.)
+    /// commits `tx`: the operation's writes and the result become durable together.
     pub(crate) async fn complete_and_commit(
         &self,
         mut tx: Transaction<'_, Postgres>,
@@ -519,46 +571,89 @@ impl PostgresStore {
         token: FencingToken,
         result: &StoredResult,
         ttl: Duration,
-    ) -> Result<Fence, StoreError> {
-        let done = completion(&self.sql.complete_in_transaction, key, token, result, ttl)
-            .execute(&mut *tx)
-            .await
-            .map_err(store_err("postgres: complete in transaction"))?;
-        if done.rows_affected() == 1 {
-            tx.commit().await.map_err(store_err("postgres: commit"))?;
-            Ok(Fence::Held)
-        } else {
-            tx.rollback()
-                .await
-                .map_err(store_err("postgres: rollback"))?;
-            Ok(Fence::Lost)
+        lease: Duration,
+    ) -> Ended {
+        let q = completion(&self.sql.complete_in_transaction, key, token, result, ttl)
+            .bind(millis(lease).to_string());
+        let answered = tokio::time::timeout(self.timeout, q.fetch_one(&mut *tx)).await;
+        let row = match answered {
+            Ok(Ok(row)) => row,
+            Ok(Err(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some(IN_FAILED_TRANSACTION) =>
+            {
+                return Ended::NotCommitted(StoreError::new(
+                    "postgres: a statement of the operation's transaction failed, and the \
+                     operation returned Ok; its transaction was rolled back",
+                    sqlx::Error::Database(e),
+                ));
+            }
+            Ok(Err(e)) => {
+                return Ended::NotCommitted(StoreError::new("postgres: complete in transaction", e))
+            }
+            Err(elapsed) => {
+                return Ended::NotCommitted(StoreError::new(
+                    "postgres: complete in transaction",
+                    elapsed,
+                ))
+            }
+        };
+        let xid: Option<i64> = row.try_get("xid").unwrap_or(None);
+        let ours: bool = row.try_get("ours").unwrap_or(false);
+        if !ours {
+            return Ended::ByOperation;
+        }
+        let Some(xid) = xid else {
+            let _ = tokio::time::timeout(self.timeout, tx.rollback()).await;
+            return Ended::Lost;
+        };
+        // Bounded by the lease: a commit may wait for a replica, and one cut short is
+        // settled all the same.
+        match tokio::time::timeout(lease, tx.commit()).await {
+            Ok(Ok(())) => Ended::Committed,
+            Ok(Err(e)) => Ended::CommitSent(StoreError::new("postgres: commit", e), xid),
+            Err(elapsed) => Ended::CommitSent(StoreError::new("postgres: commit", elapsed), xid),
         }
     }
 
-    /// Whether the transaction that completed `token`'s claim committed, asked on another
-    /// connection once the transaction's own was closed. Waits (within the statement
-    /// timeout) for that transaction to end if the server has not ended it yet.
-    pub(crate) async fn settle(
+    /// Whether `tx` is still the transaction begun for `token`: the operation may have
+    /// committed or rolled it back itself, with raw SQL.
+    pub(crate) async fn still_ours(
         &self,
-        key: &StoreKey,
+        tx: &mut Transaction<'_, Postgres>,
         token: FencingToken,
-    ) -> Result<Settled, StoreError> {
-        let q = sqlx::query(&self.sql.settle)
+    ) -> Result<bool, StoreError> {
+        let q = sqlx::query_scalar::<_, bool>(&self.sql.still_ours).bind(token_arg(token));
+        tokio::time::timeout(self.timeout, q.fetch_one(&mut **tx))
+            .await
+            .map_err(|elapsed| StoreError::new("postgres: check the transaction", elapsed))?
+            .map_err(store_err("postgres: check the transaction"))
+    }
+
+    /// Whether the transaction `xid`, which completed the claim of `key` and whose
+    /// commit's answer was lost, committed: asked on another connection once that
+    /// transaction has ended (its lock on the row is waited for, within the statement
+    /// timeout). The database's own record of the transaction answers, not the row, which
+    /// may be gone or taken over since.
+    pub(crate) async fn settle(&self, key: &StoreKey, xid: i64) -> Result<Settled, StoreError> {
+        let wait = sqlx::query(&self.sql.settle)
             .bind(key.scope())
             .bind(key.key());
-        let Some(row) = self.fetch_optional("postgres: settle", q).await? else {
-            return Ok(Settled::RolledBack);
-        };
-        let bad = |e: sqlx::Error| StoreError::new("postgres: unexpected settle row", e);
-        let state: String = row.try_get("state").map_err(bad)?;
-        let holder: i64 = row.try_get("token").map_err(bad)?;
-        Ok(if holder == token_arg(token) && state != "p" {
-            Settled::Committed
-        } else {
-            Settled::RolledBack
-        })
+        self.fetch_optional("postgres: settle", wait).await?;
+        let status = sqlx::query("SELECT txid_status($1)::text AS status").bind(xid);
+        let row = self.fetch_optional("postgres: settle", status).await?;
+        let status: Option<String> = row.and_then(|r| r.try_get("status").ok());
+        match status.as_deref() {
+            Some("committed") => Ok(Settled::Committed),
+            Some("aborted") => Ok(Settled::RolledBack),
+            _ => Err(StoreError::msg(
+                "postgres: the transaction has not ended yet, or is too old to tell",
+            )),
+        }
     }
 }
+
+/// The SQLSTATE of a statement in a transaction that an earlier error aborted.
+const IN_FAILED_TRANSACTION: &str = "25P02";
 
 /// A completion statement (`complete`, or `complete_in_transaction`, which take the same
 /// parameters), bound.
