@@ -164,6 +164,13 @@ pub enum ConfigError {
     /// [`PostgresStore`](crate::store::PostgresStore) does). Nothing ran.
     #[error("run_in_transaction needs an engine over a PostgresStore")]
     NotTransactional,
+    /// [`Call::run_in_transaction`](crate::Call::run_in_transaction) was called inside the
+    /// operation of another: its transaction would commit apart from the outer one (so
+    /// the outer's rollback would not undo it), and with the store's transactions all
+    /// taken by such outer calls it would wait forever. Pass the outer transaction down
+    /// instead. Nothing ran.
+    #[error("run_in_transaction inside the operation of another: pass the outer transaction down instead")]
+    NestedTransaction,
     /// The maximum key length is zero: no key could be used.
     #[error("the maximum key length must be at least 1")]
     ZeroMaxKeyLen,

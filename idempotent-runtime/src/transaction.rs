@@ -117,7 +117,17 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     ///   call and every retry get [`Error::TransactionEnded`] rather than running again.
     ///
     /// On an engine over any other store, the call fails with [`Error::Config`]
-    /// ([`ConfigError::NotTransactional`]) and runs nothing.
+    /// ([`ConfigError::NotTransactional`]) and runs nothing; so does a call made inside
+    /// the operation of another ([`ConfigError::NestedTransaction`]): pass the outer
+    /// transaction down instead.
+    ///
+    /// Limits, each a mistake in `op` that is not detected: `op` must not `RESET` the
+    /// setting `idempotent.token` (`RESET ALL` does) that marks its transaction as the
+    /// call's (the call then reports [`Error::TransactionEnded`], although nothing
+    /// took effect), nor commit by hand and begin a transaction of its own that then
+    /// fails (its first writes stay, and the key is released). A `BEGIN` sent to a
+    /// database that then goes silent holds its connection of the pool until the
+    /// operating system gives up on the TCP connection (minutes).
     pub fn run_in_transaction_with_outcome<T, E, F>(
         self,
         op: F,
@@ -138,6 +148,12 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         };
         inner.run::<K, T, E, P, InTransaction<'a, T, E>>(self, op)
     }
+}
+
+tokio::task_local! {
+    /// Set in the task of an operation of [`Call::run_in_transaction`] while it runs: a
+    /// transactional call made inside it is refused (see [`ConfigError::NestedTransaction`]).
+    static IN_OPERATION: ();
 }
 
 /// The operation of [`Call::run_in_transaction`].
@@ -173,6 +189,9 @@ where
     }
 
     fn check(&self, engine: &Inner) -> Result<(), Error> {
+        if IN_OPERATION.try_with(|_| ()).is_ok() {
+            return Err(Error::Config(ConfigError::NestedTransaction));
+        }
         match engine.store.postgres() {
             Some(_) => Ok(()),
             None => Err(Error::Config(ConfigError::NotTransactional)),
@@ -225,7 +244,7 @@ where
         }
     };
     bump(&engine.stats.executed);
-    let body = AssertUnwindSafe(op(&mut tx)).catch_unwind();
+    let body = IN_OPERATION.scope((), AssertUnwindSafe(op(&mut tx)).catch_unwind());
     let ran = held.renewing(body).await;
     match ran {
         Err(panic) => {

@@ -249,7 +249,8 @@ impl PostgresStore {
     ///
     /// Transactions of [`Call::run_in_transaction`](crate::Call::run_in_transaction) may
     /// hold at most three quarters of the pool's connections at once (all but one, in a
-    /// pool of up to seven); see [`PostgresStore::with_transaction_limit`].
+    /// pool of two to seven; the only one, in a pool of one, which is then too small for
+    /// them); see [`PostgresStore::with_transaction_limit`].
     pub fn from_pool(pool: PgPool) -> Self {
         let max = usize::try_from(pool.options().get_max_connections()).unwrap_or(usize::MAX);
         let limit = max.saturating_sub((max / 4).max(1)).max(1);
@@ -271,6 +272,11 @@ impl PostgresStore {
     /// and their work would be rolled back. Calls past the limit wait for a transaction
     /// to end, their claims renewed meanwhile. Leave room for the application's own
     /// queries on the pool as well.
+    ///
+    /// The limit belongs to this store and the clones made of it (`with_table` keeps it):
+    /// a second store built with [`PostgresStore::from_pool`] on the same pool counts its
+    /// transactions apart, and together they may take every connection. Make the stores
+    /// of other tables with `with_table` on a clone.
     pub fn with_transaction_limit(mut self, transactions: usize) -> Self {
         self.transactions = Arc::new(Semaphore::new(transactions.max(1)));
         self
