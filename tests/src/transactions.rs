@@ -2,11 +2,15 @@
 //! the operations write to in their transactions, and ways to read it.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use idempotent_runtime::store::{PostgresStore, Store};
 use idempotent_runtime::{Error, Idempotency, StoreError};
 use sqlx::{Postgres, Transaction};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::postgres::{fresh_store, postgres_url};
 
@@ -94,4 +98,68 @@ pub fn url_through(addr: SocketAddr) -> String {
         .and_then(|u| u.split_once('@'))
         .map_or("postgres", |(u, _)| u);
     format!("postgres://{user}@{addr}/{db}")
+}
+
+/// A proxy in front of PostgreSQL that holds back the answers to the next `armed`
+/// `BEGIN`s for `delay`.
+pub async fn begin_delaying_proxy(
+    target: SocketAddr,
+    delay: Duration,
+) -> (SocketAddr, Arc<AtomicU32>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let armed = Arc::new(AtomicU32::new(0));
+    let a = armed.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let armed = a.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let hold = Arc::new(AtomicBool::new(false));
+                let h2 = hold.clone();
+                let up = async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if buf[..n].windows(5).any(|w| w == b"BEGIN")
+                            && armed
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                                    n.checked_sub(1)
+                                })
+                                .is_ok()
+                        {
+                            h2.store(true, Ordering::SeqCst);
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                let down = async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if hold.swap(false, Ordering::SeqCst) {
+                            tokio::time::sleep(delay).await;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! { () = up => {}, () = down => {} }
+            });
+        }
+    });
+    (addr, armed)
 }

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use idempotent_runtime::store::PostgresStore;
 use idempotent_runtime::{Concurrency, Error, Outcome, StoreError, StoreErrorKind};
 use idempotent_tests::transactions::{
-    effects, engine, insert, other_process, server_addr, store_with_effects, url_through,
+    begin_delaying_proxy, effects, engine, insert, other_process, server_addr, store_with_effects,
+    url_through,
 };
 use idempotent_tests::FaultyStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -728,63 +729,6 @@ async fn the_statement_timeout_bounds_the_body_and_the_key_frees() {
     assert_eq!(again, 2);
 }
 
-/// A proxy that, once armed, delays the server's answer to the next `BEGIN` by `delay`
-/// (the `BEGIN` itself reaches the server at once): a slow or stalled server.
-async fn slow_begin_proxy(target: SocketAddr, delay: Duration) -> (SocketAddr, Arc<AtomicBool>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let armed = Arc::new(AtomicBool::new(false));
-    let a = armed.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = TcpStream::connect(target).await else {
-                continue;
-            };
-            let armed = a.clone();
-            tokio::spawn(async move {
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                let hold = Arc::new(AtomicBool::new(false));
-                let h2 = hold.clone();
-                let up = async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match cr.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        if buf[..n].windows(5).any(|w| w == b"BEGIN")
-                            && armed.swap(false, Ordering::SeqCst)
-                        {
-                            h2.store(true, Ordering::SeqCst);
-                        }
-                        if sw.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                };
-                let down = async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match sr.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        if hold.swap(false, Ordering::SeqCst) {
-                            tokio::time::sleep(delay).await;
-                        }
-                        if cw.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                };
-                tokio::select! { () = up => {}, () = down => {} }
-            });
-        }
-    });
-    (addr, armed)
-}
-
 // ---------------------------------------------------------------------------------------
 // Finding: a `BEGIN` that is dropped in flight (the engine's own begin timeout, or a caller
 // cancelled while the transaction begins) goes back to the pool with the server inside an
@@ -798,13 +742,13 @@ async fn slow_begin_proxy(target: SocketAddr, delay: Duration) -> (SocketAddr, A
 async fn a_begin_that_times_out_does_not_poison_the_pool() {
     let direct = store_with_effects().await;
     let t = direct.table().to_owned();
-    let (addr, armed) = slow_begin_proxy(server_addr().await, Duration::from_secs(2)).await;
+    let (addr, armed) = begin_delaying_proxy(server_addr().await, Duration::from_secs(2)).await;
     // One connection, so the test is deterministic; a larger pool gets the same
     // connection back sooner or later.
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(5))
-        .connect(&format!("postgres://postgres@{addr}/test"))
+        .connect(&url_through(addr))
         .await
         .expect("connect through the proxy");
     let store = PostgresStore::from_pool(pool)
@@ -816,7 +760,7 @@ async fn a_begin_that_times_out_does_not_poison_the_pool() {
 
     // 1. The server is slow to answer one BEGIN: the engine gives up and releases the
     //    key. Nothing was run.
-    armed.store(true, Ordering::SeqCst);
+    armed.store(1, Ordering::SeqCst);
     let slow = idem
         .call("tx-slow")
         .scope(SCOPE)

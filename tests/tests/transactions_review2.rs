@@ -16,80 +16,18 @@ use idempotent_runtime::{
     Codec, Concurrency, ConfigError, Error, Idempotency, Outcome, StoreError,
 };
 use idempotent_tests::transactions::{
-    effects, engine, insert, other_process, server_addr, store_with_effects, url_through,
+    begin_delaying_proxy, effects, engine, insert, other_process, server_addr, store_with_effects,
+    url_through,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Acquire as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 const SCOPE: &str = "review2.apply";
 
 fn db(e: sqlx::Error) -> Error {
     Error::Store(StoreError::new("body", e))
-}
-
-/// A proxy in front of PostgreSQL that holds back the answers to the next `armed`
-/// `BEGIN`s for `delay`.
-async fn begin_proxy(target: SocketAddr, delay: Duration) -> (SocketAddr, Arc<AtomicU32>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let armed = Arc::new(AtomicU32::new(0));
-    let a = armed.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = TcpStream::connect(target).await else {
-                continue;
-            };
-            let armed = a.clone();
-            tokio::spawn(async move {
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                let hold = Arc::new(AtomicBool::new(false));
-                let h2 = hold.clone();
-                let up = async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match cr.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        if buf[..n].windows(5).any(|w| w == b"BEGIN")
-                            && armed
-                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                                    n.checked_sub(1)
-                                })
-                                .is_ok()
-                        {
-                            h2.store(true, Ordering::SeqCst);
-                        }
-                        if sw.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                };
-                let down = async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match sr.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        if hold.swap(false, Ordering::SeqCst) {
-                            tokio::time::sleep(delay).await;
-                        }
-                        if cw.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                };
-                tokio::select! { () = up => {}, () = down => {} }
-            });
-        }
-    });
-    (addr, armed)
 }
 
 /// A pool of `max` connections to `addr` (a proxy), with the settings
@@ -139,7 +77,8 @@ async fn settings(conn: &mut sqlx::PgConnection) -> (String, String, String) {
 async fn a_slow_begin_given_up_on_leaves_a_clean_connection() {
     let direct = store_with_effects().await;
     let t = direct.table().to_owned();
-    let (addr, armed) = begin_proxy(server_addr().await, Duration::from_millis(1500)).await;
+    let (addr, armed) =
+        begin_delaying_proxy(server_addr().await, Duration::from_millis(1500)).await;
     let pool = pool_through(addr, 1).await;
     let store = PostgresStore::from_pool(pool.clone())
         .with_table(&t)
@@ -176,7 +115,8 @@ async fn a_slow_begin_given_up_on_leaves_a_clean_connection() {
 async fn a_runtime_shut_down_during_begin_leaves_no_transaction_in_the_pool() {
     let direct = store_with_effects().await;
     let t = direct.table().to_owned();
-    let (addr, armed) = begin_proxy(server_addr().await, Duration::from_millis(1500)).await;
+    let (addr, armed) =
+        begin_delaying_proxy(server_addr().await, Duration::from_millis(1500)).await;
     let pool = pool_through(addr, 1).await;
     let store = PostgresStore::from_pool(pool.clone())
         .with_table(&t)
