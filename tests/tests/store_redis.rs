@@ -327,3 +327,126 @@ async fn renewal_costs_no_round_trip_for_a_body_shorter_than_a_third_of_its_leas
     let scripts = long.iter().filter(|c| *c == "EVALSHA").count();
     assert!((3..=4).contains(&scripts), "{long:?}");
 }
+
+/// A large result's completion sends its finished record under a key of its own, then
+/// renames it over the claim: none of those keys may outlive the completion, whether it
+/// held the claim, lost it to another caller, or came again after its answer was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_completions_leave_no_finished_record_behind() {
+    use idempotent_runtime::store::{Claim, Fence, Store};
+    use idempotent_runtime::{FencingToken, StoreKey, StoredResult};
+
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let mut conn = raw(&server.url()).await;
+    let key = |k: &str| StoreKey::new("done", k, 255).unwrap();
+    let large = StoredResult::Ok(bytes::Bytes::from(vec![b'r'; 64 * 1024]));
+    let (a, b) = (FencingToken::mint(), FencingToken::mint());
+    let lease = Duration::from_millis(200);
+    let ttl = Duration::from_secs(60);
+
+    // Held: completed, and asked again (an answer lost on the way).
+    let k1 = key("held");
+    assert_eq!(
+        store.claim(&k1, a, None, lease).await.unwrap(),
+        Claim::Acquired
+    );
+    assert_eq!(
+        store.complete(&k1, a, large.clone(), ttl).await.unwrap(),
+        Fence::Held
+    );
+    assert_eq!(
+        store.complete(&k1, a, large.clone(), ttl).await.unwrap(),
+        Fence::Held
+    );
+    // Lost: the claim lapsed and another caller took the key over.
+    let k2 = key("lost");
+    assert_eq!(
+        store.claim(&k2, a, None, lease).await.unwrap(),
+        Claim::Acquired
+    );
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    assert_eq!(
+        store.claim(&k2, b, None, lease).await.unwrap(),
+        Claim::Acquired
+    );
+    assert_eq!(
+        store.complete(&k2, a, large.clone(), ttl).await.unwrap(),
+        Fence::Lost
+    );
+    // Lost: nothing there at all.
+    let k3 = key("gone");
+    assert_eq!(
+        store.complete(&k3, a, large.clone(), ttl).await.unwrap(),
+        Fence::Lost
+    );
+
+    let left: Vec<String> = conn.keys("*:done:*").await.unwrap();
+    assert!(left.is_empty(), "finished records left behind: {left:?}");
+    // The completed record is the claim's key, with the result's TTL and every byte.
+    let full = format!("idempotent:{}", k1.as_str());
+    let pttl: i64 = conn.pttl(&full).await.unwrap();
+    assert!(pttl > 50_000, "{pttl}");
+    let stored: Vec<u8> = conn.get(&full).await.unwrap();
+    assert_eq!(stored.len(), 50 + 64 * 1024);
+    // The key still claimed by the other caller kept its claim.
+    match store.claim(&k2, a, None, lease).await.unwrap() {
+        Claim::InProgress(rec) => assert_eq!(rec.holder(), Some(b)),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Large and small results replay as they were stored, with the fingerprint they were
+/// claimed with (a large result's record gets it from the claim, in the script).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_of_any_size_replay_with_their_fingerprint() {
+    let server = RedisServer::start();
+    let idem = Idempotency::new(RedisStore::connect(&server.url()).await.unwrap());
+    for size in [10, 2 * 1024 - 60, 2 * 1024, 70 * 1024] {
+        let value = "v".repeat(size);
+        let call = |fp: &'static str, v: String| {
+            idem.call(size)
+                .scope("sizes")
+                .fingerprint(fp)
+                .run_with_outcome(move || async move { Ok::<String, Error>(v) })
+        };
+        assert_eq!(
+            call("a", value.clone()).await.unwrap(),
+            (value.clone(), Outcome::Executed)
+        );
+        assert_eq!(
+            call("a", String::new()).await.unwrap(),
+            (value, Outcome::Replayed),
+            "{size}"
+        );
+        assert!(
+            matches!(call("b", String::new()).await, Err(Error::Mismatch)),
+            "{size}"
+        );
+    }
+}
+
+/// A server that lost its scripts (restarted, or `SCRIPT FLUSH`) gets a large result's
+/// completion script again, and the completion goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_completion_loads_its_script_again_when_the_server_lost_it() {
+    let server = RedisServer::start();
+    let idem = Idempotency::new(RedisStore::connect(&server.url()).await.unwrap());
+    let large = "x".repeat(8 * 1024);
+    let call = |k: &'static str| {
+        let v = large.clone();
+        idem.call(k)
+            .scope("flush")
+            .run_with_outcome(move || async move { Ok::<String, Error>(v) })
+    };
+    assert_eq!(call("a").await.unwrap().1, Outcome::Executed);
+    let mut conn = raw(&server.url()).await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(call("b").await.unwrap().1, Outcome::Executed);
+    assert_eq!(call("b").await.unwrap(), (large.clone(), Outcome::Replayed));
+    assert_eq!(idem.stats().store_errors, 0);
+}
