@@ -381,7 +381,7 @@ async fn large_completions_leave_no_finished_record_behind() {
         Fence::Lost
     );
 
-    let left: Vec<String> = conn.keys("*:done:*").await.unwrap();
+    let left: Vec<String> = conn.keys("idempotent:done:*").await.unwrap();
     assert!(left.is_empty(), "finished records left behind: {left:?}");
     // The completed record is the claim's key, with the result's TTL and every byte.
     let full = format!("idempotent:{}", k1.as_str());

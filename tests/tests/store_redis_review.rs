@@ -1,5 +1,9 @@
-//! Review of #14 (large results completed by SET + rename script): attacks against a
-//! private Redis of each test's own.
+//! The completion of large results on Redis (a `SET` of the finished record, then a
+//! script that renames it over the claim), under the attacks of its outside review, each
+//! against a private Redis of the test's own: user keys named like finished records, a
+//! connection cut between the `SET` and the script, a server restarted there, lost
+//! answers, stale holders, the 2 KiB threshold to the byte, TTLs short and long, a storm
+//! of lapsing claims, the local tier.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -84,7 +84,7 @@ return 1
 // any size, but more than the script above does for a small one.
 //
 // Completed already by this token: 1. The finished record missing (it expired before the
-// script ran): -1, an error, and the completion is tried again.
+// script ran) or not this token's: -1, an error, and the completion is tried again.
 const COMPLETE_FINISHED: &str = r#"
 local v = redis.call('GETRANGE', KEYS[1], 0, 49)
 if #v < 50 or string.sub(v, 2, 9) ~= ARGV[1] then
@@ -95,7 +95,8 @@ if string.sub(v, 1, 1) ~= 'p' then
   redis.call('DEL', KEYS[2])
   return 1
 end
-if redis.call('STRLEN', KEYS[2]) < 50 then
+local f = redis.call('GETRANGE', KEYS[2], 0, 8)
+if #f < 9 or string.sub(f, 2, 9) ~= ARGV[1] then
   return -1
 end
 redis.call('SETRANGE', KEYS[2], 17, string.sub(v, 18, 50))
@@ -258,9 +259,10 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<Fence, StoreError> {
         let rkey = self.redis_key(key);
-        // Beside the claim, under a name no other completion uses. (On a cluster it must
-        // share the claim's slot, which needs a hash tag in the claim's key.)
-        let finished = format!("{rkey}:done:{:016x}", token.get());
+        // Under the prefix, under a name no claim can have (a claim's name always has a
+        // `|` after the prefix, between scope and key) and no other completion uses (its
+        // token). (On a cluster it must share the claim's slot: a hash tag in both names.)
+        let finished = format!("{}done:{:016x}", self.prefix, token.get());
         let record = completed(result, token, ttl);
         let complete = &self.scripts.complete_finished;
         let mut conn = self.conn.clone();
