@@ -46,10 +46,21 @@ fn result_of(c: &Claim) -> Option<(FencingToken, StoredResult, Option<Fingerprin
     }
 }
 
-/// A user key `K:done:<hex of K's holder token>` in the same scope is the very Redis key
-/// a large completion of `K` writes its finished record under. That completion overwrites
-/// it (plain SET) and then renames it away: the other key's completed record is gone and
-/// its next caller executes again.
+/// Claims `key` with `token` and completes it with a small result.
+async fn stored_small(store: &RedisStore, key: &StoreKey, token: FencingToken) {
+    let claim = store.claim(key, token, None, LEASE).await.unwrap();
+    assert_eq!(claim, Claim::Acquired);
+    let fence = store
+        .complete(key, token, big(10, b'v'), TTL)
+        .await
+        .unwrap();
+    assert_eq!(fence, Fence::Held);
+}
+
+/// A user key `K:done:<hex of K's holder token>` in the same scope was, in the first
+/// version, the very Redis key a large completion of `K` wrote its finished record under:
+/// the completion overwrote it and renamed it away, and that key ran again. It must keep
+/// its own result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_done_key_collision_erases_another_keys_completed_record() {
     let server = RedisServer::start();
@@ -60,17 +71,7 @@ async fn review_done_key_collision_erases_another_keys_completed_record() {
 
     // The victim key runs and completes first (small result).
     let c = FencingToken::new(0x9999);
-    assert_eq!(
-        store.claim(&victim, c, None, LEASE).await.unwrap(),
-        Claim::Acquired
-    );
-    assert_eq!(
-        store
-            .complete(&victim, c, big(10, b'v'), TTL)
-            .await
-            .unwrap(),
-        Fence::Held
-    );
+    stored_small(&store, &victim, c).await;
     // K runs and completes with a large result.
     assert_eq!(
         store.claim(&k, a, None, LEASE).await.unwrap(),
@@ -89,8 +90,8 @@ async fn review_done_key_collision_erases_another_keys_completed_record() {
     );
 }
 
-/// Same collision, K's completion lost (stale holder): the script DELs the finished key,
-/// which is the victim's record.
+/// The same key, and K's completion lost (a stale holder): the script deletes the finished
+/// record, which in the first version was the victim's record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_done_key_collision_stale_completion_deletes_victim() {
     let server = RedisServer::start();
@@ -99,23 +100,13 @@ async fn review_done_key_collision_stale_completion_deletes_victim() {
     let k = key("s", "order-8");
     let victim = key("s", &format!("order-8:done:{:016x}", a.get()));
     let c = FencingToken::new(0x42);
-    assert_eq!(
-        store.claim(&victim, c, None, LEASE).await.unwrap(),
-        Claim::Acquired
-    );
-    assert_eq!(
-        store
-            .complete(&victim, c, big(10, b'v'), TTL)
-            .await
-            .unwrap(),
-        Fence::Held
-    );
+    stored_small(&store, &victim, c).await;
     // `a` never held K (or lost it): its completion is refused...
     assert_eq!(
         store.complete(&k, a, big(4096, b'k'), TTL).await.unwrap(),
         Fence::Lost
     );
-    // ...but the victim's record went with it.
+    // ...and the victim's record stays.
     let again = store
         .claim(&victim, FencingToken::new(0x43), None, LEASE)
         .await
@@ -338,9 +329,9 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
 }
 
 /// The finished record's SET lands, its script does not (connection cut): the finished
-/// key stays, and the completion tried again goes through. Meanwhile a claim of the
-/// colliding user key `K:done:<hex>` reads the finished record as a completed result:
-/// another key's result, with no fingerprint, replayed (and kept in the local tier).
+/// record stays for a while. A claim of the user key `K:done:<hex>` must not read it as a
+/// completed result (in the first version it replayed K's result, with no fingerprint,
+/// and kept it in the local tier).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn review_cut_between_set_and_evalsha() {
     let server = RedisServer::start();
