@@ -184,28 +184,16 @@ impl HeldClaim {
             .store
             .complete(&self.key, self.token, result.clone(), ttl);
         let answer = bounded(self.lease / RENEWALS_PER_LEASE, attempt).await;
-        let landing = match answer {
-            Ok(Fence::Held) => {
-                self.pending = Pending::Nothing;
-                self.result_landing(result)
-            }
-            Ok(Fence::Lost) => {
-                self.pending = Pending::Nothing;
-                lost_before_completion(&self.engine, &self.key, self.token);
-                // The new holder's result is the key's; followers go and get it.
-                Landing::Retry
-            }
+        match answer {
+            Ok(Fence::Held) => self.stored(result),
+            Ok(Fence::Lost) => self.lost(),
             Err(err) => {
                 bump(&self.engine.stats.store_errors);
                 warn!(scope = self.key.scope(), key = %self.key.digest(), error = %err,
                     "could not store idempotency result; retrying in the background");
                 // `Drop` retries the completion on a task of its own and lands the
                 // result for the followers.
-                return;
             }
-        };
-        if let Some(flight) = self.flight.take() {
-            flight.land(landing);
         }
     }
 
@@ -217,10 +205,9 @@ impl HeldClaim {
         }
     }
 
-    /// The store keeps `result` already (a transaction completed the claim and
-    /// committed): hands it to the local followers.
-    #[cfg(feature = "postgres")]
-    pub(crate) fn committed(mut self, result: StoredResult) {
+    /// The store keeps `result` now (a completion answered, or a transaction that
+    /// completed the claim committed): hands it to the local followers.
+    pub(crate) fn stored(mut self, result: StoredResult) {
         self.pending = Pending::Nothing;
         let landing = self.result_landing(result);
         if let Some(flight) = self.flight.take() {
@@ -229,8 +216,7 @@ impl HeldClaim {
     }
 
     /// The completion found the claim taken over: counts it, and sends the local
-    /// followers to the key's new holder.
-    #[cfg(feature = "postgres")]
+    /// followers to the key's new holder, whose result is the key's.
     pub(crate) fn lost(mut self) {
         self.pending = Pending::Nothing;
         lost_before_completion(&self.engine, &self.key, self.token);

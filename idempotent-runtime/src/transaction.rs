@@ -281,7 +281,7 @@ where
                 )
                 .await;
             match ended {
-                Ended::Committed => held.committed(completion.result),
+                Ended::Committed => held.stored(completion.result),
                 Ended::Lost => {
                     held.lost();
                     return Err(Error::LeaseLost.into());
@@ -341,7 +341,7 @@ async fn settle<E: From<Error>>(
     match pg.settle(&req.key, xid).await {
         Ok(Settled::Committed) => {
             debug!(scope = req.key.scope(), key = %req.key.digest(), "commit answer lost; the transaction committed");
-            held.committed(completion.result);
+            held.stored(completion.result);
             Ok(())
         }
         Ok(Settled::RolledBack) => {

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idempotent_runtime::store::{PostgresStore, Store};
-use idempotent_runtime::{Error, Idempotency, StoreError};
+use idempotent_runtime::{Error, Idempotency, Outcome, StoreError};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use sqlx::{Postgres, Transaction};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -50,6 +52,30 @@ pub async fn insert(
         .await
         .map_err(|e| Error::Store(StoreError::new("insert", e)))?;
     Ok(())
+}
+
+/// `idem`'s call of `key` in `scope`, run in a transaction that inserts the row `who`
+/// into the effects table of the store on `table`, and returns `value`.
+pub async fn apply<T>(
+    idem: &Idempotency,
+    scope: &str,
+    table: &str,
+    key: &str,
+    who: &str,
+    value: T,
+) -> Result<(T, Outcome), Error>
+where
+    T: Serialize + DeserializeOwned + Send,
+{
+    idem.call(key)
+        .scope(scope)
+        .run_in_transaction_with_outcome(|tx| {
+            Box::pin(async move {
+                insert(table, who, tx).await?;
+                Ok(value)
+            })
+        })
+        .await
 }
 
 /// An engine over `store` with a lease of `lease`.

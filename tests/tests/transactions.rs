@@ -14,7 +14,7 @@ use idempotent_runtime::store::PostgresStore;
 use idempotent_runtime::{Concurrency, ConfigError, Error, Idempotency, Outcome, StoreErrorKind};
 use idempotent_tests::postgres::postgres_url;
 use idempotent_tests::transactions::{
-    effects, engine, insert, other_process, server_addr, store_with_effects, url_through,
+    apply, effects, engine, insert, other_process, server_addr, store_with_effects, url_through,
 };
 use idempotent_tests::{eventually, FaultyStore};
 use serde::{Deserialize, Serialize};
@@ -23,29 +23,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 
 const SCOPE: &str = "ledger.apply";
-
-/// `idem`'s call of `key`, run in a transaction that inserts the row `who` and returns
-/// `value`.
-async fn apply<T>(
-    idem: &Idempotency,
-    table: &str,
-    key: &str,
-    who: &str,
-    value: T,
-) -> Result<(T, Outcome), Error>
-where
-    T: Serialize + serde::de::DeserializeOwned + Send,
-{
-    idem.call(key)
-        .scope(SCOPE)
-        .run_in_transaction_with_outcome(|tx| {
-            Box::pin(async move {
-                insert(table, who, tx).await?;
-                Ok(value)
-            })
-        })
-        .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_writes_and_the_result_commit_together_and_replay_runs_nothing() {
@@ -632,7 +609,7 @@ async fn a_commit_whose_answer_is_lost_is_found_to_have_committed() {
     let idem = engine(store, Duration::from_secs(5));
 
     trap.armed.store(true, Ordering::SeqCst);
-    let answer = apply(&idem, &t, "msg-commit", "committed", 5_u32).await;
+    let answer = apply(&idem, SCOPE, &t, "msg-commit", "committed", 5_u32).await;
     assert!(
         !trap.armed.load(Ordering::SeqCst),
         "the trap caught the commit"
@@ -670,7 +647,7 @@ async fn a_commit_that_cannot_be_settled_is_reported_unknown_and_a_retry_learns(
     // connections, so the outcome cannot be asked.
     trap.then_refuse.store(true, Ordering::SeqCst);
     trap.armed.store(true, Ordering::SeqCst);
-    let answer = apply(&idem, &t, "msg-unknown", "committed", 6_u32).await;
+    let answer = apply(&idem, SCOPE, &t, "msg-unknown", "committed", 6_u32).await;
     assert!(
         !trap.armed.load(Ordering::SeqCst),
         "the trap caught the commit"

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use idempotent_runtime::store::PostgresStore;
 use idempotent_runtime::{Concurrency, Error, Outcome, StoreError, StoreErrorKind};
 use idempotent_tests::transactions::{
-    begin_delaying_proxy, effects, engine, insert, other_process, server_addr, store_with_effects,
-    url_through,
+    apply, begin_delaying_proxy, effects, engine, insert, other_process, server_addr,
+    store_with_effects, url_through,
 };
 use idempotent_tests::FaultyStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -195,16 +195,7 @@ async fn a_silent_peer_at_commit_does_not_lock_the_key_for_longer_than_a_few_lea
     let began = Instant::now();
     let mut errors = Vec::new();
     let outcome = loop {
-        let again = retrier
-            .call("msg-zombie")
-            .scope(SCOPE)
-            .run_in_transaction_with_outcome(|tx| {
-                Box::pin(async {
-                    insert(&t, "retry", tx).await?;
-                    Ok::<_, Error>(2_u32)
-                })
-            })
-            .await;
+        let again = apply(&retrier, SCOPE, &t, "msg-zombie", "retry", 2_u32).await;
         match again {
             Ok(answer) => break Some(answer),
             Err(e) if began.elapsed() < lease * 10 => errors.push(format!("{e:?}")),
@@ -586,15 +577,7 @@ async fn long_bodies_and_lapsed_leases_nobody_took_complete() {
         })
     };
     tokio::time::sleep(lease * 2).await;
-    let dup = other
-        .call("msg-long")
-        .scope(SCOPE)
-        .run_in_transaction_with_outcome(|tx| {
-            Box::pin(async {
-                insert(&t, "dup", tx).await?;
-                Ok::<_, Error>(2_u32)
-            })
-        })
+    let dup = apply(&other, SCOPE, &t, "msg-long", "dup", 2_u32)
         .await
         .expect("dup");
     assert_eq!(long.await.expect("task").expect("long"), 1);

@@ -171,30 +171,30 @@ fn claim_sql(t: &str, extra: &str) -> String {
     // transaction holds) past $6 ms writes nothing either: its caller has given up on it
     // by then, and would never release it.
     format!(
-                "WITH live AS (
-                   SELECT token, state, fingerprint, result,
-                          (extract(epoch FROM expires_at) * 1000)::bigint AS ends_at
-                   FROM {t}
-                   WHERE scope = $1::text AND key = $2::text AND expires_at > now()
-                 ), claimed AS (
-                   INSERT INTO {t} AS t (scope, key, state, token, fingerprint, result, expires_at)
-                   SELECT $1::text, $2::text, 'p', $5::bigint, $3::bytea, NULL,
-                          now() + $4::bigint * interval '1 millisecond'
-                   WHERE NOT EXISTS (SELECT 1 FROM live) {extra}
-                     AND clock_timestamp() < statement_timestamp() + $6::bigint * interval '1 millisecond'
-                   ON CONFLICT (scope, key) DO UPDATE
-                     SET state = 'p', token = EXCLUDED.token, fingerprint = EXCLUDED.fingerprint,
-                         result = NULL, expires_at = EXCLUDED.expires_at
-                     WHERE t.expires_at <= now()
-                       AND clock_timestamp() < statement_timestamp() + $6::bigint * interval '1 millisecond'
-                   RETURNING token
-                 )
-                 SELECT true AS acquired, token, NULL::text AS state, NULL::bytea AS fingerprint,
-                        NULL::bytea AS result, NULL::bigint AS ends_at
-                 FROM claimed
-                 UNION ALL
-                 SELECT false, token, state, fingerprint, result, ends_at FROM live"
-            )
+        "WITH live AS (
+           SELECT token, state, fingerprint, result,
+                  (extract(epoch FROM expires_at) * 1000)::bigint AS ends_at
+           FROM {t}
+           WHERE scope = $1::text AND key = $2::text AND expires_at > now()
+         ), claimed AS (
+           INSERT INTO {t} AS t (scope, key, state, token, fingerprint, result, expires_at)
+           SELECT $1::text, $2::text, 'p', $5::bigint, $3::bytea, NULL,
+                  now() + $4::bigint * interval '1 millisecond'
+           WHERE NOT EXISTS (SELECT 1 FROM live) {extra}
+             AND clock_timestamp() < statement_timestamp() + $6::bigint * interval '1 millisecond'
+           ON CONFLICT (scope, key) DO UPDATE
+             SET state = 'p', token = EXCLUDED.token, fingerprint = EXCLUDED.fingerprint,
+                 result = NULL, expires_at = EXCLUDED.expires_at
+             WHERE t.expires_at <= now()
+               AND clock_timestamp() < statement_timestamp() + $6::bigint * interval '1 millisecond'
+           RETURNING token
+         )
+         SELECT true AS acquired, token, NULL::text AS state, NULL::bytea AS fingerprint,
+                NULL::bytea AS result, NULL::bigint AS ends_at
+         FROM claimed
+         UNION ALL
+         SELECT false, token, state, fingerprint, result, ends_at FROM live"
+    )
 }
 
 /// The setting a call's transaction carries its claim's token in, set by the `BEGIN`
@@ -603,8 +603,16 @@ impl PostgresStore {
                 ))
             }
         };
-        let xid: Option<i64> = row.try_get("xid").unwrap_or(None);
-        let ours: bool = row.try_get("ours").unwrap_or(false);
+        // A row of another shape is an error, never a guess: guessed "not ours", it would
+        // mark the key as ended by the operation for its whole TTL.
+        let read = |e| StoreError::new("postgres: unexpected completion row", e);
+        let (xid, ours) = match (
+            row.try_get::<Option<i64>, _>("xid"),
+            row.try_get::<bool, _>("ours"),
+        ) {
+            (Ok(xid), Ok(ours)) => (xid, ours),
+            (Err(e), _) | (_, Err(e)) => return Ended::NotCommitted(read(e)),
+        };
         if !ours {
             return Ended::ByOperation;
         }
