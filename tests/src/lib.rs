@@ -13,11 +13,13 @@ pub mod crash;
 mod faulty;
 pub mod postgres;
 pub mod redis_server;
+pub mod redis_topology;
 pub mod transactions;
 
 pub use faulty::{FaultyStore, Held, Stop};
 pub use postgres::{PostgresHarness, TcpProxy};
 pub use redis_server::{RedisHarness, RedisServer};
+pub use redis_topology::{cluster_seeds, sentinel_spec, PrivateCluster, PrivateSentinelSet};
 
 use std::time::Duration;
 
