@@ -15,9 +15,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use idempotent_runtime::store::RedisConnection;
 use idempotent_runtime::store::{Claim, Fence, RedisStore, Store};
 use idempotent_runtime::{FencingToken, StoreKey, StoredResult};
-use redis::aio::ConnectionManager;
 
 /// Completions (and raw `SET`s) per size.
 const CALLS: usize = 2_000;
@@ -31,7 +31,7 @@ const TTL: Duration = Duration::from_secs(60);
 
 /// Each command's total server time since the statistics were reset, in microseconds
 /// (`usec` in `INFO commandstats`).
-async fn usec(conn: &mut ConnectionManager) -> HashMap<String, f64> {
+async fn usec(conn: &mut RedisConnection) -> HashMap<String, f64> {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(conn)
@@ -50,7 +50,7 @@ async fn usec(conn: &mut ConnectionManager) -> HashMap<String, f64> {
         .collect()
 }
 
-async fn reset(conn: &mut ConnectionManager) {
+async fn reset(conn: &mut RedisConnection) {
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query_async(conn)
@@ -71,7 +71,7 @@ fn main() {
             .await
             .expect("a Redis to measure on")
             .with_prefix(prefix.clone());
-        let mut conn = store.manager().clone();
+        let mut conn = store.connection();
         println!("server time per call, {CALLS} calls per size, on {url}");
         println!(
             "| result | `SET` of a record of its size | completion (`SET` + `EVALSHA`) | ratio |"

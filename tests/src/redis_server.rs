@@ -31,20 +31,53 @@ pub fn unique_prefix() -> String {
 /// The conformance suite's view of Redis: real time, a lease short enough to wait out.
 #[derive(Debug, Clone)]
 pub struct RedisHarness {
-    url: String,
+    target: Target,
+}
+
+/// Which Redis deployment a harness's stores connect to.
+#[derive(Debug, Clone)]
+enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+    Sentinel(Vec<String>, String),
 }
 
 impl RedisHarness {
     /// The shared test server.
     pub fn new() -> Self {
-        Self { url: redis_url() }
+        Self {
+            target: Target::Single(redis_url()),
+        }
     }
 
-    /// A fresh store (new prefix) on the shared server.
+    /// The test cluster ([`crate::redis_topology::cluster_seeds`]), through
+    /// [`RedisStore::connect_cluster`].
+    pub fn cluster() -> Self {
+        Self {
+            target: Target::Cluster(crate::redis_topology::cluster_seeds()),
+        }
+    }
+
+    /// The test Sentinel set ([`crate::redis_topology::sentinel_spec`]), through
+    /// [`RedisStore::connect_sentinel`].
+    pub fn sentinel() -> Self {
+        let (urls, name) = crate::redis_topology::sentinel_spec();
+        Self {
+            target: Target::Sentinel(urls, name),
+        }
+    }
+
+    /// A fresh store (new prefix) on the harness's Redis.
     pub async fn fresh_store(&self) -> RedisStore {
-        RedisStore::connect(&self.url)
-            .await
-            .unwrap_or_else(|e| panic!("no Redis at {} (set IDEMPOTENT_TEST_REDIS): {e}", self.url))
+        let store = match &self.target {
+            Target::Single(url) => RedisStore::connect(url).await,
+            Target::Cluster(seeds) => RedisStore::connect_cluster(seeds).await,
+            Target::Sentinel(urls, name) => RedisStore::connect_sentinel(urls, name).await,
+        };
+        store
+            .unwrap_or_else(|e| {
+                panic!("no Redis at {:?} (run bash .ci/services): {e}", self.target)
+            })
             .with_prefix(unique_prefix())
     }
 }

@@ -1,16 +1,16 @@
 //! What the Redis benches compare on: an engine over `RedisStore` with one stored result,
 //! and the same bytes under a raw key, on one connection.
 
+use idempotent_runtime::store::RedisConnection;
 use idempotent_runtime::store::RedisStore;
 use idempotent_runtime::{Error, Idempotency};
-use redis::aio::ConnectionManager;
 
 use super::common::{receipt, Receipt};
 
 /// The engine, its connection, and where the raw bytes are.
 pub(crate) struct RedisFixture {
     pub(crate) idem: Idempotency,
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: RedisConnection,
     /// Prefix of every key the bench writes, unique to the process.
     pub(crate) prefix: String,
     /// The raw copy of the stored result.
@@ -27,7 +27,7 @@ pub(crate) async fn redis_fixture(name: &str) -> RedisFixture {
         .await
         .expect("a Redis to benchmark against")
         .with_prefix(prefix.clone());
-    let mut conn = store.manager().clone();
+    let mut conn = store.connection();
     let idem = Idempotency::new(store);
     let _: Receipt = idem
         .call("order-1001")

@@ -15,6 +15,10 @@ mod memory;
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "redis")]
+mod redis_acks;
+#[cfg(feature = "redis")]
+mod redis_connection;
 
 use std::fmt;
 use std::sync::Arc;
@@ -34,6 +38,10 @@ pub use self::postgres::{
 };
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, DEFAULT_PREFIX as DEFAULT_REDIS_PREFIX};
+#[cfg(feature = "redis")]
+pub use self::redis_acks::TooFewReplicas;
+#[cfg(feature = "redis")]
+pub use self::redis_connection::RedisConnection;
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;

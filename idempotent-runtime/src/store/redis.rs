@@ -27,8 +27,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use moka::sync::Cache;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::Script;
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Script, Value};
 
+use super::redis_acks::ReplicaAcks;
+use super::redis_connection::{Following, RedisConnection};
 use super::{Claim, Fence, Store};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::{Error, StoreError};
@@ -139,17 +143,56 @@ return 1
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: Arc<str>,
+    // On a cluster, unless the prefix carries a hash tag of its own: each key is wrapped
+    // in a hash tag of its own (see `RedisStore::write_key`).
+    tagged: bool,
+    // Whether a large result's finished record can share its claim's slot; not under a
+    // prefix whose first braces are empty (`{}`), which makes a cluster hash whole keys.
+    split_completion: bool,
+    acks: Option<ReplicaAcks>,
     scripts: Arc<Scripts>,
     local: Option<Cache<String, Local>>,
 }
 
 struct Scripts {
-    renew: Script,
-    complete: Script,
-    complete_finished: Script,
-    release: Script,
+    renew: Lua,
+    complete: Lua,
+    complete_finished: Lua,
+    release: Lua,
+}
+
+/// A script: its hash, sent while the server has it cached, and its code, sent when it
+/// does not (a restarted server, a promoted replica, a node new to a cluster).
+struct Lua {
+    hash: String,
+    code: &'static str,
+}
+
+impl Lua {
+    fn new(code: &'static str) -> Self {
+        Self {
+            hash: Script::new(code).get_hash().to_owned(),
+            code,
+        }
+    }
+
+    /// Adds `EVALSHA` (or `EVAL`, with `code`) of this script on `keys` to `pipe`; its
+    /// arguments follow (`Pipeline::arg` adds to the last command).
+    fn push<'p>(
+        &self,
+        pipe: &'p mut redis::Pipeline,
+        code: bool,
+        keys: &[&str],
+    ) -> &'p mut redis::Pipeline {
+        let cmd = if code {
+            pipe.cmd("EVAL").arg(self.code)
+        } else {
+            pipe.cmd("EVALSHA").arg(&self.hash)
+        };
+        cmd.arg(keys.len()).arg(keys)
+    }
 }
 
 /// A completed record in the local tier, with how long it may stay there.
@@ -162,7 +205,9 @@ struct Local {
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
+            .field("connection", &self.conn)
             .field("prefix", &self.prefix)
+            .field("replica_acks", &self.acks)
             .field(
                 "local_cache",
                 &self.local.as_ref().map(|c| c.policy().max_capacity()),
@@ -176,34 +221,159 @@ impl RedisStore {
     /// two seconds, so an unreachable server fails a call rather than hanging it.
     pub async fn connect(url: &str) -> Result<Self, Error> {
         let client = redis::Client::open(url).map_err(|e| StoreError::new("redis: bad url", e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config)
+        let conn = ConnectionManager::new_with_config(client.clone(), manager_config())
             .await
             .map_err(|e| StoreError::new("redis: connect", e))?;
-        Ok(Self::from_manager(conn))
+        Ok(Self::on(RedisConnection::single(conn, Some(client))))
     }
 
-    /// A store on an existing connection manager.
+    /// Connects to a Redis Cluster through any of its nodes (`nodes`: seed URLs, e.g.
+    /// `redis://10.0.0.1:6379`; one that answers is enough, the rest of the cluster is
+    /// discovered). Each key lives on the node that serves its slot; the connection
+    /// follows slot moves and failovers. Operations time out after two seconds.
+    ///
+    /// Every Redis key of the store is wrapped in a hash tag of its own (`{...}`), built
+    /// from the whole idempotency key, so keys spread over the cluster as untagged keys do
+    /// and no key can choose its slot with braces of its own. A prefix with a hash tag
+    /// ([`RedisStore::with_prefix`], e.g. `"{billing}:idem:"`) instead puts all the
+    /// store's keys in that one slot, as Redis does for any key with a tag.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), idempotent_runtime::Error> {
+    /// use idempotent_runtime::{store::RedisStore, Idempotency};
+    ///
+    /// let store = RedisStore::connect_cluster([
+    ///     "redis://10.0.0.1:6379",
+    ///     "redis://10.0.0.2:6379",
+    ///     "redis://10.0.0.3:6379",
+    /// ])
+    /// .await?;
+    /// let idem = Idempotency::new(store);
+    /// # let _ = idem; Ok(()) }
+    /// ```
+    pub async fn connect_cluster<I>(nodes: I) -> Result<Self, Error>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
+        if nodes.is_empty() {
+            return Err(StoreError::msg("redis: connect_cluster needs at least one node").into());
+        }
+        let client = ClusterClientBuilder::new(nodes)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .build()
+            .map_err(|e| StoreError::new("redis: bad cluster url", e))?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(|e| StoreError::new("redis: connect to the cluster", e))?;
+        Ok(Self::on(RedisConnection::cluster(conn, Some(client))))
+    }
+
+    /// Connects to the primary that the sentinels at `sentinels` (their URLs, e.g.
+    /// `redis://10.0.0.1:26379`) name for `master_name`, and follows it: when the primary
+    /// moves (`+switch-master` from a sentinel, a write refused with `READONLY` by a
+    /// demoted server, or a lost connection), the store asks the sentinels again and
+    /// connects to the new primary once it confirms its role. A write refused by a
+    /// demoted server is sent again to the new primary, so no claim lands on a replica.
+    ///
+    /// Replication is asynchronous: a write the old primary acknowledged just before a
+    /// failover may never reach the new one, which then lacks that claim or result, and a
+    /// retry runs the operation again. [`RedisStore::with_replica_acks`] closes that
+    /// window for servers with replicas; the README's "Running Redis for it" says more.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), idempotent_runtime::Error> {
+    /// use std::time::Duration;
+    /// use idempotent_runtime::{store::RedisStore, Idempotency};
+    ///
+    /// let store = RedisStore::connect_sentinel(
+    ///     ["redis://10.0.0.1:26379", "redis://10.0.0.2:26379", "redis://10.0.0.3:26379"],
+    ///     "payments",
+    /// )
+    /// .await?
+    /// .with_replica_acks(1, Duration::from_millis(500));
+    /// let idem = Idempotency::new(store);
+    /// # let _ = idem; Ok(()) }
+    /// ```
+    pub async fn connect_sentinel<I>(sentinels: I, master_name: &str) -> Result<Self, Error>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let urls: Vec<String> = sentinels
+            .into_iter()
+            .map(|n| n.as_ref().to_owned())
+            .collect();
+        if urls.is_empty() {
+            return Err(
+                StoreError::msg("redis: connect_sentinel needs at least one sentinel").into(),
+            );
+        }
+        let following = Following::connect(urls, master_name, manager_config())
+            .await
+            .map_err(|e| StoreError::new("redis: connect through sentinel", e))?;
+        Ok(Self::on(RedisConnection::sentinel(following)))
+    }
+
+    /// A store on an existing connection manager (one server).
     pub fn from_manager(conn: ConnectionManager) -> Self {
-        Self {
+        Self::on(RedisConnection::single(conn, None))
+    }
+
+    /// A store on an existing cluster connection, with the key layout that
+    /// [`RedisStore::connect_cluster`] describes.
+    pub fn from_cluster(conn: ClusterConnection) -> Self {
+        Self::on(RedisConnection::cluster(conn, None))
+    }
+
+    fn on(conn: RedisConnection) -> Self {
+        let mut store = Self {
             conn,
             prefix: Arc::from(DEFAULT_PREFIX),
+            tagged: false,
+            split_completion: true,
+            acks: None,
             scripts: Arc::new(Scripts {
-                renew: Script::new(RENEW),
-                complete: Script::new(COMPLETE),
-                complete_finished: Script::new(COMPLETE_FINISHED),
-                release: Script::new(RELEASE),
+                renew: Lua::new(RENEW),
+                complete: Lua::new(COMPLETE),
+                complete_finished: Lua::new(COMPLETE_FINISHED),
+                release: Lua::new(RELEASE),
             }),
             local: None,
-        }
+        };
+        store.lay_out_keys();
+        store
+    }
+
+    fn lay_out_keys(&mut self) {
+        let cluster = self.conn.is_cluster();
+        self.tagged = cluster && !has_hash_tag(&self.prefix);
+        self.split_completion = !cluster || !empty_first_tag(&self.prefix);
     }
 
     /// Puts every Redis key of this store under `prefix` (default [`DEFAULT_PREFIX`]).
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = Arc::from(prefix.into());
+        self.lay_out_keys();
+        self
+    }
+
+    /// Counts a write (a claim, a renewal, a completion, a release) only once `replicas`
+    /// replicas have it, waiting up to `timeout` for them (`WAIT`, in the same round trip
+    /// as the write). A write fewer replicas acknowledged in time fails as the store
+    /// being down does: a claim fails its call (no operation runs; the key stays claimed
+    /// until its lease ends), a completion is retried.
+    ///
+    /// With it, a failover to a replica that acknowledged the write keeps the claim or
+    /// result: with one replica, `replicas = 1` makes every write that counted survive a
+    /// failover to it. It costs each write a round trip from the primary to its replicas
+    /// (BENCHMARKS.md has the figure), and it cannot help a server without replicas, where
+    /// every write then fails.
+    pub fn with_replica_acks(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.acks = Some(ReplicaAcks::new(replicas, timeout));
         self
     }
 
@@ -225,29 +395,101 @@ impl RedisStore {
         self
     }
 
-    /// The connection manager, for commands of the application's own.
-    pub fn manager(&self) -> &ConnectionManager {
-        &self.conn
+    /// A connection to the same Redis, for commands of the application's own.
+    pub fn connection(&self) -> RedisConnection {
+        self.conn.clone()
+    }
+
+    /// The Redis key of `key`: the prefix, then the key, which on a cluster goes inside a
+    /// hash tag of its own unless the prefix has one. Inside the tag, `%` and `}` are
+    /// escaped (`%25`, `%7D`): the first `}` must be the tag's own, and distinct keys must
+    /// stay distinct.
+    fn write_key(&self, buf: &mut String, key: &StoreKey) {
+        buf.push_str(&self.prefix);
+        if !self.tagged {
+            buf.push_str(key.as_str());
+            return;
+        }
+        buf.push('{');
+        for c in key.as_str().chars() {
+            match c {
+                '%' => buf.push_str("%25"),
+                '}' => buf.push_str("%7D"),
+                c => buf.push(c),
+            }
+        }
+        buf.push('}');
     }
 
     fn redis_key(&self, key: &StoreKey) -> String {
-        let mut k = String::with_capacity(self.prefix.len() + key.as_str().len());
-        k.push_str(&self.prefix);
-        k.push_str(key.as_str());
+        let mut k = String::with_capacity(self.prefix.len() + key.as_str().len() + 2);
+        self.write_key(&mut k, key);
         k
     }
 
+    /// Where a large result's finished record waits for its completion script: in the
+    /// claim's slot, under a name no claim has and no other completion uses (its token).
+    /// Without a tag of our own, a claim's name has a `|` after the prefix (between scope
+    /// and key) and this one does not; with one, a claim's name ends at its tag.
+    fn finished_key(&self, rkey: &str, token: FencingToken) -> String {
+        if self.tagged {
+            format!("{rkey}done:{:016x}", token.get())
+        } else {
+            format!("{}done:{:016x}", self.prefix, token.get())
+        }
+    }
+
+    /// Sends the pipeline `build` makes (one round trip). With `wait` and replica acks
+    /// required, it goes out on a connection of its own with a `WAIT` after it, and
+    /// fails unless enough replicas acknowledged. `build` is told whether to send its
+    /// scripts' code: it is, once, when the server answers that it does not have one.
+    async fn round_trip(
+        &self,
+        op: &'static str,
+        wait: bool,
+        build: impl Fn(bool) -> redis::Pipeline,
+    ) -> Result<Vec<Value>, StoreError> {
+        if let Some(acks) = self.acks.as_ref().filter(|_| wait) {
+            let (values, acked) = acks.round_trip(op, &self.conn, build).await?;
+            acks.check(op, acked)?;
+            return Ok(values);
+        }
+        let mut conn = self.conn.clone();
+        match build(false).query_async(&mut conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // `EVAL` caches the script as it runs it, so later calls send the hash
+                // again; a failed `EVALSHA` changed nothing, so sending again is safe.
+                build(true).query_async(&mut conn).await
+            }
+            r => r,
+        }
+        .map_err(|e| StoreError::new(op, e))
+    }
+
+    /// Runs a fencing script (renew, complete, release) on `key`.
     async fn fenced(
         &self,
         op: &'static str,
-        inv: &redis::ScriptInvocation<'_>,
+        wait: bool,
+        script: &Lua,
+        rkey: &str,
+        args: &[&[u8]],
     ) -> Result<Fence, StoreError> {
-        let mut conn = self.conn.clone();
-        let held: i64 = inv
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| StoreError::new(op, e))?;
-        Ok(if held == 1 { Fence::Held } else { Fence::Lost })
+        let values = self
+            .round_trip(op, wait, |code| {
+                let mut pipe = redis::pipe();
+                let cmd = script.push(&mut pipe, code, &[rkey]);
+                for a in args {
+                    cmd.arg(*a);
+                }
+                pipe
+            })
+            .await?;
+        match values.as_slice() {
+            [Value::Int(1)] => Ok(Fence::Held),
+            [Value::Int(_)] => Ok(Fence::Lost),
+            _ => Err(StoreError::msg("redis: a script answered out of shape")),
+        }
     }
 
     /// Completes with a large result: see [`COMPLETE_FINISHED`].
@@ -259,54 +501,65 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<Fence, StoreError> {
         let rkey = self.redis_key(key);
-        // Under the prefix, under a name no claim can have (a claim's name always has a
-        // `|` after the prefix, between scope and key) and no other completion uses (its
-        // token). (On a cluster it must share the claim's slot: a hash tag in both names.)
-        let finished = format!("{}done:{:016x}", self.prefix, token.get());
+        let finished = self.finished_key(&rkey, token);
         let record = completed(result, token, ttl);
-        let complete = &self.scripts.complete_finished;
-        let mut conn = self.conn.clone();
-        // The script is loaded once per server; a server that lost it (restarted) says so,
-        // and the pair is sent again after loading it.
-        for _ in 0..2 {
-            let mut pipe = redis::pipe();
-            pipe.cmd("SET")
-                .arg(&finished)
-                .arg(&record[..])
-                .arg("PX")
-                .arg(millis(FINISHED_WAITS))
-                .ignore()
-                .cmd("EVALSHA")
-                .arg(complete.get_hash())
-                .arg(2)
-                .arg(&rkey)
-                .arg(&finished)
-                .arg(&token.get().to_be_bytes()[..])
-                .arg(millis(ttl));
-            match pipe.query_async::<(i64,)>(&mut conn).await {
-                Ok((1,)) => return Ok(Fence::Held),
-                Ok((0,)) => return Ok(Fence::Lost),
-                Ok(_) => {
-                    return Err(StoreError::msg(
-                        "redis: complete: the finished record expired before its script ran",
-                    ))
-                }
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    complete
-                        .prepare_invoke()
-                        .load_async(&mut conn)
-                        .await
-                        .map_err(|e| StoreError::new("redis: complete", e))?;
-                }
-                Err(e) => return Err(StoreError::new("redis: complete", e)),
-            }
+        let token = token.get().to_be_bytes();
+        let values = self
+            .round_trip("redis: complete", true, |code| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("SET")
+                    .arg(&finished)
+                    .arg(&record[..])
+                    .arg("PX")
+                    .arg(millis(FINISHED_WAITS))
+                    .ignore();
+                self.scripts
+                    .complete_finished
+                    .push(&mut pipe, code, &[&rkey, &finished])
+                    .arg(&token[..])
+                    .arg(millis(ttl));
+                pipe
+            })
+            .await?;
+        match values.as_slice() {
+            [Value::Int(1)] => Ok(Fence::Held),
+            [Value::Int(0)] => Ok(Fence::Lost),
+            [Value::Int(_)] => Err(StoreError::msg(
+                "redis: complete: the finished record expired before its script ran",
+            )),
+            _ => Err(StoreError::msg("redis: a script answered out of shape")),
         }
-        Err(StoreError::msg(
-            "redis: complete: the script did not stay loaded",
-        ))
     }
+}
+
+/// Operations time out after these, so an unreachable server fails a call rather than
+/// hanging it.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_number_of_retries(2)
+}
+
+/// Whether `s` has a hash tag as Redis reads one: a `{`, then a `}` after it with at
+/// least one byte between. A key that starts with such a prefix has the prefix's tag.
+fn has_hash_tag(s: &str) -> bool {
+    first_tag_len(s).is_some_and(|len| len > 0)
+}
+
+/// Whether `s` starts Redis's reading of a hash tag with empty braces, after which no
+/// later braces count and the whole key is hashed.
+fn empty_first_tag(s: &str) -> bool {
+    first_tag_len(s) == Some(0)
+}
+
+/// The length between the first `{` of `s` and the first `}` after it.
+fn first_tag_len(s: &str) -> Option<usize> {
+    let open = s.find('{')?;
+    s[open + 1..].find('}')
 }
 
 thread_local! {
@@ -315,7 +568,7 @@ thread_local! {
     static LOCAL_KEY: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
-fn millis(d: Duration) -> u64 {
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
@@ -345,6 +598,24 @@ fn completed(result: &StoredResult, token: FencingToken, ttl: Duration) -> Vec<u
     v.extend_from_slice(&[0; RESULT_AT - FP_FLAG_AT]);
     v.extend_from_slice(bytes);
     v
+}
+
+/// A claim's record (if there was one) and TTL left (if asked), from its pipeline's values.
+type ClaimAnswer = (Option<Vec<u8>>, Option<i64>);
+
+fn claim_answer(values: Vec<Value>) -> Result<ClaimAnswer, StoreError> {
+    let mut values = values.into_iter();
+    let bad = |e| StoreError::new("redis: claim", e);
+    let record = values
+        .next()
+        .ok_or(StoreError::msg("redis: claim answered out of shape"))?;
+    let record = redis::from_redis_value(record).map_err(bad)?;
+    let ttl = values
+        .next()
+        .map(redis::from_redis_value)
+        .transpose()
+        .map_err(bad)?;
+    Ok((record, ttl))
 }
 
 /// A record from its encoded bytes.
@@ -396,29 +667,57 @@ impl Store for RedisStore {
             .arg("PX")
             .arg(millis(lease))
             .arg("GET");
-        let mut conn = self.conn.clone();
         let sent = Instant::now();
-        let (existing, ttl_ms): (Option<Vec<u8>>, Option<i64>) = if self.local.is_some() {
+        let op = "redis: claim";
+        // With replica acks required: whether enough replicas have what the claim wrote.
+        let mut replicated = Ok(());
+        let (existing, ttl_ms): (Option<Vec<u8>>, Option<i64>) = if let Some(acks) = &self.acks {
+            let (values, acked) = acks
+                .round_trip(op, &self.conn, |_| {
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(set.clone());
+                    if self.local.is_some() {
+                        pipe.cmd("PTTL").arg(&rkey);
+                    }
+                    pipe
+                })
+                .await?;
+            replicated = acks.check(op, acked);
+            claim_answer(values)?
+        } else if self.local.is_none() {
+            // The common case: one command, no pipeline around it.
+            let mut conn = self.conn.clone();
+            let v: Option<Vec<u8>> = set
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| StoreError::new(op, e))?;
+            (v, None)
+        } else {
             // With a local tier, ask for the TTL left in the same round trip.
+            let mut conn = self.conn.clone();
             let mut pipe = redis::pipe();
             pipe.add_command(set).cmd("PTTL").arg(&rkey);
             pipe.query_async(&mut conn)
                 .await
-                .map_err(|e| StoreError::new("redis: claim", e))?
-        } else {
-            let v: Option<Vec<u8>> = set
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| StoreError::new("redis: claim", e))?;
-            (v, None)
+                .map_err(|e| StoreError::new(op, e))?
         };
         let Some(bytes) = existing else {
+            // Only a claim that wrote needs its replicas: one that found a record wrote
+            // nothing, and answers with what it found.
+            replicated?;
             return Ok(Claim::Acquired);
         };
         let record = decode(&bytes).ok_or(StoreError::msg(
             "redis: a record under this key is not ours",
         ))?;
         Ok(match record.state {
+            // This very claim, sent again after its answer was lost (a cluster connection
+            // resends a command whose connection dropped): it is ours. Tokens are never
+            // reused, so no other claim carries this one.
+            RecordState::InProgress { token: held, .. } if held == token => {
+                replicated?;
+                Claim::Acquired
+            }
             RecordState::InProgress { .. } => Claim::InProgress(record),
             RecordState::Completed { .. } => {
                 if let (Some(local), Some(ttl)) = (&self.local, ttl_ms) {
@@ -445,11 +744,16 @@ impl Store for RedisStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        let mut inv = self.scripts.renew.key(self.redis_key(key));
-        inv.arg(&token.get().to_be_bytes()[..])
-            .arg(&SystemClock.now().after(lease).as_millis().to_be_bytes()[..])
-            .arg(millis(lease));
-        self.fenced("redis: renew", &inv).await
+        let ends = SystemClock.now().after(lease).as_millis().to_be_bytes();
+        let lease = millis(lease).to_string();
+        self.fenced(
+            "redis: renew",
+            false,
+            &self.scripts.renew,
+            &self.redis_key(key),
+            &[&token.get().to_be_bytes(), &ends, lease.as_bytes()],
+        )
+        .await
     }
 
     async fn complete(
@@ -459,23 +763,37 @@ impl Store for RedisStore {
         result: StoredResult,
         ttl: Duration,
     ) -> Result<Fence, StoreError> {
-        if result.bytes().len() >= LARGE_RESULT {
+        if result.bytes().len() >= LARGE_RESULT && self.split_completion {
             return self.complete_large(key, token, &result, ttl).await;
         }
-        let (state, bytes) = (if result.is_err() { "e" } else { "c" }, result.bytes());
-        let mut inv = self.scripts.complete.key(self.redis_key(key));
-        inv.arg(&token.get().to_be_bytes()[..])
-            .arg(state)
-            .arg(&SystemClock.now().after(ttl).as_millis().to_be_bytes()[..])
-            .arg(bytes.as_ref())
-            .arg(millis(ttl));
-        self.fenced("redis: complete", &inv).await
+        let state: &[u8] = if result.is_err() { b"e" } else { b"c" };
+        let ends = SystemClock.now().after(ttl).as_millis().to_be_bytes();
+        let ttl = millis(ttl).to_string();
+        self.fenced(
+            "redis: complete",
+            true,
+            &self.scripts.complete,
+            &self.redis_key(key),
+            &[
+                &token.get().to_be_bytes(),
+                state,
+                &ends,
+                result.bytes().as_ref(),
+                ttl.as_bytes(),
+            ],
+        )
+        .await
     }
 
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<Fence, StoreError> {
-        let mut inv = self.scripts.release.key(self.redis_key(key));
-        inv.arg(&token.get().to_be_bytes()[..]);
-        self.fenced("redis: release", &inv).await
+        self.fenced(
+            "redis: release",
+            false,
+            &self.scripts.release,
+            &self.redis_key(key),
+            &[&token.get().to_be_bytes()],
+        )
+        .await
     }
 
     fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
@@ -484,8 +802,7 @@ impl Store for RedisStore {
             .try_with(|buf| {
                 let mut buf = buf.borrow_mut();
                 buf.clear();
-                buf.push_str(&self.prefix);
-                buf.push_str(key.as_str());
+                self.write_key(&mut buf, key);
                 local.get(buf.as_str()).map(|l| l.record)
             })
             .ok()

@@ -1,0 +1,443 @@
+//! How the Redis store reaches Redis: one server, a Redis Cluster, or whichever server
+//! Sentinel currently names as the primary.
+//!
+//! The store sends the same commands and scripts in all three cases; only routing differs.
+//! A cluster connection routes each command (and each pipeline) by the slot of its first
+//! key, and follows `MOVED`/`ASK` and failovers itself. A Sentinel-followed connection is
+//! ours ([`Following`]): the `redis` crate resolves a primary once but does not follow it.
+
+use std::fmt;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::Sentinel;
+use redis::{
+    Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
+};
+use tokio::sync::{oneshot, Mutex};
+
+/// A connection to the Redis a [`RedisStore`](super::RedisStore) uses, cheap to clone, for
+/// commands of the application's own: it routes them as the store's own are routed (to a
+/// key's node on a cluster, to the current primary under Sentinel).
+///
+/// ```no_run
+/// # async fn demo(store: idempotent_runtime::store::RedisStore) -> redis::RedisResult<()> {
+/// let mut conn = store.connection();
+/// let pong: String = redis::cmd("PING").query_async(&mut conn).await?;
+/// # let _ = pong; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisConnection(Kind);
+
+#[derive(Clone)]
+enum Kind {
+    // The client, where the store made the connection, opens dedicated connections.
+    Single(ConnectionManager, Option<redis::Client>),
+    Cluster(ClusterConnection, Option<Arc<ClusterClient>>),
+    Sentinel(Arc<Following>),
+}
+
+impl fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            Kind::Single(..) => "RedisConnection::Single",
+            Kind::Cluster(..) => "RedisConnection::Cluster",
+            Kind::Sentinel(_) => "RedisConnection::Sentinel",
+        })
+    }
+}
+
+impl RedisConnection {
+    pub(crate) fn single(conn: ConnectionManager, client: Option<redis::Client>) -> Self {
+        Self(Kind::Single(conn, client))
+    }
+
+    pub(crate) fn cluster(conn: ClusterConnection, client: Option<ClusterClient>) -> Self {
+        Self(Kind::Cluster(conn, client.map(Arc::new)))
+    }
+
+    pub(crate) fn sentinel(following: Arc<Following>) -> Self {
+        Self(Kind::Sentinel(following))
+    }
+
+    /// The `host:port` this connection sends to now, when it follows a primary through
+    /// Sentinel ([`RedisStore::connect_sentinel`](super::RedisStore::connect_sentinel));
+    /// `None` otherwise.
+    pub fn primary_address(&self) -> Option<String> {
+        match &self.0 {
+            Kind::Sentinel(f) => {
+                let p = f.primary.read().unwrap_or_else(|e| e.into_inner());
+                Some(p.address.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether keys are spread over the slots of a cluster, so that keys used together
+    /// need a hash tag in common.
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.0, Kind::Cluster(..))
+    }
+
+    /// Which connection [`RedisConnection::dedicated`] would open now: a new one after
+    /// Sentinel's primary moved, so pooled ones to the old primary are not reused.
+    pub(crate) fn generation(&self) -> u64 {
+        match &self.0 {
+            Kind::Sentinel(f) => f.current().0,
+            _ => 0,
+        }
+    }
+
+    /// A connection of its own to the same Redis (the same node for a key, on a cluster),
+    /// for a write followed by `WAIT`: Redis answers nothing else on a connection while
+    /// a `WAIT` on it blocks, so a shared connection would hold every other caller's
+    /// command behind it. A store made from someone else's connection
+    /// ([`RedisStore::from_manager`](super::RedisStore::from_manager)) has no way to open
+    /// another, and shares it.
+    pub(crate) async fn dedicated(&self) -> RedisResult<Dedicated> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(super::redis::CONNECT_TIMEOUT))
+            .set_response_timeout(Some(super::redis::RESPONSE_TIMEOUT));
+        Ok(match &self.0 {
+            Kind::Single(_, Some(client)) => Dedicated::Plain(
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            ),
+            Kind::Cluster(_, Some(client)) => {
+                Dedicated::Cluster(Box::new(client.get_async_connection().await?))
+            }
+            Kind::Sentinel(f) => {
+                let (generation, client) = {
+                    let p = f.primary.read().unwrap_or_else(|e| e.into_inner());
+                    (p.generation, p.client.clone())
+                };
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                Dedicated::Following {
+                    conn,
+                    generation,
+                    following: f.clone(),
+                }
+            }
+            _ => Dedicated::Shared(self.clone()),
+        })
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match &mut self.0 {
+            Kind::Single(c, _) => c.req_packed_command(cmd),
+            Kind::Cluster(c, _) => c.req_packed_command(cmd),
+            Kind::Sentinel(f) => {
+                let f = f.clone();
+                async move { f.command(cmd).await }.boxed()
+            }
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match &mut self.0 {
+            Kind::Single(c, _) => c.req_packed_commands(pipeline, offset, count),
+            Kind::Cluster(c, _) => c.req_packed_commands(pipeline, offset, count),
+            Kind::Sentinel(f) => {
+                let f = f.clone();
+                async move { f.commands(pipeline, offset, count).await }.boxed()
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match &self.0 {
+            Kind::Single(c, _) => c.get_db(),
+            Kind::Cluster(c, _) => c.get_db(),
+            Kind::Sentinel(f) => f.current().1.get_db(),
+        }
+    }
+}
+
+/// A connection of one caller's own at a time: see [`RedisConnection::dedicated`].
+pub(crate) enum Dedicated {
+    Plain(MultiplexedConnection),
+    Cluster(Box<ClusterConnection>),
+    // To the primary of `generation`. A write it finds demoted, or a connection it loses,
+    // has the sentinels asked again (the caller fails, and its retry gets a connection to
+    // whatever they name).
+    Following {
+        conn: MultiplexedConnection,
+        generation: u64,
+        following: Arc<Following>,
+    },
+    Shared(RedisConnection),
+}
+
+impl Dedicated {
+    /// The generation of the primary it reaches (see [`RedisConnection::generation`]).
+    pub(crate) fn generation(&self) -> u64 {
+        match self {
+            Dedicated::Following { generation, .. } => *generation,
+            _ => 0,
+        }
+    }
+
+    /// Sends `pipe`; `Err` also where the server answered one of its commands with an
+    /// error.
+    pub(crate) async fn query(&mut self, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
+        let answer = match self {
+            Dedicated::Plain(c) => pipe.query_async(c).await,
+            Dedicated::Cluster(c) => pipe.query_async(&mut **c).await,
+            Dedicated::Shared(c) => pipe.query_async(c).await,
+            Dedicated::Following { conn, .. } => pipe.query_async(conn).await,
+        };
+        if let (
+            Err(e),
+            Dedicated::Following {
+                generation,
+                following,
+                ..
+            },
+        ) = (&answer, &*self)
+        {
+            if !matches!(demoted_or_gone(Err(e)), After::Fine) {
+                let _ = following.follow(*generation).await;
+            }
+        }
+        answer
+    }
+}
+
+/// A connection to the primary that Sentinel names, which moves with it.
+///
+/// It asks the sentinels again (and connects to the answer, once that server confirms
+/// with `ROLE` that it is a primary) when:
+/// - a write is refused with `READONLY`: the server was demoted to a replica. Nothing was
+///   written, so the command is sent again, once, to the new primary;
+/// - the connection fails: whether the command ran is unknown, so it fails as it would
+///   on one server, and the next command goes to whatever the sentinels name then;
+/// - a sentinel announces `+switch-master` for this primary, so a demoted server that
+///   still accepts writes (it learns of its demotion some seconds later) stops getting
+///   them as soon as the sentinels have decided.
+pub(crate) struct Following {
+    sentinel: Mutex<Sentinel>,
+    name: String,
+    config: ConnectionManagerConfig,
+    primary: RwLock<Primary>,
+    // Dropped with this value, which ends the task that listens for `+switch-master`.
+    _stop: oneshot::Sender<()>,
+}
+
+#[derive(Clone)]
+struct Primary {
+    // Counts re-resolutions, so that many callers failing on the same old primary ask
+    // the sentinels once, not once each.
+    generation: u64,
+    address: String,
+    client: redis::Client,
+    conn: ConnectionManager,
+}
+
+impl Following {
+    /// Resolves `name` through the sentinels at `urls` and connects to its primary.
+    pub(crate) async fn connect(
+        urls: Vec<String>,
+        name: &str,
+        config: ConnectionManagerConfig,
+    ) -> RedisResult<Arc<Self>> {
+        let mut sentinel = Sentinel::build(urls.clone())?;
+        let (address, client, conn) = resolve(&mut sentinel, name, &config).await?;
+        let (stop, stopped) = oneshot::channel();
+        let following = Arc::new(Self {
+            sentinel: Mutex::new(sentinel),
+            name: name.to_owned(),
+            config,
+            primary: RwLock::new(Primary {
+                generation: 0,
+                address,
+                client,
+                conn,
+            }),
+            _stop: stop,
+        });
+        tokio::spawn(listen(Arc::downgrade(&following), urls, stopped));
+        Ok(following)
+    }
+
+    fn current(&self) -> (u64, ConnectionManager) {
+        let p = self.primary.read().unwrap_or_else(|e| e.into_inner());
+        (p.generation, p.conn.clone())
+    }
+
+    /// Asks the sentinels for the primary, unless someone did since `seen`; connects to
+    /// it when it moved.
+    async fn follow(&self, seen: u64) -> RedisResult<()> {
+        let mut sentinel = self.sentinel.lock().await;
+        if self.current().0 != seen {
+            return Ok(());
+        }
+        let address = sentinel_address(&mut sentinel, &self.name).await?;
+        let unchanged = {
+            let p = self.primary.read().unwrap_or_else(|e| e.into_inner());
+            p.address == address
+        };
+        if unchanged {
+            // The same server (restarted, or not yet replaced): its connection manager
+            // reconnects by itself.
+            return Ok(());
+        }
+        let (address, client, conn) = resolve(&mut sentinel, &self.name, &self.config).await?;
+        tracing::warn!(primary = %address, master = %self.name,
+            "Redis primary moved; following it");
+        let mut p = self.primary.write().unwrap_or_else(|e| e.into_inner());
+        *p = Primary {
+            generation: p.generation + 1,
+            address,
+            client,
+            conn,
+        };
+        Ok(())
+    }
+
+    async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
+        let (seen, mut conn) = self.current();
+        let answer = conn.req_packed_command(cmd).await;
+        match demoted_or_gone(answer.as_ref().map(std::slice::from_ref)) {
+            After::Demoted => {
+                self.follow(seen).await?;
+                let (_, mut conn) = self.current();
+                conn.req_packed_command(cmd).await
+            }
+            After::Gone => {
+                let _ = self.follow(seen).await;
+                answer
+            }
+            After::Fine => answer,
+        }
+    }
+
+    async fn commands(
+        &self,
+        pipeline: &Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        let (seen, mut conn) = self.current();
+        let answer = conn.req_packed_commands(pipeline, offset, count).await;
+        match demoted_or_gone(answer.as_deref()) {
+            After::Demoted => {
+                // A demoted server refuses every write of the pipeline: sending all of it
+                // again writes nothing twice (and every write the store pipelines may be
+                // repeated anyway).
+                self.follow(seen).await?;
+                let (_, mut conn) = self.current();
+                conn.req_packed_commands(pipeline, offset, count).await
+            }
+            After::Gone => {
+                let _ = self.follow(seen).await;
+                answer
+            }
+            After::Fine => answer,
+        }
+    }
+}
+
+enum After {
+    Fine,
+    Demoted,
+    Gone,
+}
+
+fn demoted_or_gone(answer: Result<&[Value], &RedisError>) -> After {
+    match answer {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) => After::Demoted,
+        Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() => {
+            After::Gone
+        }
+        Err(_) => After::Fine,
+        Ok(values) => {
+            let read_only = values.iter().any(|v| {
+                matches!(v, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::ReadOnly))
+            });
+            if read_only {
+                After::Demoted
+            } else {
+                After::Fine
+            }
+        }
+    }
+}
+
+/// The primary's address as the sentinels report it, without connecting to it.
+async fn sentinel_address(sentinel: &mut Sentinel, name: &str) -> RedisResult<String> {
+    let client = sentinel.async_master_for(name, None).await?;
+    Ok(client.get_connection_info().addr().to_string())
+}
+
+/// The primary's address and a connection to it.
+async fn resolve(
+    sentinel: &mut Sentinel,
+    name: &str,
+    config: &ConnectionManagerConfig,
+) -> RedisResult<(String, redis::Client, ConnectionManager)> {
+    let client = sentinel.async_master_for(name, None).await?;
+    let address = client.get_connection_info().addr().to_string();
+    let conn = ConnectionManager::new_with_config(client.clone(), config.clone()).await?;
+    Ok((address, client, conn))
+}
+
+/// Listens for `+switch-master` on the first sentinel that answers, and on the next one
+/// when that connection ends, until the store is dropped.
+async fn listen(following: Weak<Following>, urls: Vec<String>, mut stopped: oneshot::Receiver<()>) {
+    const PAUSE: Duration = Duration::from_millis(500);
+    let mut next = 0;
+    loop {
+        let url = &urls[next % urls.len()];
+        next += 1;
+        let subscribed = async {
+            let client = redis::Client::open(url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe("+switch-master").await?;
+            RedisResult::Ok(pubsub)
+        };
+        let pubsub = tokio::select! {
+            _ = &mut stopped => return,
+            p = subscribed => p,
+        };
+        if let Ok(pubsub) = pubsub {
+            let mut messages = pubsub.into_on_message();
+            loop {
+                let msg = tokio::select! {
+                    _ = &mut stopped => return,
+                    m = messages.next() => m,
+                };
+                let Some(msg) = msg else { break };
+                // `<name> <old ip> <old port> <new ip> <new port>`
+                let payload: String = msg.get_payload().unwrap_or_default();
+                let Some(f) = following.upgrade() else { return };
+                if payload.split(' ').next() == Some(f.name.as_str()) {
+                    let seen = f.current().0;
+                    if let Err(e) = f.follow(seen).await {
+                        tracing::warn!(error = %e, master = %f.name,
+                            "Redis primary moved, and its successor did not answer yet");
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tokio::time::sleep(PAUSE) => {}
+        }
+    }
+}
