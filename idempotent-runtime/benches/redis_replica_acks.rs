@@ -1,0 +1,113 @@
+//! What [`RedisStore::with_replica_acks`] costs: first executions and hits through a store
+//! that waits for one replica, against the same calls through a store that does not, on
+//! the same primary (found through Sentinel), interleaved: each round times a batch of
+//! each back to back, and the ratio is taken within the round. Prints the median ratio
+//! and its quartiles.
+//!
+//! Needs a primary with a replica behind Sentinel: `IDEMPOTENT_BENCH_REDIS_SENTINEL`
+//! (`url,url,url#master`), or the set `bash .ci/services` starts.
+//!
+//! ```text
+//! bash .ci/services
+//! cargo bench -p idempotent-runtime --features redis --bench redis_replica_acks
+//! ```
+
+use std::hint::black_box;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use idempotent_runtime::store::RedisStore;
+use idempotent_runtime::{Error, Idempotency};
+
+const ROUNDS: usize = 60;
+const CALLS: usize = 100;
+
+fn sentinel() -> (Vec<String>, String) {
+    let spec = std::env::var("IDEMPOTENT_BENCH_REDIS_SENTINEL").unwrap_or_else(|_| {
+        let file =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/topology.env"))
+                .expect("IDEMPOTENT_BENCH_REDIS_SENTINEL, or run bash .ci/services");
+        file.lines()
+            .find_map(|l| l.strip_prefix("IDEMPOTENT_TEST_REDIS_SENTINEL="))
+            .expect("a Sentinel set in .ci/topology.env")
+            .to_owned()
+    });
+    let (urls, name) = spec.split_once('#').expect("url,url#master");
+    (
+        urls.split(',').map(str::to_owned).collect(),
+        name.to_owned(),
+    )
+}
+
+fn quantiles(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.25), at(0.5), at(0.75))
+}
+
+fn report(what: &str, plain_ns: Vec<f64>, acked_ns: Vec<f64>) {
+    let ratios: Vec<f64> = acked_ns.iter().zip(&plain_ns).map(|(a, p)| a / p).collect();
+    let (_, plain, _) = quantiles(plain_ns);
+    let (_, acked, _) = quantiles(acked_ns);
+    let (q1, median, q3) = quantiles(ratios);
+    println!(
+        "{what:<16} without acks {:>7.1} µs   with acks {:>7.1} µs   ratio median {median:.3}x (quartiles {q1:.3}x .. {q3:.3}x)",
+        plain / 1e3,
+        acked / 1e3
+    );
+}
+
+async fn per_call(idem: &Idempotency, keys: impl Iterator<Item = String>) -> f64 {
+    let start = Instant::now();
+    for key in keys {
+        let v: u64 = idem
+            .call(key)
+            .scope("bench")
+            .run(|| async { Ok::<_, Error>(black_box(7)) })
+            .await
+            .expect("call");
+        black_box(v);
+    }
+    start.elapsed().as_nanos() as f64 / CALLS as f64
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (urls, name) = sentinel();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let store = || async {
+            RedisStore::connect_sentinel(&urls, &name)
+                .await
+                .expect("the Sentinel set")
+                .with_prefix(format!("idembench-acks:{nanos}:"))
+        };
+        let plain = Idempotency::new(store().await);
+        let acked = Idempotency::new(store().await.with_replica_acks(1, Duration::from_secs(1)));
+        let (mut first_p, mut first_a, mut hit_p, mut hit_a) = (vec![], vec![], vec![], vec![]);
+        for round in 0..ROUNDS {
+            let fresh = |side: &'static str| (0..CALLS).map(move |i| format!("{side}-{round}-{i}"));
+            let hits = || (0..CALLS).map(|_| "hit".to_owned());
+            if round == 0 {
+                per_call(&plain, hits()).await;
+            }
+            if round % 2 == 0 {
+                first_p.push(per_call(&plain, fresh("p")).await);
+                first_a.push(per_call(&acked, fresh("a")).await);
+                hit_p.push(per_call(&plain, hits()).await);
+                hit_a.push(per_call(&acked, hits()).await);
+            } else {
+                first_a.push(per_call(&acked, fresh("a")).await);
+                first_p.push(per_call(&plain, fresh("p")).await);
+                hit_a.push(per_call(&acked, hits()).await);
+                hit_p.push(per_call(&plain, hits()).await);
+            }
+        }
+        report("first execution", first_p, first_a);
+        report("hit", hit_p, hit_a);
+    });
+}
