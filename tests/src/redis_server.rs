@@ -115,38 +115,44 @@ impl Harness for RedisHarness {
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
-    // With persistence: the directory of its append-only file, kept across restarts.
-    dir: Option<std::path::PathBuf>,
+    // Its working directory, removed on drop: where a replica of it, or it as one, puts
+    // the snapshot a full sync sends (a test's own directory otherwise), and with
+    // persistence its append-only file, kept across restarts.
+    dir: std::path::PathBuf,
+    persistent: bool,
 }
 
 impl RedisServer {
     /// Starts one and waits until it answers.
     pub fn start() -> Self {
-        Self::start_in(None)
+        Self::start_in(false)
     }
 
     /// Starts one that writes every command to an append-only file before it answers
     /// (`appendfsync always`), so a restart loses nothing it acknowledged, as a production
     /// Redis configured for durability.
     pub fn start_persistent() -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir =
-            std::env::temp_dir().join(format!("idemtest-redis-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a directory for the append-only file");
-        Self::start_in(Some(dir))
+        Self::start_in(true)
     }
 
-    fn start_in(dir: Option<std::path::PathBuf>) -> Self {
+    fn start_in(persistent: bool) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port");
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "idemtest-redis-{}-{port}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("a directory for the server");
         let mut s = Self {
             port,
             child: None,
             dir,
+            persistent,
         };
         s.restart();
         s
@@ -169,18 +175,21 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.stop();
         let port = self.port.to_string();
-        let mut args = vec!["--port", &port, "--bind", "127.0.0.1", "--save", ""];
-        let dir = self.dir.as_ref().map(|d| d.display().to_string());
-        match &dir {
-            Some(dir) => args.extend([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                dir,
-            ]),
-            None => args.extend(["--appendonly", "no"]),
+        let dir = self.dir.display().to_string();
+        let mut args = vec![
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            &dir,
+        ];
+        if self.persistent {
+            args.extend(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            args.extend(["--appendonly", "no"]);
         }
         let child = Command::new("redis-server")
             .args(&args)
@@ -202,9 +211,7 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
-        if let Some(dir) = &self.dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -834,6 +834,22 @@ impl PrivateSentinelSet {
         )
     }
 
+    /// The port of the data node started as the primary (no sentinel asked, so it works
+    /// while the sentinels are stalled).
+    pub fn first_primary_port(&self) -> u16 {
+        self.data[0].port
+    }
+
+    /// Kills (SIGKILL) the data node on `port` without asking a sentinel.
+    pub fn kill_data_node(&mut self, port: u16) {
+        let node = self
+            .data
+            .iter_mut()
+            .find(|s| s.port == port)
+            .expect("a data node");
+        kill_child(&mut node.child);
+    }
+
     /// The data node's port that is not `port`.
     fn other_data_port(&self, port: u16) -> u16 {
         self.data

@@ -443,14 +443,17 @@ impl RedisStore {
     /// required, it goes out on a connection of its own with a `WAIT` after it, and
     /// fails unless enough replicas acknowledged. `build` is told whether to send its
     /// scripts' code: it is, once, when the server answers that it does not have one.
+    /// With `apart`, a pipeline a cluster redirected is sent again one command at a time
+    /// (see [`one_by_one`]).
     async fn round_trip(
         &self,
         op: &'static str,
         wait: bool,
+        apart: bool,
         build: impl Fn(bool) -> redis::Pipeline,
     ) -> Result<Vec<Value>, StoreError> {
         if let Some(acks) = self.acks.as_ref().filter(|_| wait) {
-            let (values, acked) = acks.round_trip(op, &self.conn, build).await?;
+            let (values, acked) = acks.round_trip(op, &self.conn, apart, build).await?;
             acks.check(op, acked)?;
             return Ok(values);
         }
@@ -460,6 +463,9 @@ impl RedisStore {
                 // `EVAL` caches the script as it runs it, so later calls send the hash
                 // again; a failed `EVALSHA` changed nothing, so sending again is safe.
                 build(true).query_async(&mut conn).await
+            }
+            Err(e) if apart && self.conn.is_cluster() && redirected(&e) => {
+                one_by_one(&mut conn, &build(true)).await
             }
             r => r,
         }
@@ -476,7 +482,7 @@ impl RedisStore {
         args: &[&[u8]],
     ) -> Result<Fence, StoreError> {
         let values = self
-            .round_trip(op, wait, |code| {
+            .round_trip(op, wait, true, |code| {
                 let mut pipe = redis::pipe();
                 let cmd = script.push(&mut pipe, code, &[rkey]);
                 for a in args {
@@ -492,6 +498,33 @@ impl RedisStore {
         }
     }
 
+    /// Completes with a small result: see [`COMPLETE`].
+    async fn complete_small(
+        &self,
+        key: &StoreKey,
+        token: FencingToken,
+        result: &StoredResult,
+        ttl: Duration,
+    ) -> Result<Fence, StoreError> {
+        let state: &[u8] = if result.is_err() { b"e" } else { b"c" };
+        let ends = SystemClock.now().after(ttl).as_millis().to_be_bytes();
+        let ttl = millis(ttl).to_string();
+        self.fenced(
+            "redis: complete",
+            true,
+            &self.scripts.complete,
+            &self.redis_key(key),
+            &[
+                &token.get().to_be_bytes(),
+                state,
+                &ends,
+                result.bytes().as_ref(),
+                ttl.as_bytes(),
+            ],
+        )
+        .await
+    }
+
     /// Completes with a large result: see [`COMPLETE_FINISHED`].
     async fn complete_large(
         &self,
@@ -503,9 +536,9 @@ impl RedisStore {
         let rkey = self.redis_key(key);
         let finished = self.finished_key(&rkey, token);
         let record = completed(result, token, ttl);
-        let token = token.get().to_be_bytes();
-        let values = self
-            .round_trip("redis: complete", true, |code| {
+        let token_bytes = token.get().to_be_bytes();
+        let answer = self
+            .round_trip("redis: complete", true, false, |code| {
                 let mut pipe = redis::pipe();
                 pipe.cmd("SET")
                     .arg(&finished)
@@ -516,11 +549,21 @@ impl RedisStore {
                 self.scripts
                     .complete_finished
                     .push(&mut pipe, code, &[&rkey, &finished])
-                    .arg(&token[..])
+                    .arg(&token_bytes[..])
                     .arg(millis(ttl));
                 pipe
             })
-            .await?;
+            .await;
+        let values = match answer {
+            // A slot being migrated answers a pipeline with a redirection the cluster
+            // connection does not follow, and a script on two keys with TRYAGAIN while
+            // they are on two nodes: the single-key completion goes through, for as
+            // long as the migration lasts (or stays stuck).
+            Err(e) if self.conn.is_cluster() && redirected_store_error(&e) => {
+                return self.complete_small(key, token, result, ttl).await;
+            }
+            r => r?,
+        };
         match values.as_slice() {
             [Value::Int(1)] => Ok(Fence::Held),
             [Value::Int(0)] => Ok(Fence::Lost),
@@ -542,6 +585,40 @@ fn manager_config() -> ConnectionManagerConfig {
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
         .set_number_of_retries(2)
+}
+
+/// Whether a cluster refused `e`'s pipeline for a slot that is moving or has moved
+/// (`ASK`, `TRYAGAIN`, `MOVED`): the cluster connection follows these for a single
+/// command, not inside a pipeline.
+pub(crate) fn redirected(e: &redis::RedisError) -> bool {
+    use redis::ServerErrorKind::{Ask, Moved, TryAgain};
+    matches!(e.kind(), redis::ErrorKind::Server(Ask | Moved | TryAgain))
+}
+
+/// [`redirected`], for the Redis error under a store error.
+fn redirected_store_error(e: &StoreError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<redis::RedisError>())
+        .is_some_and(redirected)
+}
+
+/// Sends `pipe`'s commands one at a time, each answered before the next is sent: each
+/// then follows the cluster's redirections. Every command the store pipelines may be
+/// sent again (a claim with its own token answers as acquired, a completion or a renewal
+/// by the same token changes nothing the second time). Its `WAIT`, alone, goes to every
+/// primary and answers the fewest acknowledgements any of them got: a stricter check.
+pub(crate) async fn one_by_one(
+    conn: &mut impl redis::aio::ConnectionLike,
+    pipe: &redis::Pipeline,
+) -> redis::RedisResult<Vec<Value>> {
+    let mut values = Vec::with_capacity(pipe.len());
+    for cmd in pipe.cmd_iter() {
+        match cmd.query_async::<Value>(conn).await? {
+            Value::ServerError(e) => return Err(e.into()),
+            v => values.push(v),
+        }
+    }
+    Ok(values)
 }
 
 /// Whether `s` has a hash tag as Redis reads one: a `{`, then a `}` after it with at
@@ -673,7 +750,7 @@ impl Store for RedisStore {
         let mut replicated = Ok(());
         let (existing, ttl_ms): (Option<Vec<u8>>, Option<i64>) = if let Some(acks) = &self.acks {
             let (values, acked) = acks
-                .round_trip(op, &self.conn, |_| {
+                .round_trip(op, &self.conn, true, |_| {
                     let mut pipe = redis::pipe();
                     pipe.add_command(set.clone());
                     if self.local.is_some() {
@@ -694,12 +771,14 @@ impl Store for RedisStore {
             (v, None)
         } else {
             // With a local tier, ask for the TTL left in the same round trip.
-            let mut conn = self.conn.clone();
-            let mut pipe = redis::pipe();
-            pipe.add_command(set).cmd("PTTL").arg(&rkey);
-            pipe.query_async(&mut conn)
-                .await
-                .map_err(|e| StoreError::new(op, e))?
+            let values = self
+                .round_trip(op, false, true, |_| {
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(set.clone()).cmd("PTTL").arg(&rkey);
+                    pipe
+                })
+                .await?;
+            claim_answer(values)?
         };
         let Some(bytes) = existing else {
             // Only a claim that wrote needs its replicas: one that found a record wrote
@@ -766,23 +845,7 @@ impl Store for RedisStore {
         if result.bytes().len() >= LARGE_RESULT && self.split_completion {
             return self.complete_large(key, token, &result, ttl).await;
         }
-        let state: &[u8] = if result.is_err() { b"e" } else { b"c" };
-        let ends = SystemClock.now().after(ttl).as_millis().to_be_bytes();
-        let ttl = millis(ttl).to_string();
-        self.fenced(
-            "redis: complete",
-            true,
-            &self.scripts.complete,
-            &self.redis_key(key),
-            &[
-                &token.get().to_be_bytes(),
-                state,
-                &ends,
-                result.bytes().as_ref(),
-                ttl.as_bytes(),
-            ],
-        )
-        .await
+        self.complete_small(key, token, &result, ttl).await
     }
 
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<Fence, StoreError> {

@@ -63,11 +63,13 @@ impl ReplicaAcks {
 
     /// Sends the pipeline `build` makes, then `WAIT`, in one round trip on a connection
     /// of its own; answers the pipeline's values and how many replicas acknowledged.
-    /// `build` is told whether to send scripts' code (see `RedisStore::round_trip`).
+    /// `build` is told whether to send scripts' code, and `apart` whether the pipeline
+    /// may be sent one command at a time (see `RedisStore::round_trip`).
     pub(crate) async fn round_trip(
         &self,
         op: &'static str,
         conn: &RedisConnection,
+        apart: bool,
         build: impl Fn(bool) -> Pipeline,
     ) -> Result<(Vec<Value>, u32), StoreError> {
         let mut dedicated = match self.take(conn.generation()) {
@@ -84,6 +86,9 @@ impl ReplicaAcks {
         let answer = match dedicated.query(&with_wait(false)).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 dedicated.query(&with_wait(true)).await
+            }
+            Err(e) if apart && conn.is_cluster() && super::redis::redirected(&e) => {
+                dedicated.one_by_one(&with_wait(true)).await
             }
             r => r,
         };

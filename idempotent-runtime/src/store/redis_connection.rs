@@ -7,6 +7,7 @@
 //! ours ([`Following`]): the `redis` crate resolves a primary once but does not follow it.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -193,6 +194,16 @@ impl Dedicated {
         }
     }
 
+    /// Sends `pipe`'s commands one at a time (see `redis::one_by_one`).
+    pub(crate) async fn one_by_one(&mut self, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
+        match self {
+            Dedicated::Plain(c) => super::redis::one_by_one(c, pipe).await,
+            Dedicated::Cluster(c) => super::redis::one_by_one(&mut **c, pipe).await,
+            Dedicated::Shared(c) => super::redis::one_by_one(c, pipe).await,
+            Dedicated::Following { conn, .. } => super::redis::one_by_one(conn, pipe).await,
+        }
+    }
+
     /// Sends `pipe`; `Err` also where the server answered one of its commands with an
     /// error.
     pub(crate) async fn query(&mut self, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
@@ -212,12 +223,15 @@ impl Dedicated {
         ) = (&answer, &*self)
         {
             if !matches!(demoted_or_gone(Err(e)), After::Fine) {
-                let _ = following.follow(*generation).await;
+                following.follow_in_background(*generation);
             }
         }
         answer
     }
 }
+
+/// The longest a caller (or a background task) spends asking the sentinels.
+const FOLLOW_WITHIN: Duration = Duration::from_secs(2);
 
 /// A connection to the primary that Sentinel names, which moves with it.
 ///
@@ -237,6 +251,8 @@ pub(crate) struct Following {
     primary: RwLock<Primary>,
     // Dropped with this value, which ends the task that listens for `+switch-master`.
     _stop: oneshot::Sender<()>,
+    // Whether a task of `follow_in_background` is running.
+    following: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -270,6 +286,7 @@ impl Following {
                 conn,
             }),
             _stop: stop,
+            following: AtomicBool::new(false),
         });
         tokio::spawn(listen(Arc::downgrade(&following), urls, stopped));
         Ok(following)
@@ -283,11 +300,26 @@ impl Following {
     /// Asks the sentinels for the primary, unless someone did since `seen`; connects to
     /// it when it moved.
     async fn follow(&self, seen: u64) -> RedisResult<()> {
+        self.follow_to(seen, None).await
+    }
+
+    /// As [`Following::follow`], trying first the primary a `+switch-master` announced
+    /// (`host:port`): the sentinel asked first may not have heard of the switch yet, and
+    /// would name the old primary, which accepts writes until it is demoted.
+    async fn follow_to(&self, seen: u64, announced: Option<String>) -> RedisResult<()> {
         let mut sentinel = self.sentinel.lock().await;
         if self.current().0 != seen {
             return Ok(());
         }
-        let address = sentinel_address(&mut sentinel, &self.name).await?;
+        let confirmed = match announced {
+            Some(address) => primary_at(&address).await.ok(),
+            None => None,
+        };
+        let client = match confirmed {
+            Some(client) => client,
+            None => sentinel.async_master_for(&self.name, None).await?,
+        };
+        let address = client.get_connection_info().addr().to_string();
         let unchanged = {
             let p = self.primary.read().unwrap_or_else(|e| e.into_inner());
             p.address == address
@@ -297,7 +329,7 @@ impl Following {
             // reconnects by itself.
             return Ok(());
         }
-        let (address, client, conn) = resolve(&mut sentinel, &self.name, &self.config).await?;
+        let conn = ConnectionManager::new_with_config(client.clone(), self.config.clone()).await?;
         tracing::warn!(primary = %address, master = %self.name,
             "Redis primary moved; following it");
         let mut p = self.primary.write().unwrap_or_else(|e| e.into_inner());
@@ -310,17 +342,45 @@ impl Following {
         Ok(())
     }
 
-    async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
+    /// Asks the sentinels again on a task of its own, unless such a task is running: a
+    /// caller whose connection failed fails at once, rather than queue behind sentinels
+    /// that may not answer either (a dead primary often comes with an unreachable host).
+    pub(crate) fn follow_in_background(self: &Arc<Self>, seen: u64) {
+        if self.following.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let f = self.clone();
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = tokio::time::timeout(FOLLOW_WITHIN, f.follow(seen)).await {
+                tracing::debug!(error = %e, master = %f.name, "could not ask the sentinels yet");
+            }
+            f.following.store(false, Ordering::Release);
+        });
+    }
+
+    /// Re-resolves after a `READONLY` (the sentinels answer: the server that refused was
+    /// demoted by them), within a bound, so a caller never waits on sentinels for long.
+    async fn follow_demoted(&self, seen: u64) -> RedisResult<()> {
+        match tokio::time::timeout(FOLLOW_WITHIN, self.follow(seen)).await {
+            Ok(r) => r,
+            Err(_) => Err(RedisError::from((
+                ErrorKind::Io,
+                "the sentinels did not name a new primary in time",
+            ))),
+        }
+    }
+
+    async fn command(self: Arc<Self>, cmd: &Cmd) -> RedisResult<Value> {
         let (seen, mut conn) = self.current();
         let answer = conn.req_packed_command(cmd).await;
         match demoted_or_gone(answer.as_ref().map(std::slice::from_ref)) {
             After::Demoted => {
-                self.follow(seen).await?;
+                self.follow_demoted(seen).await?;
                 let (_, mut conn) = self.current();
                 conn.req_packed_command(cmd).await
             }
             After::Gone => {
-                let _ = self.follow(seen).await;
+                self.follow_in_background(seen);
                 answer
             }
             After::Fine => answer,
@@ -328,7 +388,7 @@ impl Following {
     }
 
     async fn commands(
-        &self,
+        self: Arc<Self>,
         pipeline: &Pipeline,
         offset: usize,
         count: usize,
@@ -340,12 +400,12 @@ impl Following {
                 // A demoted server refuses every write of the pipeline: sending all of it
                 // again writes nothing twice (and every write the store pipelines may be
                 // repeated anyway).
-                self.follow(seen).await?;
+                self.follow_demoted(seen).await?;
                 let (_, mut conn) = self.current();
                 conn.req_packed_commands(pipeline, offset, count).await
             }
             After::Gone => {
-                let _ = self.follow(seen).await;
+                self.follow_in_background(seen);
                 answer
             }
             After::Fine => answer,
@@ -379,10 +439,23 @@ fn demoted_or_gone(answer: Result<&[Value], &RedisError>) -> After {
     }
 }
 
-/// The primary's address as the sentinels report it, without connecting to it.
-async fn sentinel_address(sentinel: &mut Sentinel, name: &str) -> RedisResult<String> {
-    let client = sentinel.async_master_for(name, None).await?;
-    Ok(client.get_connection_info().addr().to_string())
+/// A client for the server at `address` (`host:port`), once it says it is a primary.
+async fn primary_at(address: &str) -> RedisResult<redis::Client> {
+    let client = redis::Client::open(format!("redis://{address}"))?;
+    let settings = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(super::redis::CONNECT_TIMEOUT))
+        .set_response_timeout(Some(super::redis::RESPONSE_TIMEOUT));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&settings)
+        .await?;
+    let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+    match role.first() {
+        Some(Value::BulkString(r)) if r == b"master" => Ok(client),
+        _ => Err(RedisError::from((
+            ErrorKind::Io,
+            "the announced primary does not say it is one",
+        ))),
+    }
 }
 
 /// The primary's address and a connection to it.
@@ -426,9 +499,13 @@ async fn listen(following: Weak<Following>, urls: Vec<String>, mut stopped: ones
                 // `<name> <old ip> <old port> <new ip> <new port>`
                 let payload: String = msg.get_payload().unwrap_or_default();
                 let Some(f) = following.upgrade() else { return };
-                if payload.split(' ').next() == Some(f.name.as_str()) {
+                let parts: Vec<&str> = payload.split(' ').collect();
+                if let [name, _, _, ip, port] = parts[..] {
+                    if name != f.name {
+                        continue;
+                    }
                     let seen = f.current().0;
-                    if let Err(e) = f.follow(seen).await {
+                    if let Err(e) = f.follow_to(seen, Some(format!("{ip}:{port}"))).await {
                         tracing::warn!(error = %e, master = %f.name,
                             "Redis primary moved, and its successor did not answer yet");
                     }
