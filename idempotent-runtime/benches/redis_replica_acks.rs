@@ -5,7 +5,9 @@
 //! and its quartiles.
 //!
 //! Needs a primary with a replica behind Sentinel: `IDEMPOTENT_BENCH_REDIS_SENTINEL`
-//! (`url,url,url#master`), or the set `bash .ci/services` starts.
+//! (`url,url,url#master`), or the set `bash .ci/services` starts. With
+//! `IDEMPOTENT_BENCH_REDIS_PRIMARY` (a URL) both stores connect to that primary directly
+//! (`RedisStore::connect`), to tell what following it through Sentinel costs.
 //!
 //! ```text
 //! bash .ci/services
@@ -80,11 +82,14 @@ fn main() {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
+        let direct = std::env::var("IDEMPOTENT_BENCH_REDIS_PRIMARY").ok();
         let store = || async {
-            RedisStore::connect_sentinel(&urls, &name)
-                .await
-                .expect("the Sentinel set")
-                .with_prefix(format!("idembench-acks:{nanos}:"))
+            match &direct {
+                Some(url) => RedisStore::connect(url).await,
+                None => RedisStore::connect_sentinel(&urls, &name).await,
+            }
+            .expect("the primary")
+            .with_prefix(format!("idembench-acks:{nanos}:"))
         };
         let plain = Idempotency::new(store().await);
         let acked = Idempotency::new(store().await.with_replica_acks(1, Duration::from_secs(1)));

@@ -105,3 +105,28 @@ async fn acks_on_a_server_without_replicas_fail_every_call() {
     assert!(too_few_replicas(&err).is_some(), "{err:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
+
+/// A hit or a duplicate wrote nothing, and does not wait for replicas: it answers even
+/// while the replicas required are not there (here, two required of one), without
+/// waiting out the acknowledgement timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hit_does_not_wait_for_replicas() {
+    let plain = store().await;
+    let strict = plain.clone().with_replica_acks(2, Duration::from_secs(5));
+    let first = Idempotency::new(plain);
+    let second = Idempotency::new(strict);
+    async fn call(idem: &Idempotency) -> Result<(i32, Outcome), Error> {
+        idem.call("k")
+            .scope("acks")
+            .run_with_outcome(|| async { Ok::<_, Error>(1) })
+            .await
+    }
+    assert_eq!(call(&first).await.unwrap(), (1, Outcome::Executed));
+    let started = std::time::Instant::now();
+    assert_eq!(call(&second).await.unwrap(), (1, Outcome::Replayed));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the hit waited for replicas: {:?}",
+        started.elapsed()
+    );
+}

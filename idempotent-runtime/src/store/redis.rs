@@ -749,17 +749,34 @@ impl Store for RedisStore {
         // With replica acks required: whether enough replicas have what the claim wrote.
         let mut replicated = Ok(());
         let (existing, ttl_ms): (Option<Vec<u8>>, Option<i64>) = if let Some(acks) = &self.acks {
+            // `WAIT` only after a claim that wrote (`SET ... GET` answered nil): a hit
+            // or a duplicate pays no replication round trip.
+            let wrote = |values: &[Value]| matches!(values.first(), Some(Value::Nil));
             let (values, acked) = acks
-                .round_trip(op, &self.conn, true, |_| {
-                    let mut pipe = redis::pipe();
-                    pipe.add_command(set.clone());
-                    if self.local.is_some() {
-                        pipe.cmd("PTTL").arg(&rkey);
-                    }
-                    pipe
-                })
+                .round_trip_if_written(
+                    op,
+                    &self.conn,
+                    true,
+                    |_| {
+                        let mut pipe = redis::pipe();
+                        pipe.add_command(set.clone());
+                        if self.local.is_some() {
+                            pipe.cmd("PTTL").arg(&rkey);
+                        }
+                        pipe
+                    },
+                    &wrote,
+                )
                 .await?;
-            replicated = acks.check(op, acked);
+            // A claim answered with its own token was written by an earlier sending,
+            // maybe on another connection than the one `WAIT` would ask about: not
+            // known to be replicated, so it fails (and the engine releases it).
+            replicated = match acked {
+                Some(acked) => acks.check(op, acked),
+                None => Err(StoreError::msg(
+                    "redis: claim: sent again, and not known to be replicated",
+                )),
+            };
             claim_answer(values)?
         } else if self.local.is_none() {
             // The common case: one command, no pipeline around it.

@@ -21,12 +21,21 @@ use crate::error::StoreError;
 /// flight, and closed after.
 const IDLE_KEPT: usize = 64;
 
+/// Acknowledged writes in flight at once, each on a connection of its own; more wait for
+/// one to finish, so a burst cannot open connections without bound (Redis refuses
+/// clients past `maxclients`, 10,000 by default, and each costs it memory).
+const IN_FLIGHT: usize = 256;
+
+/// Whether a pipeline's answer shows that it wrote.
+type Wrote<'a> = &'a (dyn Fn(&[Value]) -> bool + Sync);
+
 /// How many replicas must have a write before it counts, and how long to wait for them.
 #[derive(Clone)]
 pub(crate) struct ReplicaAcks {
     pub(crate) replicas: u32,
     pub(crate) timeout: Duration,
     idle: Arc<Mutex<Vec<Dedicated>>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for ReplicaAcks {
@@ -58,6 +67,7 @@ impl ReplicaAcks {
             replicas,
             timeout,
             idle: Arc::new(Mutex::new(Vec::new())),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
         }
     }
 
@@ -72,15 +82,57 @@ impl ReplicaAcks {
         apart: bool,
         build: impl Fn(bool) -> Pipeline,
     ) -> Result<(Vec<Value>, u32), StoreError> {
+        let (values, acked) = self.send(op, conn, apart, build, None).await?;
+        Ok((values, acked.unwrap_or(0)))
+    }
+
+    /// As [`ReplicaAcks::round_trip`], but `WAIT`s (a second round trip, on the same
+    /// connection) only when `wrote` says the pipeline's answer shows it wrote: a claim
+    /// that found a record wrote nothing, and a hit should not pay for replicas. `None`
+    /// for acknowledgements when it did not wait.
+    pub(crate) async fn round_trip_if_written(
+        &self,
+        op: &'static str,
+        conn: &RedisConnection,
+        apart: bool,
+        build: impl Fn(bool) -> Pipeline,
+        wrote: Wrote<'_>,
+    ) -> Result<(Vec<Value>, Option<u32>), StoreError> {
+        self.send(op, conn, apart, build, Some(wrote)).await
+    }
+
+    async fn send(
+        &self,
+        op: &'static str,
+        conn: &RedisConnection,
+        apart: bool,
+        build: impl Fn(bool) -> Pipeline,
+        wrote: Option<Wrote<'_>>,
+    ) -> Result<(Vec<Value>, Option<u32>), StoreError> {
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|e| StoreError::new(op, e))?;
         let mut dedicated = match self.take(conn.generation()) {
             Some(d) => d,
             None => conn.dedicated().await.map_err(|e| StoreError::new(op, e))?,
         };
-        let with_wait = |code: bool| {
-            let mut pipe = build(code);
+        let wait = || {
+            let mut pipe = redis::pipe();
             pipe.cmd("WAIT")
                 .arg(self.replicas)
                 .arg(super::redis::millis(self.timeout));
+            pipe
+        };
+        let pipelined = wrote.is_none();
+        let with_wait = |code: bool| {
+            let mut pipe = build(code);
+            if pipelined {
+                pipe.cmd("WAIT")
+                    .arg(self.replicas)
+                    .arg(super::redis::millis(self.timeout));
+            }
             pipe
         };
         let answer = match dedicated.query(&with_wait(false)).await {
@@ -94,12 +146,25 @@ impl ReplicaAcks {
         };
         // A connection that failed is not reused: it may be broken, or mid-answer.
         let mut values = answer.map_err(|e| StoreError::new(op, e))?;
+        let acked = match wrote {
+            None => values.pop(),
+            Some(wrote) if wrote(&values) => {
+                let mut answer = dedicated
+                    .query(&wait())
+                    .await
+                    .map_err(|e| StoreError::new(op, e))?;
+                answer.pop()
+            }
+            Some(_) => {
+                self.give_back(dedicated);
+                return Ok((values, None));
+            }
+        };
         self.give_back(dedicated);
-        let acked = values
-            .pop()
+        let acked = acked
             .and_then(|v| redis::from_redis_value::<i64>(v).ok())
             .ok_or(StoreError::msg("redis: WAIT answered out of shape"))?;
-        Ok((values, u32::try_from(acked).unwrap_or(0)))
+        Ok((values, Some(u32::try_from(acked).unwrap_or(0))))
     }
 
     /// `Ok` when `acked` replicas are enough.
