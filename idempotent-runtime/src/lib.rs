@@ -318,7 +318,9 @@
 //! # Stores and features
 //! - [`store::MemoryStore`], the default: in this process, bounded, no server.
 //! - `store::RedisStore` (feature `redis`) and `store::PostgresStore` (feature `postgres`):
-//!   one guarantee across every process that shares the server. On PostgreSQL,
+//!   one guarantee across every process that shares the server; Redis as one server, a
+//!   Redis Cluster or a primary behind Sentinel (`RedisStore::connect`,
+//!   `connect_cluster`, `connect_sentinel`). On PostgreSQL,
 //!   `Call::run_in_transaction` also commits the operation's own writes with its result,
 //!   so they happen once even when the holder dies half-way.
 //! - `http::IdempotencyLayer` (feature `tower`): the `Idempotency-Key` header protocol as

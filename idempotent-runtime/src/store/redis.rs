@@ -9,6 +9,10 @@
 //! Records expire with their key (`PX`): a claim after its lease, a result after its TTL,
 //! so Redis itself frees the key of a crashed holder.
 //!
+//! The same commands run on one server, on a Redis Cluster (every key in a hash tag of
+//! its own, so a completion's two keys share a slot) and on the primary Sentinel names
+//! (`redis_connection.rs` routes them); `redis_acks.rs` makes writes wait for replicas.
+//!
 //! A record is one binary string: a state byte (`p` in progress, `c` completed, `e` a
 //! stored error), the token and the end of its lease or TTL (big-endian `u64`s), a
 //! fingerprint flag and 32 bytes, then the result's bytes.
@@ -361,17 +365,24 @@ impl RedisStore {
         self
     }
 
-    /// Counts a write (a claim, a renewal, a completion, a release) only once `replicas`
-    /// replicas have it, waiting up to `timeout` for them (`WAIT`, in the same round trip
-    /// as the write). A write fewer replicas acknowledged in time fails as the store
-    /// being down does: a claim fails its call (no operation runs; the key stays claimed
-    /// until its lease ends), a completion is retried.
+    /// Counts a claim that wrote, and a completion, only once `replicas` replicas have
+    /// it, waiting up to `timeout` for them (`WAIT`: in the completion's round trip; after
+    /// a claim, in a second one, only when the claim wrote, so hits and duplicates never
+    /// wait). One fewer replicas acknowledged in time fails as the store being down does:
+    /// a claim fails its call (no operation runs; the engine releases the claim, or it
+    /// lapses with its lease), a completion is retried. Renewals and releases are not
+    /// waited for.
     ///
     /// With it, a failover to a replica that acknowledged the write keeps the claim or
-    /// result: with one replica, `replicas = 1` makes every write that counted survive a
-    /// failover to it. It costs each write a round trip from the primary to its replicas
-    /// (BENCHMARKS.md has the figure), and it cannot help a server without replicas, where
-    /// every write then fails.
+    /// result: with one replica, `replicas = 1` makes every claim and result that counted
+    /// survive a failover to it. It costs a first execution a round trip and the
+    /// replication (BENCHMARKS.md has the figures), and it cannot help a server without
+    /// replicas, where every new key then fails.
+    ///
+    /// Each acknowledged write goes out on a connection of its own (`WAIT` holds every
+    /// other command on its connection until it answers), at most 256 at once. A store
+    /// made from a connection of the application's ([`RedisStore::from_manager`],
+    /// [`RedisStore::from_cluster`]) cannot open more, and sends them on that one.
     pub fn with_replica_acks(mut self, replicas: u32, timeout: Duration) -> Self {
         self.acks = Some(ReplicaAcks::new(replicas, timeout));
         self
