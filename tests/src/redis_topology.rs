@@ -332,34 +332,21 @@ impl PrivateCluster {
         for (&port, &bus) in ports[..n].iter().zip(&ports[n..]) {
             let node_dir = cluster.dir.join(port.to_string());
             std::fs::create_dir_all(&node_dir).expect("a directory for a cluster node");
-            let args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--cluster-port",
-                &bus.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "1000",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                // Replicas sync at once rather than after the default 5 s.
-                "--repl-diskless-sync-delay",
-                "0",
-                "--dir",
-                &node_dir.display().to_string(),
-                "--logfile",
-                &node_dir.join("redis.log").display().to_string(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let mut args = data_node_args(port, &node_dir);
+            args.extend(
+                [
+                    "--cluster-port",
+                    &bus.to_string(),
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                ]
+                .iter()
+                .map(|s| s.to_string()),
+            );
             cluster.nodes.push(Server {
                 port,
                 child: Some(spawn_server(&args)),
@@ -617,6 +604,32 @@ impl PrivateCluster {
     }
 }
 
+/// The arguments every data node of these sets gets: its port, its own directory and
+/// log, nothing kept on disk.
+fn data_node_args(port: u16, dir: &std::path::Path) -> Vec<String> {
+    [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        // Replicas sync at once rather than after the default 5 s, also when an old
+        // primary rejoins after a failover.
+        "--repl-diskless-sync-delay",
+        "0",
+        "--dir",
+        &dir.display().to_string(),
+        "--logfile",
+        &dir.join("redis.log").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 impl Drop for PrivateCluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
@@ -664,27 +677,7 @@ impl PrivateSentinelSet {
         for (port, replica_of) in [(primary, None), (replica, Some(primary))] {
             let node_dir = set.dir.join(port.to_string());
             std::fs::create_dir_all(&node_dir).expect("a directory for a data node");
-            let mut args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                // Replicas sync at once rather than after the default 5 s, also when an
-                // old primary rejoins after a failover.
-                "--repl-diskless-sync-delay",
-                "0",
-                "--dir",
-                &node_dir.display().to_string(),
-                "--logfile",
-                &node_dir.join("redis.log").display().to_string(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let mut args = data_node_args(port, &node_dir);
             if let Some(p) = replica_of {
                 args.extend(["--replicaof".into(), "127.0.0.1".into(), p.to_string()]);
             }

@@ -420,7 +420,7 @@ async fn completions_during_a_slot_migration() {
 /// of a key in it (absent on the source) is sent again one command at a time, and
 /// succeeds as a store without the local tier (a single command) does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn claims_with_a_local_cache_fail_in_a_migrating_slot() {
+async fn claims_with_a_local_cache_go_through_a_migrating_slot() {
     use idempotent_tests::redis_topology::PrivateCluster;
     let cluster = PrivateCluster::start(3, 0);
     let prefix = unique_prefix();

@@ -28,6 +28,22 @@ fn too_few_replicas(e: &Error) -> Option<&TooFewReplicas> {
     }
 }
 
+/// A call expected to fail: its error, and how many times its operation ran.
+async fn failing_call(idem: &Idempotency) -> (Error, u32) {
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    let err = idem
+        .call("k")
+        .scope("acks")
+        .run(move || async move {
+            r.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(1)
+        })
+        .await
+        .unwrap_err();
+    (err, runs.load(Ordering::SeqCst))
+}
+
 /// With replica acks required, claims and completions of every size go through on a
 /// primary with one replica, and replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -65,20 +81,10 @@ async fn a_claim_too_few_replicas_acknowledged_runs_nothing() {
             .await
             .with_replica_acks(2, Duration::from_millis(100)),
     );
-    let runs = Arc::new(AtomicU32::new(0));
-    let r = runs.clone();
-    let err = idem
-        .call("k")
-        .scope("acks")
-        .run(move || async move {
-            r.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, Error>(1)
-        })
-        .await
-        .unwrap_err();
+    let (err, runs) = failing_call(&idem).await;
     let short = too_few_replicas(&err).unwrap_or_else(|| panic!("{err:?}"));
     assert_eq!((short.acked, short.wanted), (1, 2));
-    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    assert_eq!(runs, 0);
 }
 
 /// On a server without replicas, required acks never come: every call fails, none runs.
@@ -91,19 +97,9 @@ async fn acks_on_a_server_without_replicas_fail_every_call() {
             .unwrap()
             .with_replica_acks(1, Duration::from_millis(50)),
     );
-    let runs = Arc::new(AtomicU32::new(0));
-    let r = runs.clone();
-    let err = idem
-        .call("k")
-        .scope("acks")
-        .run(move || async move {
-            r.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, Error>(1)
-        })
-        .await
-        .unwrap_err();
+    let (err, runs) = failing_call(&idem).await;
     assert!(too_few_replicas(&err).is_some(), "{err:?}");
-    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    assert_eq!(runs, 0);
 }
 
 /// A hit or a duplicate wrote nothing, and does not wait for replicas: it answers even
