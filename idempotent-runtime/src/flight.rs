@@ -14,6 +14,7 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 
 use crate::fingerprint::Fingerprint;
+use crate::hasher::KeyHasher;
 use crate::key::StoreKey;
 use crate::record::StoredResult;
 
@@ -149,7 +150,7 @@ pub(crate) enum Joined {
 /// The keys in flight in this process.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Flights {
-    map: Arc<DashMap<String, Arc<Flight>>>,
+    map: Arc<DashMap<String, Arc<Flight>, KeyHasher>>,
 }
 
 impl Flights {
@@ -203,7 +204,7 @@ impl Flights {
 /// the map and wakes every follower; a dropped guard lands [`Landing::Retry`].
 #[derive(Debug)]
 pub(crate) struct FlightGuard {
-    map: Arc<DashMap<String, Arc<Flight>>>,
+    map: Arc<DashMap<String, Arc<Flight>, KeyHasher>>,
     key: String,
     flight: Arc<Flight>,
     landed: bool,

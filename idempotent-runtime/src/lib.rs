@@ -352,6 +352,7 @@ mod error;
 mod fidelity;
 mod fingerprint;
 mod flight;
+mod hasher;
 #[cfg(feature = "tower")]
 pub mod http;
 mod key;

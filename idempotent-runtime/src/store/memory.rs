@@ -33,6 +33,7 @@ use super::{Claim, Fence, Store};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
+use crate::hasher::KeyHasher;
 use crate::key::{KeyDigest, StoreKey, SCOPE_SEPARATOR};
 use crate::record::{FencingToken, Record, RecordState, StoredResult};
 
@@ -57,8 +58,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// ```
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
-    results: Cache<String, Record>,
-    claims: Arc<DashMap<String, Held>>,
+    results: Cache<String, Record, KeyHasher>,
+    claims: Arc<DashMap<String, Held, KeyHasher>>,
     // Entries in `claims`, live or lapsed; kept beside the map because a map's length
     // cannot be read under one of its entry locks.
     claim_count: Arc<AtomicU64>,
@@ -148,17 +149,17 @@ impl MemoryStoreBuilder {
         // moves apart from it, and then only reads decide (a result past its TTL by the
         // custom clock is absent, one within it stays until capacity evicts it).
         let results = if self.custom_clock {
-            results.build()
+            results.build_with_hasher(KeyHasher::default())
         } else {
             results
                 .expire_after(RecordExpiry {
                     clock: self.clock.clone(),
                 })
-                .build()
+                .build_with_hasher(KeyHasher::default())
         };
         MemoryStore {
             results,
-            claims: Arc::new(DashMap::new()),
+            claims: Arc::new(DashMap::with_hasher(KeyHasher::default())),
             claim_count: Arc::new(AtomicU64::new(0)),
             capacity: self.capacity,
             evicted,

@@ -41,6 +41,7 @@ use super::{Claim, Fence, Store};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::{Error, StoreError};
 use crate::fingerprint::Fingerprint;
+use crate::hasher::KeyHasher;
 use crate::key::StoreKey;
 use crate::record::{FencingToken, Record, RecordState, StoredResult};
 
@@ -157,7 +158,7 @@ pub struct RedisStore {
     split_completion: bool,
     acks: Option<ReplicaAcks>,
     scripts: Arc<Scripts>,
-    local: Option<Cache<String, Local>>,
+    local: Option<Cache<String, Local, KeyHasher>>,
 }
 
 struct Scripts {
@@ -401,7 +402,7 @@ impl RedisStore {
             Cache::builder()
                 .max_capacity(capacity)
                 .expire_after(LocalExpiry)
-                .build(),
+                .build_with_hasher(KeyHasher::default()),
         );
         self
     }
