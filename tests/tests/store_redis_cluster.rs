@@ -138,7 +138,8 @@ async fn large_results_complete_on_every_master_and_leave_nothing_behind() {
     let prefix = unique_prefix();
     let idem = Idempotency::new(store(&prefix).await);
     let large = "L".repeat(64 * 1024);
-    for i in 0..24 {
+    // 60 keys miss one of three masters by chance 3 x (2/3)^60 of the time: 1e-10.
+    for i in 0..60 {
         let call = |fp: &'static str, v: String| {
             idem.call(i)
                 .scope("large")
@@ -161,9 +162,9 @@ async fn large_results_complete_on_every_master_and_leave_nothing_behind() {
     let by_master = keys_by_master(&prefix).await;
     assert!(
         by_master.iter().all(|k| !k.is_empty()),
-        "24 keys did not reach every master: {by_master:?}"
+        "60 keys did not reach every master: {by_master:?}"
     );
     let all: Vec<&String> = by_master.iter().flatten().collect();
-    assert_eq!(all.len(), 24, "{all:?}");
+    assert_eq!(all.len(), 60, "{all:?}");
     assert!(all.iter().all(|k| !k.contains("}done:")), "{all:?}");
 }
