@@ -14,11 +14,15 @@
 //! cargo bench -p idempotent-runtime --features redis --bench redis_replica_acks
 //! ```
 
+#[path = "common/interleaved.rs"]
+mod interleaved;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use idempotent_runtime::store::RedisStore;
 use idempotent_runtime::{Error, Idempotency};
+use interleaved::report;
 
 const ROUNDS: usize = 60;
 const CALLS: usize = 100;
@@ -38,24 +42,6 @@ fn sentinel() -> (Vec<String>, String) {
         urls.split(',').map(str::to_owned).collect(),
         name.to_owned(),
     )
-}
-
-fn quantiles(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    (at(0.25), at(0.5), at(0.75))
-}
-
-fn report(what: &str, plain_ns: Vec<f64>, acked_ns: Vec<f64>) {
-    let ratios: Vec<f64> = acked_ns.iter().zip(&plain_ns).map(|(a, p)| a / p).collect();
-    let (_, plain, _) = quantiles(plain_ns);
-    let (_, acked, _) = quantiles(acked_ns);
-    let (q1, median, q3) = quantiles(ratios);
-    println!(
-        "{what:<16} without acks {:>7.1} µs   with acks {:>7.1} µs   ratio median {median:.3}x (quartiles {q1:.3}x .. {q3:.3}x)",
-        plain / 1e3,
-        acked / 1e3
-    );
 }
 
 async fn per_call(idem: &Idempotency, keys: impl Iterator<Item = String>) -> f64 {
@@ -112,7 +98,11 @@ fn main() {
                 hit_p.push(per_call(&plain, hits()).await);
             }
         }
-        report("first execution", first_p, first_a);
-        report("hit", hit_p, hit_a);
+        report(
+            "first execution",
+            ("without acks", first_p),
+            ("with acks", first_a),
+        );
+        report("hit", ("without acks", hit_p), ("with acks", hit_a));
     });
 }

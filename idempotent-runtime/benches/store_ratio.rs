@@ -14,6 +14,8 @@
 //! ```
 
 mod common;
+#[path = "common/interleaved.rs"]
+mod interleaved;
 #[path = "common/postgres_fixture.rs"]
 mod postgres_fixture;
 #[path = "common/redis_fixture.rs"]
@@ -24,6 +26,7 @@ use std::time::Instant;
 
 use common::{receipt, Receipt};
 use idempotent_runtime::Error;
+use interleaved::report;
 use postgres_fixture::postgres_fixture;
 use redis_fixture::{redis_fixture, RedisFixture};
 
@@ -48,24 +51,6 @@ macro_rules! pair {
             ($raw, e)
         }
     }};
-}
-
-fn quantiles(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    (at(0.25), at(0.5), at(0.75))
-}
-
-fn report(what: &str, raw_ns: Vec<f64>, engine_ns: Vec<f64>) {
-    let ratios: Vec<f64> = engine_ns.iter().zip(&raw_ns).map(|(e, r)| e / r).collect();
-    let (_, raw, _) = quantiles(raw_ns);
-    let (_, engine, _) = quantiles(engine_ns);
-    let (q1, median, q3) = quantiles(ratios);
-    println!(
-        "{what:<16} raw {:>8.1} µs   engine {:>8.1} µs   ratio median {median:.3}x (quartiles {q1:.3}x .. {q3:.3}x)",
-        raw / 1e3,
-        engine / 1e3
-    );
 }
 
 fn main() {
@@ -149,8 +134,8 @@ async fn redis() {
         first.push(e);
     }
     println!("Redis: {ROUNDS} rounds of {CALLS} calls per variant, interleaved");
-    report("hit vs GET", raw_hit, hit);
-    report("first vs SET", raw_first, first);
+    report("hit vs GET", ("raw", raw_hit), ("engine", hit));
+    report("first vs SET", ("raw", raw_first), ("engine", first));
 }
 
 async fn postgres() {
@@ -212,8 +197,8 @@ async fn postgres() {
         first.push(e);
     }
     println!("PostgreSQL: {ROUNDS} rounds of {HITS} hits / {FIRSTS} first executions per variant, interleaved");
-    report("hit vs SELECT", raw_hit, hit);
-    report("first vs INSERT", raw_first, first);
+    report("hit vs SELECT", ("raw", raw_hit), ("engine", hit));
+    report("first vs INSERT", ("raw", raw_first), ("engine", first));
     fixture.drop_tables().await;
 }
 
@@ -271,6 +256,6 @@ async fn transaction() {
         engine.push(e);
     }
     println!("PostgreSQL transactions: {ROUNDS} rounds of {CALLS} calls per variant, interleaved");
-    report("tx vs bare tx", raw, engine);
+    report("tx vs bare tx", ("raw", raw), ("engine", engine));
     fixture.drop_tables().await;
 }

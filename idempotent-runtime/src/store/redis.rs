@@ -470,18 +470,10 @@ impl RedisStore {
             return Ok(values);
         }
         let mut conn = self.conn.clone();
-        match build(false).query_async(&mut conn).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // `EVAL` caches the script as it runs it, so later calls send the hash
-                // again; a failed `EVALSHA` changed nothing, so sending again is safe.
-                build(true).query_async(&mut conn).await
-            }
-            Err(e) if apart && self.conn.is_cluster() && redirected(&e) => {
-                one_by_one(&mut conn, &build(true)).await
-            }
-            r => r,
-        }
-        .map_err(|e| StoreError::new(op, e))
+        let cluster = conn.is_cluster();
+        send(&mut conn, cluster && apart, build)
+            .await
+            .map_err(|e| StoreError::new(op, e))
     }
 
     /// Runs a fencing script (renew, complete, release) on `key`.
@@ -592,6 +584,13 @@ impl RedisStore {
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The timeouts above, for a plain connection.
+pub(crate) fn connection_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+}
+
 fn manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -602,9 +601,29 @@ fn manager_config() -> ConnectionManagerConfig {
 /// Whether a cluster refused `e`'s pipeline for a slot that is moving or has moved
 /// (`ASK`, `TRYAGAIN`, `MOVED`): the cluster connection follows these for a single
 /// command, not inside a pipeline.
-pub(crate) fn redirected(e: &redis::RedisError) -> bool {
+fn redirected(e: &redis::RedisError) -> bool {
     use redis::ServerErrorKind::{Ask, Moved, TryAgain};
     matches!(e.kind(), redis::ErrorKind::Server(Ask | Moved | TryAgain))
+}
+
+/// Sends the pipeline `build` makes on `conn`. `build` is told whether to send its
+/// scripts' code: it is, once, when the server answers that it does not have one (a
+/// restarted server, a promoted replica); `EVAL` caches the script as it runs it, and a
+/// failed `EVALSHA` changed nothing, so sending again is safe. With `apart` (a cluster,
+/// and a pipeline whose commands may go one at a time), a pipeline the cluster redirected
+/// is sent again through [`one_by_one`].
+pub(crate) async fn send(
+    conn: &mut impl redis::aio::ConnectionLike,
+    apart: bool,
+    build: impl Fn(bool) -> redis::Pipeline,
+) -> redis::RedisResult<Vec<Value>> {
+    match build(false).query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            build(true).query_async(conn).await
+        }
+        Err(e) if apart && redirected(&e) => one_by_one(conn, &build(true)).await,
+        r => r,
+    }
 }
 
 /// [`redirected`], for the Redis error under a store error.
@@ -619,7 +638,7 @@ fn redirected_store_error(e: &StoreError) -> bool {
 /// sent again (a claim with its own token answers as acquired, a completion or a renewal
 /// by the same token changes nothing the second time). Its `WAIT`, alone, goes to every
 /// primary and answers the fewest acknowledgements any of them got: a stricter check.
-pub(crate) async fn one_by_one(
+async fn one_by_one(
     conn: &mut impl redis::aio::ConnectionLike,
     pipe: &redis::Pipeline,
 ) -> redis::RedisResult<Vec<Value>> {

@@ -118,41 +118,38 @@ impl ReplicaAcks {
             Some(d) => d,
             None => conn.dedicated().await.map_err(|e| StoreError::new(op, e))?,
         };
-        let wait = || {
-            let mut pipe = redis::pipe();
+        let wait = |mut pipe: Pipeline| {
             pipe.cmd("WAIT")
                 .arg(self.replicas)
                 .arg(super::redis::millis(self.timeout));
             pipe
         };
         let pipelined = wrote.is_none();
-        let with_wait = |code: bool| {
-            let mut pipe = build(code);
+        let apart = apart && conn.is_cluster();
+        let answer = super::redis::send(&mut dedicated, apart, |code| {
+            let pipe = build(code);
             if pipelined {
-                pipe.cmd("WAIT")
-                    .arg(self.replicas)
-                    .arg(super::redis::millis(self.timeout));
+                wait(pipe)
+            } else {
+                pipe
             }
-            pipe
-        };
-        let answer = match dedicated.query(&with_wait(false)).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                dedicated.query(&with_wait(true)).await
-            }
-            Err(e) if apart && conn.is_cluster() && super::redis::redirected(&e) => {
-                dedicated.one_by_one(&with_wait(true)).await
-            }
-            r => r,
-        };
+        })
+        .await;
         // A connection that failed is not reused: it may be broken, or mid-answer.
-        let mut values = answer.map_err(|e| StoreError::new(op, e))?;
+        let mut values = answer.map_err(|e| {
+            dedicated.noticed(&e);
+            StoreError::new(op, e)
+        })?;
         let acked = match wrote {
             None => values.pop(),
             Some(wrote) if wrote(&values) => {
-                let mut answer = dedicated
-                    .query(&wait())
+                let mut answer = wait(redis::pipe())
+                    .query_async::<Vec<Value>>(&mut dedicated)
                     .await
-                    .map_err(|e| StoreError::new(op, e))?;
+                    .map_err(|e| {
+                        dedicated.noticed(&e);
+                        StoreError::new(op, e)
+                    })?;
                 answer.pop()
             }
             Some(_) => {

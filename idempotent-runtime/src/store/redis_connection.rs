@@ -102,9 +102,7 @@ impl RedisConnection {
     /// ([`RedisStore::from_manager`](super::RedisStore::from_manager)) has no way to open
     /// another, and shares it.
     pub(crate) async fn dedicated(&self) -> RedisResult<Dedicated> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(super::redis::CONNECT_TIMEOUT))
-            .set_response_timeout(Some(super::redis::RESPONSE_TIMEOUT));
+        let config = super::redis::connection_config();
         Ok(match &self.0 {
             Kind::Single(_, Some(client)) => Dedicated::Plain(
                 client
@@ -194,39 +192,52 @@ impl Dedicated {
         }
     }
 
-    /// Sends `pipe`'s commands one at a time (see `redis::one_by_one`).
-    pub(crate) async fn one_by_one(&mut self, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
-        match self {
-            Dedicated::Plain(c) => super::redis::one_by_one(c, pipe).await,
-            Dedicated::Cluster(c) => super::redis::one_by_one(&mut **c, pipe).await,
-            Dedicated::Shared(c) => super::redis::one_by_one(c, pipe).await,
-            Dedicated::Following { conn, .. } => super::redis::one_by_one(conn, pipe).await,
-        }
-    }
-
-    /// Sends `pipe`; `Err` also where the server answered one of its commands with an
-    /// error.
-    pub(crate) async fn query(&mut self, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
-        let answer = match self {
-            Dedicated::Plain(c) => pipe.query_async(c).await,
-            Dedicated::Cluster(c) => pipe.query_async(&mut **c).await,
-            Dedicated::Shared(c) => pipe.query_async(c).await,
-            Dedicated::Following { conn, .. } => pipe.query_async(conn).await,
-        };
-        if let (
-            Err(e),
-            Dedicated::Following {
-                generation,
-                following,
-                ..
-            },
-        ) = (&answer, &*self)
+    /// Has the sentinels asked again, in the background, when `e` says the primary this
+    /// connection reaches was demoted or is gone.
+    pub(crate) fn noticed(&self, e: &RedisError) {
+        if let Dedicated::Following {
+            generation,
+            following,
+            ..
+        } = self
         {
             if !matches!(demoted_or_gone(Err(e)), After::Fine) {
                 following.follow_in_background(*generation);
             }
         }
-        answer
+    }
+}
+
+impl ConnectionLike for Dedicated {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Dedicated::Plain(c) | Dedicated::Following { conn: c, .. } => c.req_packed_command(cmd),
+            Dedicated::Cluster(c) => c.req_packed_command(cmd),
+            Dedicated::Shared(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Dedicated::Plain(c) | Dedicated::Following { conn: c, .. } => {
+                c.req_packed_commands(pipeline, offset, count)
+            }
+            Dedicated::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Dedicated::Shared(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Dedicated::Plain(c) | Dedicated::Following { conn: c, .. } => c.get_db(),
+            Dedicated::Cluster(c) => c.get_db(),
+            Dedicated::Shared(c) => c.get_db(),
+        }
     }
 }
 
@@ -442,11 +453,8 @@ fn demoted_or_gone(answer: Result<&[Value], &RedisError>) -> After {
 /// A client for the server at `address` (`host:port`), once it says it is a primary.
 async fn primary_at(address: &str) -> RedisResult<redis::Client> {
     let client = redis::Client::open(format!("redis://{address}"))?;
-    let settings = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(super::redis::CONNECT_TIMEOUT))
-        .set_response_timeout(Some(super::redis::RESPONSE_TIMEOUT));
     let mut conn = client
-        .get_multiplexed_async_connection_with_config(&settings)
+        .get_multiplexed_async_connection_with_config(&super::redis::connection_config())
         .await?;
     let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
     match role.first() {
