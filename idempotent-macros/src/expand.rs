@@ -111,6 +111,7 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
     match Shape::of(&item) {
         Ok(Shape::AsyncFn { ret }) => {
             let ret = ret.clone();
+            let copies = copies(&krate, Some(&ret));
             let block = &item.block;
             // The typed `let` gives the body's `?` and `return` their type, and makes a
             // type error point at the user's return type.
@@ -128,7 +129,7 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
                     .await
                 },
                 None => quote_spanned! {ret.span()=>
-                    #run_fn::<#ret, _, _, _>(#call, move || async move {
+                    #run_fn::<#ret, _, _, _, _>(#call, #copies, move || async move {
                         let #ret_name: #ret = #block;
                         #[allow(unreachable_code)]
                         #ret_name
@@ -139,6 +140,12 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
             *item.block = syn::parse_quote!({ #prelude #run });
         }
         Ok(Shape::BoxedAsyncBlock) => {
+            let output = boxed_output(&item.sig.output);
+            let boxed_ret = match &output {
+                Some(ret) => ret.to_token_stream(),
+                None => quote!(_),
+            };
+            let copies = copies(&krate, output.as_ref());
             if let Some(inner) = boxed_async_block_mut(&mut item.block) {
                 let body = &inner.block;
                 // `#[async_trait]` rebinds every argument inside its block; one used only
@@ -160,7 +167,7 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
                         #prelude
                         #[allow(unused_variables)]
                         let #body_name = move || async move #body;
-                        #krate::__private::#runner::<_, _, _, _>(#call, #body_name).await
+                        #krate::__private::#runner::<#boxed_ret, _, _, _, _>(#call, #copies, #body_name).await
                     }),
                 };
             }
@@ -168,6 +175,62 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
         Err(e) => return e.to_compile_error(),
     }
     item.into_token_stream()
+}
+
+/// What the runtime's `Pick` finds for the return type `ret`: a copier where its value is
+/// `Clone` (hits clone a copy instead of decoding), none otherwise or when the type is
+/// not known here.
+fn copies(krate: &Path, ret: Option<&Type>) -> TokenStream {
+    match ret {
+        Some(ret) => quote! {{
+            #[allow(unused_imports)]
+            use #krate::__private::{ViaClone as _, ViaDecode as _};
+            (&&#krate::__private::Pick::<#ret>::new()).copies()
+        }},
+        None => quote!(#krate::__private::NoCopies),
+    }
+}
+
+/// `R` in the `Pin<Box<dyn Future<Output = R> + ..>>` that `#[async_trait]` makes a
+/// method return, if the return type has that shape.
+fn boxed_output(output: &ReturnType) -> Option<Type> {
+    let ReturnType::Type(_, ty) = output else {
+        return None;
+    };
+    let arg = |ty: &Type| -> Option<Type> {
+        let Type::Path(p) = ty else { return None };
+        let last = p.path.segments.last()?;
+        let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+            return None;
+        };
+        args.args.iter().find_map(|a| match a {
+            syn::GenericArgument::Type(t) => Some(t.clone()),
+            _ => None,
+        })
+    };
+    // Pin<..> holds Box<..>, which holds the trait object.
+    let boxed = arg(ty)?;
+    let Type::TraitObject(object) = arg(&boxed)? else {
+        return None;
+    };
+    object.bounds.iter().find_map(|bound| {
+        let syn::TypeParamBound::Trait(t) = bound else {
+            return None;
+        };
+        let last = t.path.segments.last()?;
+        if last.ident != "Future" {
+            return None;
+        }
+        let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+            return None;
+        };
+        args.args.iter().find_map(|a| match a {
+            syn::GenericArgument::AssocType(assoc) if assoc.ident == "Output" => {
+                Some(assoc.ty.clone())
+            }
+            _ => None,
+        })
+    })
 }
 
 /// `tokens` with every span set to `span`, so errors inside them point there.
@@ -207,6 +270,12 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) 
         },
     };
     let key_ref = quote_spanned!(key.span()=> &(#key));
+    let key_name = Ident::new("__idempotent_key", Span::mixed_site());
+    // Spanned at the key, so a key that is not `Display` is reported there.
+    let key_arg = Ident::new(
+        "__idempotent_key",
+        Span::mixed_site().located_at(key.span()),
+    );
     let scope = match &args.scope {
         Some(scope) => scope.to_token_stream(),
         // A closure written here has a type name that holds the function's path, its
@@ -243,8 +312,17 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) 
         .then(|| quote!(let #call = #call.store_errors();));
     quote! {
         #bind_engine
-        let #call = #krate::__private::call(#engine, #scope, #key_ref)
-            #settings;
+        let #call = {
+            // Evaluated once; a temporary it makes (`order.id.clone()`) is dropped here,
+            // not held across the body's awaits.
+            let #key_name = #key_ref;
+            #krate::__private::call(#engine, #scope, #key_arg, {
+                #[allow(unused_imports)]
+                use #krate::__private::{ViaDisplay as _, ViaStr as _};
+                (&&#krate::__private::KeyPick(#key_name)).text()
+            })
+        }
+        #settings;
         #fingerprint
         #store_errors
     }

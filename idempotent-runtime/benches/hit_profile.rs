@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo bench -p idempotent-runtime --bench hit_profile --no-run
-//! valgrind --tool=callgrind target/release/deps/hit_profile-<hash> raw|engine|macro
+//! valgrind --tool=callgrind target/release/deps/hit_profile-<hash> raw|engine|macro|macro-decode
 //! valgrind --tool=callgrind target/release/deps/hit_profile-<hash> first-raw|first
 //! N=10000000 perf record target/release/deps/hit_profile-<hash> macro
 //! target/release/deps/hit_profile-<hash> sizes
@@ -47,6 +47,12 @@ fn main() {
             .await
             .expect("first");
         sync.insert("bench|order-1001".to_owned(), bytes.clone());
+        // The first hit of a `Clone` value keeps the copy later hits clone; the first
+        // call of the other function stores its record. Both in every run, `N=0` too.
+        place(&json, "order-1001").await.expect("hit");
+        hit_fns::place_decoded(&json, "order-1001")
+            .await
+            .expect("first");
         match which.as_str() {
             "raw" => {
                 for _ in 0..n {
@@ -63,6 +69,15 @@ fn main() {
                         .await
                         .expect("hit");
                     black_box(r);
+                }
+            }
+            "macro-decode" => {
+                for _ in 0..n {
+                    black_box(
+                        hit_fns::place_decoded(&json, black_box("order-1001"))
+                            .await
+                            .expect("hit"),
+                    );
                 }
             }
             "macro" => {
@@ -91,6 +106,34 @@ fn main() {
                     black_box(r);
                 }
             }
+            "get" => {
+                for _ in 0..n {
+                    black_box(sync.get(black_box("bench|order-1001")).expect("stored"));
+                }
+            }
+            "decode" => {
+                for _ in 0..n {
+                    black_box(
+                        serde_json::from_slice::<Receipt>(black_box(&bytes)).expect("decode"),
+                    );
+                }
+            }
+            "clone" => {
+                let r = receipt();
+                for _ in 0..n {
+                    black_box(black_box(&r).clone());
+                }
+            }
+            "cached" => {
+                hit_fns::cached_place("order-1001").await.expect("first");
+                for _ in 0..n {
+                    black_box(
+                        hit_fns::cached_place(black_box("order-1001"))
+                            .await
+                            .expect("hit"),
+                    );
+                }
+            }
             "sizes" => {
                 let engine = json
                     .call("order-1001")
@@ -101,7 +144,8 @@ fn main() {
                 println!("#[idempotent] fn future: {} bytes", size_of_val(&attribute));
             }
             other => eprintln!(
-                "unknown variant {other:?}: raw, engine, macro, first-raw, first or sizes"
+                "unknown variant {other:?}: raw, engine, macro, macro-decode, first-raw, first, \
+                 get, decode, clone, cached or sizes"
             ),
         }
     });

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::codec::Codec;
+use crate::copy::Copier;
 use crate::engine::{Concurrency, Idempotency, Outcome, Plain, Request, Settings};
 use crate::error::ConfigError;
 use crate::error::{CodecError, Error, KeyError};
@@ -199,8 +200,26 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         F: FnOnce() -> Fut + 'a,
         Fut: Future<Output = Result<T, E>> + 'a,
     {
+        self.run_copying(op, None)
+    }
+
+    /// [`Call::run_with_outcome`], with the copier of a `Clone` value type (the
+    /// attribute's), so hits clone a copy kept in this process instead of decoding.
+    pub(crate) fn run_copying<T, E, F, Fut>(
+        self,
+        op: F,
+        copier: Option<Copier<T>>,
+    ) -> impl Future<Output = Result<(T, Outcome), E>> + 'a
+    where
+        K: 'a,
+        T: Serialize + DeserializeOwned + 'a,
+        E: From<Error> + 'a,
+        P: ErrorPolicy<E> + 'a,
+        F: FnOnce() -> Fut + 'a,
+        Fut: Future<Output = Result<T, E>> + 'a,
+    {
         let inner = &self.engine.inner;
-        inner.run::<K, T, E, P, Plain<F>>(self, Plain(op))
+        inner.run::<K, T, E, P, Plain<F, T>>(self, Plain(op, copier))
     }
 
     /// Like [`Call::run`], but `op` runs on a task of its own, started at once, so it runs
@@ -267,16 +286,33 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
+        self.run_to_completion_copying(op, None)
+    }
+
+    /// [`Call::run_to_completion_with_outcome`], with the copier of a `Clone` value type
+    /// (see [`Call::run_copying`]).
+    pub(crate) fn run_to_completion_copying<T, E, F, Fut>(
+        self,
+        op: F,
+        copier: Option<Copier<T>>,
+    ) -> impl Future<Output = Result<(T, Outcome), E>> + Send + 'static
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: From<Error> + Send + 'static,
+        P: ErrorPolicy<E> + Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
         let inner = self.engine.inner.clone();
         let started = self.into_request::<F>().and_then(|req| {
-            if let Some(rec) = inner.store.peek_completed(&req.key) {
-                return Ok(Started::Done(inner.replay_record::<T, E, P>(&req, rec)));
+            if let Some(answer) = inner.replay_local::<T, E, P>(&req, copier) {
+                return Ok(Started::Done(answer));
             }
             let rt = tokio::runtime::Handle::try_current()
                 .map_err(|_| Error::Config(ConfigError::NoRuntime))?;
             Ok(Started::Running(rt.spawn(async move {
                 inner
-                    .join_or_lead::<T, E, P, Plain<F>>(req, Plain(op))
+                    .join_or_lead::<T, E, P, Plain<F, T>>(req, Plain(op, copier))
                     .await
             })))
         });
@@ -308,7 +344,10 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             concurrency: self.concurrency.unwrap_or(defaults.concurrency),
             max_key_len: defaults.max_key_len,
         };
-        settings.check().map_err(Error::Config)?;
+        // The engine's own settings were checked when it was built.
+        if self.ttl.is_some() || self.lease.is_some() {
+            settings.check().map_err(Error::Config)?;
+        }
         let fingerprint = self.fingerprint.transpose().map_err(Error::Codec)?;
         let key = self
             .key

@@ -15,6 +15,7 @@ use tracing::debug;
 
 use crate::call::{Call, CallKey, ErrorPolicy};
 use crate::codec::Codec;
+use crate::copy::Copier;
 use crate::error::{CodecError, CodecErrorKind, ConfigError, Error, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
 use crate::flight::{Flight, FlightGuard, Flights, Following, Joined, Landing, Waited};
@@ -282,8 +283,13 @@ impl Idempotency {
         &self,
         scope: &str,
         key: &(impl fmt::Display + ?Sized),
+        text: Option<&str>,
     ) -> Call<'_, crate::call::PreparedKey> {
-        let key = StoreKey::new(scope, key, self.inner.defaults.max_key_len);
+        let max = self.inner.defaults.max_key_len;
+        let key = match text {
+            Some(text) => StoreKey::from_text(scope, text, max),
+            None => StoreKey::new(scope, key, max),
+        };
         Call::new(self, crate::call::PreparedKey(key))
     }
 
@@ -335,8 +341,7 @@ impl Inner {
         op.check(self)?;
         let mut req = call.into_request_named(op.name())?;
         req.transactional = op.transactional();
-        if let Some(rec) = self.store.peek_completed(&req.key) {
-            let answer = self.replay_record::<T, E, P>(&req, rec);
+        if let Some(answer) = self.replay_local::<T, E, P>(&req, op.copier()) {
             req.key.recycle();
             return answer;
         }
@@ -727,6 +732,46 @@ impl Inner {
         self.store.claim(key, token, fingerprint, lease).await
     }
 
+    /// Answers from a completed record the store holds in this process, if it holds one:
+    /// with a clone of the copy kept beside it when the caller's type is `Clone` and the
+    /// copy's own, or else by decoding it (and then, for such a type, keeping a copy of
+    /// what was decoded for the hits after it).
+    pub(crate) fn replay_local<T, E, P>(
+        &self,
+        req: &Request,
+        copier: Option<Copier<T>>,
+    ) -> Option<Answer<T, E>>
+    where
+        T: DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+    {
+        let (rec, copy) = self.store.peek_completed_copy(&req.key)?;
+        // Read in place: the record is large, and moving it into each step costs more
+        // than the rest of a hit's bookkeeping.
+        let (token, result) = match &rec.state {
+            RecordState::Completed { token, result, .. } => (*token, result),
+            RecordState::InProgress { .. } => return Some(Err(not_completed().into())),
+        };
+        if let (Some(copier), Some(copy)) = (copier, &copy) {
+            if let Some(value) = copier.take(copy) {
+                // Only a completed `Ok` result ever gets a copy.
+                return Some(match self.check_fingerprint(req, rec.fingerprint) {
+                    Ok(()) => {
+                        self.count_replay(req, Outcome::Replayed);
+                        Ok((value, Outcome::Replayed))
+                    }
+                    Err(e) => Err(e.into()),
+                });
+            }
+        }
+        let answer = self.replay_ref::<T, E, P>(req, rec.fingerprint, result, Outcome::Replayed);
+        if let (Some(copier), None, Ok((value, _))) = (copier, copy, &answer) {
+            self.store.keep_copy(&req.key, token, copier.make(value));
+        }
+        Some(answer)
+    }
+
     /// Answers from a completed record found in the store.
     pub(crate) fn replay_record<T, E, P>(&self, req: &Request, rec: Record) -> Answer<T, E>
     where
@@ -751,21 +796,44 @@ impl Inner {
         E: From<Error>,
         P: ErrorPolicy<E>,
     {
+        self.replay_ref::<T, E, P>(req, fingerprint, &result, outcome)
+    }
+
+    /// [`Inner::replay`] of a result read in place.
+    #[inline(always)]
+    fn replay_ref<T, E, P>(
+        &self,
+        req: &Request,
+        fingerprint: Option<Fingerprint>,
+        result: &StoredResult,
+        outcome: Outcome,
+    ) -> Answer<T, E>
+    where
+        T: DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+    {
         self.check_fingerprint(req, fingerprint)?;
+        self.count_replay(req, outcome);
+        let scoped = |e: CodecError| match e.kind() {
+            CodecErrorKind::TransactionEnded => Error::TransactionEnded,
+            _ => Error::Codec(e.in_scope(req.key.scope())),
+        };
+        match result {
+            StoredResult::Ok(bytes) => Ok((self.codec.decode(bytes).map_err(scoped)?, outcome)),
+            StoredResult::Err(bytes) => Err(P::decode(bytes, self.codec).map_err(scoped)?),
+        }
+    }
+
+    /// Counts (and logs) a call answered with a stored or shared value.
+    #[inline(always)]
+    fn count_replay(&self, req: &Request, outcome: Outcome) {
         let counter = match outcome {
             Outcome::Coalesced => &self.stats.coalesced,
             _ => &self.stats.replayed,
         };
         bump(counter);
         debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = ?outcome, "idempotent call");
-        let scoped = |e: CodecError| match e.kind() {
-            CodecErrorKind::TransactionEnded => Error::TransactionEnded,
-            _ => Error::Codec(e.in_scope(req.key.scope())),
-        };
-        match result {
-            StoredResult::Ok(bytes) => Ok((self.codec.decode(&bytes).map_err(scoped)?, outcome)),
-            StoredResult::Err(bytes) => Err(P::decode(&bytes, self.codec).map_err(scoped)?),
-        }
     }
 
     /// Refuses a call whose fingerprint differs from the one the key was claimed with.
@@ -798,10 +866,15 @@ impl Inner {
 fn completed(rec: Record) -> Result<(Option<Fingerprint>, StoredResult), Error> {
     match rec.state {
         RecordState::Completed { result, .. } => Ok((rec.fingerprint, result)),
-        RecordState::InProgress { .. } => Err(Error::Store(StoreError::msg(
-            "store answered a claim as completed with a record in progress",
-        ))),
+        RecordState::InProgress { .. } => Err(not_completed()),
     }
+}
+
+/// A store answered with a record in progress where it said it was completed.
+fn not_completed() -> Error {
+    Error::Store(StoreError::msg(
+        "store answered a claim as completed with a record in progress",
+    ))
 }
 
 enum Followed<T, E> {
@@ -888,6 +961,12 @@ pub(crate) trait Operation<T, E> {
         false
     }
 
+    /// How copies of the value are made and read, where its type is `Clone` and the
+    /// caller said so (the attribute does, for the type it returns).
+    fn copier(&self) -> Option<Copier<T>> {
+        None
+    }
+
     /// Refuses, before anything runs or is claimed, an operation the engine cannot run.
     fn check(&self, engine: &Inner) -> Result<(), Error> {
         let _ = engine;
@@ -903,10 +982,11 @@ pub(crate) trait Operation<T, E> {
     ) -> impl Future<Output = Answer<T, E>>;
 }
 
-/// The operation of [`Call::run`]: a closure that makes a future.
-pub(crate) struct Plain<F>(pub(crate) F);
+/// The operation of [`Call::run`]: a closure that makes a future, and the copier of its
+/// value type, if the caller has one.
+pub(crate) struct Plain<F, T>(pub(crate) F, pub(crate) Option<Copier<T>>);
 
-impl<T, E, F, Fut> Operation<T, E> for Plain<F>
+impl<T, E, F, Fut> Operation<T, E> for Plain<F, T>
 where
     T: Serialize + DeserializeOwned,
     E: From<Error>,
@@ -915,6 +995,10 @@ where
 {
     fn name(&self) -> &'static str {
         std::any::type_name::<F>()
+    }
+
+    fn copier(&self) -> Option<Copier<T>> {
+        self.1
     }
 
     fn execute<P: ErrorPolicy<E>>(

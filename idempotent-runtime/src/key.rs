@@ -32,6 +32,23 @@ pub struct StoreKey {
 impl StoreKey {
     /// Formats `key` into `scope` and checks both. `max_len` bounds the key's bytes.
     pub fn new(scope: &str, key: impl fmt::Display, max_len: usize) -> Result<Self, KeyError> {
+        Self::build(scope, max_len, |joined| {
+            // Writing into a String cannot fail unless the key's Display impl does.
+            let _ = write!(joined, "{key}");
+        })
+    }
+
+    /// [`StoreKey::new`] for a key that is text already: the same key, written without
+    /// the formatting machinery (a `str`'s `Display` writes it unchanged).
+    pub(crate) fn from_text(scope: &str, key: &str, max_len: usize) -> Result<Self, KeyError> {
+        Self::build(scope, max_len, |joined| joined.push_str(key))
+    }
+
+    fn build(
+        scope: &str,
+        max_len: usize,
+        write_key: impl FnOnce(&mut String),
+    ) -> Result<Self, KeyError> {
         if scope.contains(SCOPE_SEPARATOR) {
             return Err(KeyError::ReservedCharInScope {
                 scope: scope.to_owned(),
@@ -41,8 +58,7 @@ impl StoreKey {
         joined.reserve(scope.len() + 1 + 36);
         joined.push_str(scope);
         joined.push(SCOPE_SEPARATOR);
-        // Writing into a String cannot fail unless the key's Display impl does.
-        let _ = write!(joined, "{key}");
+        write_key(&mut joined);
         let len = joined.len() - scope.len() - 1;
         let checked = if len == 0 {
             Err(KeyError::Empty)
@@ -138,6 +154,17 @@ mod tests {
         assert_eq!(k.scope(), "payments");
         assert_eq!(k.key(), "order-7");
         assert_eq!(k.as_str(), "payments|order-7");
+    }
+
+    #[test]
+    fn text_keys_are_the_keys_their_display_writes() {
+        for key in ["order-7", "", "ü|{}", &"x".repeat(256)] {
+            assert_eq!(
+                StoreKey::from_text("s", key, 255),
+                StoreKey::new("s", key, 255)
+            );
+        }
+        assert!(StoreKey::from_text("a|b", "k", 255).is_err());
     }
 
     #[test]

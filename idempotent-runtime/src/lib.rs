@@ -347,6 +347,7 @@ pub mod __private;
 mod call;
 pub mod clock;
 pub mod codec;
+mod copy;
 mod engine;
 mod error;
 mod fidelity;

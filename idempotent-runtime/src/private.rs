@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::sync::OnceLock;
 
 use futures_util::FutureExt as _;
@@ -11,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::call::{Call, ErrorPolicy, PreparedKey};
+use crate::copy::Copier;
 use crate::engine::Idempotency;
 use crate::error::{CodecError, Error};
 use crate::fingerprint::Fingerprint;
@@ -130,12 +132,59 @@ fn generic_arguments(name: &str) -> Option<(&str, Vec<&str>)> {
 }
 
 /// A call on the key, formatted into its scope before the body moves the arguments.
+/// `text` is what [`KeyPick`] found: the key itself where it is a string.
 pub fn call<'a, K: fmt::Display + ?Sized>(
     engine: &'a Idempotency,
     scope: &str,
     key: &K,
+    text: Option<&str>,
 ) -> Call<'a, PreparedKey> {
-    engine.call_prepared(scope, key)
+    engine.call_prepared(scope, key, text)
+}
+
+/// Finds out whether a key is a string (`str`, `String`, `Cow<str>` or a reference to
+/// one), whose text can be copied into the store key as it is rather than written
+/// through `Display`, which writes the same text at several times the cost. By method
+/// resolution on the key's concrete type, as [`Pick`] does: `(&&KeyPick(&key)).text()`.
+pub struct KeyPick<'k, K: ?Sized>(pub &'k K);
+
+/// The key is a string: its text.
+pub trait ViaStr {
+    /// The key's text.
+    fn text(&self) -> Option<&str>;
+}
+
+macro_rules! via_str {
+    ($($ty:ty),*) => {$(
+        impl ViaStr for &KeyPick<'_, $ty> {
+            fn text(&self) -> Option<&str> {
+                Some(self.0)
+            }
+        }
+    )*};
+}
+
+via_str!(
+    str,
+    &str,
+    &&str,
+    String,
+    &String,
+    Cow<'_, str>,
+    &Cow<'_, str>
+);
+
+/// Any other key: written through `Display`. Without bounds, so a key that is not
+/// `Display` is reported once, where the call is made.
+pub trait ViaDisplay {
+    /// No text: the key is written through `Display`.
+    fn text(&self) -> Option<&str>;
+}
+
+impl<K: ?Sized> ViaDisplay for KeyPick<'_, K> {
+    fn text(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// The fingerprint, taken before the body moves the arguments.
@@ -197,13 +246,95 @@ impl<T: Serialize + DeserializeOwned> StoredValue for T {}
 pub trait EngineError: From<Error> {}
 impl<E: From<Error>> EngineError for E {}
 
-/// Runs the function's body through the engine.
+/// Finds out, for a function's return type `R`, whether hits may clone an in-process copy
+/// of its value instead of decoding it: where `R::Ok` is `Clone + Send + Sync + 'static`.
+/// By method resolution on the concrete type, so the user's type needs no new bound:
+/// `(&&Pick::<R>::new()).copies()` finds [`ViaClone`] on `&Pick<R>` first when its bounds
+/// hold, and [`ViaDecode`] on `Pick<R>` otherwise (a generic `T` without a `Clone`
+/// bound, a type that is not `Clone`, a borrowed one).
+pub struct Pick<R>(PhantomData<fn() -> R>);
+
+impl<R> Pick<R> {
+    /// The picker for `R`.
+    pub const fn new() -> Self {
+        Pick(PhantomData)
+    }
+}
+
+impl<R> Default for Pick<R> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Hits of `R`'s value clone a copy kept in this process.
+pub trait ViaClone {
+    /// The copier's type.
+    type Copies;
+    /// The copier.
+    fn copies(&self) -> Self::Copies;
+}
+
+impl<R> ViaClone for &Pick<R>
+where
+    R: IdempotentResult,
+    R::Ok: Clone + Send + Sync + 'static,
+{
+    type Copies = Copies<R::Ok>;
+    fn copies(&self) -> Copies<R::Ok> {
+        Copies(Some(Copier::new()))
+    }
+}
+
+/// Hits of `R`'s value decode it. Without bounds, so that a return type that is not a
+/// `Result` is reported once, where the body runs, and not here again.
+pub trait ViaDecode {
+    /// The copier's type.
+    type Copies;
+    /// No copier.
+    fn copies(&self) -> Self::Copies;
+}
+
+impl<R> ViaDecode for Pick<R> {
+    type Copies = NoCopies;
+    fn copies(&self) -> NoCopies {
+        NoCopies
+    }
+}
+
+/// How hits of a `Clone` value type get their value: from a copy.
+pub struct Copies<T>(Option<Copier<T>>);
+
+/// Hits decode.
+pub struct NoCopies;
+
+/// What [`Pick`] found, as the engine takes it.
+pub trait IntoCopier<T> {
+    /// The copier, if hits clone.
+    fn into_copier(self) -> Copies<T>;
+}
+
+impl<T> IntoCopier<T> for Copies<T> {
+    fn into_copier(self) -> Copies<T> {
+        self
+    }
+}
+
+impl<T> IntoCopier<T> for NoCopies {
+    fn into_copier(self) -> Copies<T> {
+        Copies(None)
+    }
+}
+
+/// Runs the function's body through the engine; `copies` is what [`Pick`] found for its
+/// return type.
 ///
 /// The call's own future, mapped, rather than another `async fn` around it: that layer
 /// would hold a second copy of the call, and the function's future would be moved
 /// whole (about a kilobyte) on every hit.
-pub fn run<'a, R, P, F, Fut>(
+pub fn run<'a, R, P, C, F, Fut>(
     call: Call<'a, PreparedKey, P>,
+    copies: C,
     body: F,
 ) -> impl Future<Output = R> + 'a
 where
@@ -211,17 +342,20 @@ where
     R::Ok: StoredValue,
     R::Err: EngineError,
     P: ErrorPolicy<R::Err> + 'a,
+    C: IntoCopier<R::Ok>,
     F: FnOnce() -> Fut + 'a,
     Fut: Future<Output = R> + 'a,
 {
-    call.run(move || async move { body().await.into_result() })
-        .map(R::from_result)
+    let copier = copies.into_copier().0;
+    call.run_copying(move || async move { body().await.into_result() }, copier)
+        .map(|answer| R::from_result(answer.map(|(value, _)| value)))
 }
 
 /// Runs the function's body through the engine on a task of its own
 /// (`on_cancel = "finish"`): see [`Call::run_to_completion`].
-pub fn run_to_completion<'a, R, P, F, Fut>(
+pub fn run_to_completion<'a, R, P, C, F, Fut>(
     call: Call<'a, PreparedKey, P>,
+    copies: C,
     body: F,
 ) -> impl Future<Output = R> + Send + 'static
 where
@@ -229,11 +363,13 @@ where
     R::Ok: StoredValue + Send + 'static,
     R::Err: EngineError + Send + 'static,
     P: ErrorPolicy<R::Err> + Send + 'static,
+    C: IntoCopier<R::Ok>,
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = R> + Send + 'static,
 {
-    call.run_to_completion(move || async move { body().await.into_result() })
-        .map(R::from_result)
+    let copier = copies.into_copier().0;
+    call.run_to_completion_copying(move || async move { body().await.into_result() }, copier)
+        .map(|answer| R::from_result(answer.map(|(value, _)| value)))
 }
 
 /// Runs the function's body through the engine in a transaction of its store

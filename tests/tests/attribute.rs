@@ -306,3 +306,42 @@ async fn arguments_named_like_generated_bindings_keep_their_meaning() {
         405
     );
 }
+
+static KEYS_MADE: AtomicU32 = AtomicU32::new(0);
+
+fn counted_key(id: u64) -> String {
+    KEYS_MADE.fetch_add(1, Ordering::SeqCst);
+    format!("k-{id}")
+}
+
+#[idempotent(key = counted_key(id), store = idem, scope = "attr.keys")]
+async fn by_made_key(idem: &Idempotency, id: u64) -> Result<u64, Error> {
+    Ok(id)
+}
+
+#[idempotent(key = format_args!("k-{id}"), store = idem, scope = "attr.keys")]
+async fn by_display_key(idem: &Idempotency, id: u64) -> Result<u64, Error> {
+    Ok(id + 1000)
+}
+
+#[idempotent(key = name, store = idem, scope = "attr.keys")]
+async fn by_str_key(idem: &Idempotency, name: &str) -> Result<u64, Error> {
+    Ok(name.len() as u64 + 2000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_is_evaluated_once_and_strings_key_as_their_display_does() {
+    let idem = Idempotency::memory();
+    assert_eq!(by_made_key(&idem, 7).await.unwrap(), 7);
+    assert_eq!(
+        KEYS_MADE.load(Ordering::SeqCst),
+        1,
+        "one evaluation per call"
+    );
+    // A `String` key, a `Display` key and a `&str` key with the same text are one key.
+    assert_eq!(by_display_key(&idem, 7).await.unwrap(), 7);
+    assert_eq!(by_str_key(&idem, "k-7").await.unwrap(), 7);
+    assert_eq!(by_str_key(&idem, "k-8").await.unwrap(), 2003);
+    assert_eq!(by_made_key(&idem, 8).await.unwrap(), 2003);
+    assert_eq!(KEYS_MADE.load(Ordering::SeqCst), 2);
+}

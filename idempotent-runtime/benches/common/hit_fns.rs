@@ -4,10 +4,23 @@ use idempotent_runtime::{idempotent, Error, Idempotency};
 
 use super::common::{receipt, Receipt};
 
-/// `#[idempotent]` on a function of the engine it is given.
+/// `#[idempotent]` on a function of the engine it is given. `Receipt` is `Clone`, so its
+/// hits clone the copy the first hit kept.
 #[idempotent(key = order_id, store = idem, scope = "bench")]
 pub(crate) async fn place(idem: &Idempotency, order_id: &str) -> Result<Receipt, Error> {
     Ok(receipt())
+}
+
+/// The same receipt in a type that is not `Clone`: the attribute's hits decode it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub(crate) struct Unclonable(#[allow(dead_code)] pub(crate) Receipt);
+
+/// `#[idempotent]` on a function whose value is not `Clone`: every hit decodes.
+#[allow(dead_code)]
+#[idempotent(key = order_id, store = idem, scope = "bench-decode")]
+pub(crate) async fn place_decoded(idem: &Idempotency, order_id: &str) -> Result<Unclonable, Error> {
+    Ok(Unclonable(receipt()))
 }
 
 /// The `cached` crate's memoization with per-key write synchronization, the nearest thing

@@ -21,15 +21,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 use moka::Expiry;
 use tracing::warn;
 
-use super::{Claim, Fence, Store};
+use super::{Claim, Fence, Store, ValueCopy};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
@@ -58,7 +60,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// ```
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
-    results: Cache<String, Record, KeyHasher>,
+    results: Cache<String, Kept, KeyHasher>,
     claims: Arc<DashMap<String, Held, KeyHasher>>,
     // Entries in `claims`, live or lapsed; kept beside the map because a map's length
     // cannot be read under one of its entry locks.
@@ -74,6 +76,61 @@ pub struct MemoryStore {
     // hides expired results on read, and the hit path skips a second clock read. A custom
     // clock moves apart from moka's, so every read checks against it.
     check_on_read: bool,
+}
+
+/// A completed result, and the copy of its value the first hit made, if any. The
+/// `Record` it answers with, in fewer bytes: one is kept for every result.
+#[derive(Debug, Clone)]
+struct Kept {
+    result: Bytes,
+    token: FencingToken,
+    expires_at: Timestamp,
+    fingerprint: Option<Fingerprint>,
+    is_err: bool,
+    copy: Option<ValueCopy>,
+}
+
+impl Kept {
+    fn new(
+        fingerprint: Option<Fingerprint>,
+        token: FencingToken,
+        result: StoredResult,
+        expires_at: Timestamp,
+    ) -> Self {
+        let (result, is_err) = match result {
+            StoredResult::Ok(bytes) => (bytes, false),
+            StoredResult::Err(bytes) => (bytes, true),
+        };
+        Kept {
+            result,
+            token,
+            expires_at,
+            fingerprint,
+            is_err,
+            copy: None,
+        }
+    }
+
+    fn record(self) -> (Record, Option<ValueCopy>) {
+        let result = if self.is_err {
+            StoredResult::Err(self.result)
+        } else {
+            StoredResult::Ok(self.result)
+        };
+        let record = Record {
+            fingerprint: self.fingerprint,
+            state: RecordState::Completed {
+                token: self.token,
+                result,
+                expires_at: self.expires_at,
+            },
+        };
+        (record, self.copy)
+    }
+
+    fn is_live(&self, now: Timestamp) -> bool {
+        now < self.expires_at
+    }
 }
 
 /// A claim in progress.
@@ -135,9 +192,9 @@ impl MemoryStoreBuilder {
         let results = Cache::builder()
             .max_capacity(self.capacity)
             .eviction_policy(EvictionPolicy::lru())
-            .eviction_listener(move |key: Arc<String>, rec: Record, cause| {
+            .eviction_listener(move |key: Arc<String>, kept: Kept, cause| {
                 // Only a result dropped within its TTL (by the store's clock) is lost early.
-                if cause == RemovalCause::Size && rec.is_live(clock.now()) {
+                if cause == RemovalCause::Size && kept.is_live(clock.now()) {
                     counter.fetch_add(1, Ordering::Relaxed);
                     let scope = key.split(SCOPE_SEPARATOR).next().unwrap_or_default();
                     warn!(scope, key = %KeyDigest::of_joined(&key),
@@ -200,7 +257,10 @@ impl MemoryStore {
 
     /// The key's result, if it is within its TTL.
     fn live_result(&self, key: &str, now: Timestamp) -> Option<Record> {
-        self.results.get(key).filter(|rec| rec.is_live(now))
+        self.results
+            .get(key)
+            .filter(|kept| kept.is_live(now))
+            .map(|kept| kept.record().0)
     }
 
     /// Takes a place for a new claim, or says the store has none left.
@@ -345,17 +405,8 @@ impl Store for MemoryStore {
     ) -> Result<Fence, StoreError> {
         let now = self.clock.now();
         let fence = self.take_claim(key.as_str(), token, now, |held| {
-            self.results.insert(
-                key.as_str().to_owned(),
-                Record {
-                    fingerprint: held.fingerprint,
-                    state: RecordState::Completed {
-                        token,
-                        result,
-                        expires_at: now.after(ttl),
-                    },
-                },
-            );
+            let kept = Kept::new(held.fingerprint, token, result, now.after(ttl));
+            self.results.insert(key.as_str().to_owned(), kept);
         });
         if fence == Fence::Lost {
             // Completed by this token already: the answer to an earlier completion was
@@ -371,9 +422,34 @@ impl Store for MemoryStore {
     }
 
     fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
-        let rec = self.results.get(key.as_str())?;
-        let live = !self.check_on_read || rec.is_live(self.clock.now());
-        live.then_some(rec)
+        self.peek_completed_copy(key).map(|(record, _)| record)
+    }
+
+    fn peek_completed_copy(&self, key: &StoreKey) -> Option<(Record, Option<ValueCopy>)> {
+        let kept = self.results.get(key.as_str())?;
+        let live = !self.check_on_read || kept.is_live(self.clock.now());
+        live.then(|| kept.record())
+    }
+
+    fn keep_copy(&self, key: &StoreKey, token: FencingToken, copy: ValueCopy) {
+        let now = self.clock.now();
+        // Under the entry's lock: the result is still the one `token` completed (not
+        // expired, evicted, or replaced by a later completion of the key) and has no copy.
+        self.results
+            .entry_by_ref(key.as_str())
+            .and_compute_with(|entry| match entry {
+                Some(entry)
+                    if entry.value().copy.is_none()
+                        && entry.value().token == token
+                        && entry.value().is_live(now) =>
+                {
+                    Op::Put(Kept {
+                        copy: Some(copy),
+                        ..entry.value().clone()
+                    })
+                }
+                _ => Op::Nop,
+            });
     }
 
     fn evicted(&self) -> u64 {
@@ -387,23 +463,23 @@ struct RecordExpiry {
 }
 
 impl RecordExpiry {
-    fn remaining(&self, rec: &Record) -> Option<Duration> {
-        Some(rec.ends_at().saturating_since(self.clock.now()))
+    fn remaining(&self, kept: &Kept) -> Option<Duration> {
+        Some(kept.expires_at.saturating_since(self.clock.now()))
     }
 }
 
-impl Expiry<String, Record> for RecordExpiry {
-    fn expire_after_create(&self, _key: &String, rec: &Record, _at: Instant) -> Option<Duration> {
-        self.remaining(rec)
+impl Expiry<String, Kept> for RecordExpiry {
+    fn expire_after_create(&self, _key: &String, kept: &Kept, _at: Instant) -> Option<Duration> {
+        self.remaining(kept)
     }
 
     fn expire_after_update(
         &self,
         _key: &String,
-        rec: &Record,
+        kept: &Kept,
         _at: Instant,
         _current: Option<Duration>,
     ) -> Option<Duration> {
-        self.remaining(rec)
+        self.remaining(kept)
     }
 }

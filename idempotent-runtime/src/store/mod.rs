@@ -42,6 +42,7 @@ pub use self::redis::{RedisStore, DEFAULT_PREFIX as DEFAULT_REDIS_PREFIX};
 pub use self::redis_acks::TooFewReplicas;
 #[cfg(feature = "redis")]
 pub use self::redis_connection::RedisConnection;
+pub use crate::copy::ValueCopy;
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -133,6 +134,23 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
         None
     }
 
+    /// [`peek_completed`](Store::peek_completed), with the copy of its value kept by
+    /// [`keep_copy`](Store::keep_copy), if any. The engine asks this one (a single lookup
+    /// for both); stores that keep copies override both, others keep the default.
+    fn peek_completed_copy(&self, key: &StoreKey) -> Option<(Record, Option<ValueCopy>)> {
+        self.peek_completed(key).map(|record| (record, None))
+    }
+
+    /// Keeps `copy`, a value decoded from the result `token` completed on `key`, beside
+    /// that result in this process, for [`peek_completed_copy`](Store::peek_completed_copy)
+    /// to hand over until the result leaves. Only when the key still holds that very
+    /// result (a result completed by another token is another value) and no copy yet (so
+    /// callers of two types on one key do not replace each other's on every hit).
+    /// Stores without a local tier keep the default, which keeps nothing.
+    fn keep_copy(&self, key: &StoreKey, token: FencingToken, copy: ValueCopy) {
+        let _ = (key, token, copy);
+    }
+
     /// How many records this store dropped before their lease or TTL ended to make room
     /// (a bounded in-process store at capacity), since it was built. Each such eviction
     /// can let a retry run again. Stores that never evict keep the default, 0.
@@ -189,6 +207,14 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
         (**self).peek_completed(key)
+    }
+
+    fn peek_completed_copy(&self, key: &StoreKey) -> Option<(Record, Option<ValueCopy>)> {
+        (**self).peek_completed_copy(key)
+    }
+
+    fn keep_copy(&self, key: &StoreKey, token: FencingToken, copy: ValueCopy) {
+        (**self).keep_copy(key, token, copy)
     }
 
     fn evicted(&self) -> u64 {
