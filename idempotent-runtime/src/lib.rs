@@ -85,23 +85,37 @@
 //! ```text
 //! async fn place(order: Order) -> Result<Receipt, Error> {
 //!     let __idempotent_engine = __private::default_engine();
-//!     let __idempotent_call = __private::call(
-//!         __idempotent_engine,
-//!         __private::default_scope(&|| ()),
-//!         &(order.id),
-//!     )
+//!     let __idempotent_call = {
+//!         let __idempotent_key = &(order.id);
+//!         __private::call(
+//!             __idempotent_engine,
+//!             __private::default_scope(&|| ()),
+//!             __idempotent_key,
+//!             (&&__private::KeyPick(__idempotent_key)).text(),
+//!         )
+//!     }
 //!     .ttl(Duration::new(3600, 0));
 //!     let __idempotent_call =
 //!         __private::with_fingerprint(__idempotent_call, __private::fingerprint(&(order.total)));
-//!     __private::run::<Result<Receipt, Error>, _, _, _>(__idempotent_call, move || async move {
-//!         let __idempotent_ret: Result<Receipt, Error> = { body };
-//!         __idempotent_ret
-//!     })
+//!     __private::run::<Result<Receipt, Error>, _, _, _, _>(
+//!         __idempotent_call,
+//!         (&&__private::Pick::<Result<Receipt, Error>>::new()).copies(),
+//!         move || async move {
+//!             let __idempotent_ret: Result<Receipt, Error> = { body };
+//!             __idempotent_ret
+//!         },
+//!     )
 //!     .await
 //! }
 //! ```
 //! Key and fingerprint are read before the body takes the arguments; the body runs as an
-//! async block, so `return` and `?` keep their meaning. The `__idempotent_*` names are
+//! async block, so `return` and `?` keep their meaning. The key is evaluated once; a key
+//! that is a string (`&str`, `String`, `Cow<str>`) is copied into the store key as it
+//! is (`KeyPick`), any other is written through `Display`, which gives the same text. Where
+//! `Receipt` is `Clone + Send + Sync + 'static`, `Pick` hands the engine a way to copy it,
+//! and hits after a key's first clone a typed copy kept beside the record instead of
+//! decoding it; for any other type (or a generic one) hits decode. Both are found by method
+//! resolution on the concrete types, so the user's types need no new bound. The `__idempotent_*` names are
 //! hygienic (as `macro_rules!` locals): arguments of the same names neither see them nor
 //! are shadowed by them. With `on_cancel = "finish"`, `__private::run_to_completion`
 //! takes the place of `__private::run`; with `transaction = tx`,

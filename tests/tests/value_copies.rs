@@ -9,6 +9,7 @@ use std::time::Duration;
 use idempotent_runtime::clock::ManualClock;
 use idempotent_runtime::store::MemoryStore;
 use idempotent_runtime::{idempotent, CodecErrorKind, Error, Idempotency};
+use idempotent_tests::RedisHarness;
 use serde::{Deserialize, Serialize};
 
 /// A value type that counts its decodes and clones, in statics of its own.
@@ -67,7 +68,16 @@ mod counts {
             pub static $name: Pair = (AtomicU32::new(0), AtomicU32::new(0));
         )*};
     }
-    pairs!(Plain, Finish, Expiring, Shared, Fingerprinted, Threads);
+    pairs!(
+        Plain,
+        Finish,
+        Expiring,
+        Shared,
+        Fingerprinted,
+        Threads,
+        RedisLocal,
+        RedisOnly
+    );
 }
 
 counted!(Plain);
@@ -76,6 +86,8 @@ counted!(Expiring);
 counted!(Shared);
 counted!(Fingerprinted);
 counted!(Threads);
+counted!(RedisLocal);
+counted!(RedisOnly);
 
 static RUNS: AtomicU32 = AtomicU32::new(0);
 
@@ -272,4 +284,44 @@ async fn concurrent_hits_decode_at_most_once_each_before_a_copy_lands() {
     assert!((2..=9).contains(&decodes), "{decodes} decodes");
     assert_eq!(idem.stats().executed, 1);
     assert_eq!(idem.stats().replayed, 800);
+}
+
+#[idempotent(key = k, store = idem, scope = "redis-local")]
+async fn redis_local(idem: &Idempotency, k: u32) -> Result<RedisLocal, Error> {
+    Ok(RedisLocal {
+        id: next(),
+        note: "n".into(),
+    })
+}
+
+#[idempotent(key = k, store = idem, scope = "redis-only")]
+async fn redis_only(idem: &Idempotency, k: u32) -> Result<RedisOnly, Error> {
+    Ok(RedisOnly {
+        id: next(),
+        note: "n".into(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_local_tier_keeps_copies_and_redis_alone_does_not() {
+    let harness = RedisHarness::new();
+    let idem = Idempotency::new(harness.fresh_store().await.with_local_cache(100));
+    let first = redis_local(&idem, 1).await.unwrap();
+    // The fidelity check; the hit that fetched the record from Redis (and put it in
+    // the local tier); the first hit on the local tier, which keeps a copy.
+    for _ in 0..10 {
+        assert_eq!(redis_local(&idem, 1).await.unwrap(), first);
+    }
+    assert_eq!(RedisLocal::decodes(), 3);
+
+    let idem = Idempotency::new(harness.fresh_store().await);
+    let first = redis_only(&idem, 1).await.unwrap();
+    for _ in 0..10 {
+        assert_eq!(redis_only(&idem, 1).await.unwrap(), first);
+    }
+    assert_eq!(
+        RedisOnly::decodes(),
+        11,
+        "without a local tier every hit decodes"
+    );
 }

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use moka::ops::compute::Op;
 use moka::sync::Cache;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
@@ -37,7 +38,7 @@ use redis::{Script, Value};
 
 use super::redis_acks::ReplicaAcks;
 use super::redis_connection::{Following, RedisConnection};
-use super::{Claim, Fence, Store};
+use super::{Claim, Fence, Store, ValueCopy};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::{Error, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -200,11 +201,13 @@ impl Lua {
     }
 }
 
-/// A completed record in the local tier, with how long it may stay there.
+/// A completed record in the local tier, with how long it may stay there, and the copy
+/// of its value a hit kept (see [`Store::keep_copy`]).
 #[derive(Clone)]
 struct Local {
     record: Record,
     keep_for: Duration,
+    copy: Option<ValueCopy>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -416,6 +419,19 @@ impl RedisStore {
     /// hash tag of its own unless the prefix has one. Inside the tag, `%` and `}` are
     /// escaped (`%25`, `%7D`): the first `}` must be the tag's own, and distinct keys must
     /// stay distinct.
+    /// Runs `f` on the full Redis key of `key`, built in a buffer of this thread's (the
+    /// local tier's lookups make no allocation); `None` while the thread exits.
+    fn with_local_key<R>(&self, key: &StoreKey, f: impl FnOnce(&str) -> R) -> Option<R> {
+        LOCAL_KEY
+            .try_with(|buf| {
+                let mut buf = buf.borrow_mut();
+                buf.clear();
+                self.write_key(&mut buf, key);
+                f(buf.as_str())
+            })
+            .ok()
+    }
+
     fn write_key(&self, buf: &mut String, key: &StoreKey) {
         buf.push_str(&self.prefix);
         if !self.tagged {
@@ -856,6 +872,7 @@ impl Store for RedisStore {
                             Local {
                                 record: record.clone(),
                                 keep_for,
+                                copy: None,
                             },
                         );
                     }
@@ -908,16 +925,37 @@ impl Store for RedisStore {
     }
 
     fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
+        self.peek_completed_copy(key).map(|(record, _)| record)
+    }
+
+    fn peek_completed_copy(&self, key: &StoreKey) -> Option<(Record, Option<ValueCopy>)> {
         let local = self.local.as_ref()?;
-        LOCAL_KEY
-            .try_with(|buf| {
-                let mut buf = buf.borrow_mut();
-                buf.clear();
-                self.write_key(&mut buf, key);
-                local.get(buf.as_str()).map(|l| l.record)
-            })
-            .ok()
+        self.with_local_key(key, |rkey| local.get(rkey).map(|l| (l.record, l.copy)))
             .flatten()
+    }
+
+    fn keep_copy(&self, key: &StoreKey, token: FencingToken, copy: ValueCopy) {
+        let Some(local) = &self.local else {
+            return;
+        };
+        self.with_local_key(key, |rkey| {
+            // Under the entry's lock, and only beside the very record the copy was
+            // decoded from; the entry keeps the time it had left.
+            local
+                .entry_by_ref(rkey)
+                .and_compute_with(|entry| match entry {
+                    Some(entry)
+                        if entry.value().copy.is_none()
+                            && entry.value().record.token() == token =>
+                    {
+                        Op::Put(Local {
+                            copy: Some(copy),
+                            ..entry.value().clone()
+                        })
+                    }
+                    _ => Op::Nop,
+                });
+        });
     }
 }
 
@@ -926,6 +964,18 @@ struct LocalExpiry;
 impl moka::Expiry<String, Local> for LocalExpiry {
     fn expire_after_create(&self, _: &String, v: &Local, _: Instant) -> Option<Duration> {
         Some(v.keep_for)
+    }
+
+    // A copy kept beside a record does not extend its stay: moka's default for an update
+    // (the time left) says so; written out, so that it stays so.
+    fn expire_after_update(
+        &self,
+        _: &String,
+        _: &Local,
+        _: Instant,
+        left: Option<Duration>,
+    ) -> Option<Duration> {
+        left
     }
 }
 
