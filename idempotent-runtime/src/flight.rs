@@ -4,10 +4,9 @@
 //! The map holds one [`Flight`] per key in flight. Its lock (a dashmap shard) is held only
 //! to look up, insert or remove an entry, never across an `.await`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -35,11 +34,16 @@ pub(crate) enum Landing {
 #[derive(Debug)]
 pub(crate) struct Flight {
     fingerprint: Option<Fingerprint>,
-    // The landing. The hand-over of the leader's timing wakes followers through it too:
-    // a second waiter each (a `Notify` for the hand-over) put all of them on one more
+    // What the leader landed; the first landing stands (a flight replaced by a new
+    // leader lands `Retry` at once, and its old leader's later landing is moot).
+    landed: OnceLock<Landing>,
+    // Wakes the followers: on the landing, and on the hand-over of the leader's timing
+    // (a second waiter each, a `Notify` for the hand-over, put all of them on one more
     // lock, taken again as each dropped its wait, which cost a thousand coalesced callers
-    // more than the rest of their wake-up.
-    landing: watch::Sender<Option<Landing>>,
+    // more than the rest of their wake-up). Made by the first follower: most flights have
+    // none, and making, waking and dropping a channel cost a leader alone about a tenth
+    // of a first execution.
+    wake: OnceLock<watch::Sender<()>>,
     // Bumped by the leader while its future is being polled; a follower that sees it still
     // after a whole lease knows the leader is stalled and goes to the store itself.
     beats: AtomicU64,
@@ -59,7 +63,8 @@ impl Flight {
     fn new(fingerprint: Option<Fingerprint>) -> Arc<Self> {
         Arc::new(Self {
             fingerprint,
-            landing: watch::Sender::new(None),
+            landed: OnceLock::new(),
+            wake: OnceLock::new(),
             beats: AtomicU64::new(0),
             watched: AtomicBool::new(false),
         })
@@ -91,20 +96,34 @@ impl Flight {
 
     /// A follower's view of the flight, to wait on.
     pub(crate) fn follow(self: &Arc<Self>) -> Following {
+        let rx = self.wake.get_or_init(|| watch::Sender::new(())).subscribe();
+        // Pairs with the fence in `land`: either the leader sees this follower's channel
+        // and wakes it, or this follower's first look sees the landing.
+        fence(Ordering::SeqCst);
         Following {
-            rx: self.landing.subscribe(),
+            rx,
             flight: self.clone(),
         }
     }
 
     fn land(&self, landing: Landing) {
-        self.landing.send_replace(Some(landing));
+        let _ = self.landed.set(landing);
+        fence(Ordering::SeqCst);
+        self.wake_followers();
+    }
+
+    /// Wakes the followers, if any: each looks again at what it waits for.
+    fn wake_followers(&self) {
+        if let Some(wake) = self.wake.get() {
+            // `send_modify` notifies even when nothing changed.
+            wake.send_modify(|_| {});
+        }
     }
 }
 
 /// A follower's subscription to its flight.
 pub(crate) struct Following {
-    rx: watch::Receiver<Option<Landing>>,
+    rx: watch::Receiver<()>,
     flight: Arc<Flight>,
 }
 
@@ -113,11 +132,12 @@ impl Following {
     /// leader. Cancel-safe: a follower may be dropped at any point.
     pub(crate) async fn wait(&mut self, or_watcher_left: bool) -> Waited {
         let flight = &self.flight;
-        let done = |landing: &Option<Landing>| {
-            landing.is_some() || (or_watcher_left && !flight.watched.load(Ordering::Acquire))
+        let done = |_: &()| {
+            flight.landed.get().is_some()
+                || (or_watcher_left && !flight.watched.load(Ordering::Acquire))
         };
         match self.rx.wait_for(done).await {
-            Ok(landing) => match &*landing {
+            Ok(_) => match flight.landed.get() {
                 Some(landing) => Waited::Landed(landing.clone()),
                 None => Waited::WatcherLeft,
             },
@@ -134,10 +154,10 @@ pub(crate) struct WatchGuard(Arc<Flight>);
 impl Drop for WatchGuard {
     fn drop(&mut self) {
         self.0.watched.store(false, Ordering::Release);
-        // Wakes the waiting followers (`send_modify` notifies even when nothing changed);
-        // the first to claim the role takes it, the others see it taken and wait again. A
-        // follower that subscribes later reads the flag.
-        self.0.landing.send_modify(|_| {});
+        // Wakes the waiting followers; the first to claim the role takes it, the others
+        // see it taken and wait again. A follower that subscribes later reads the flag.
+        // The guard's holder is a follower, so the channel exists.
+        self.0.wake_followers();
     }
 }
 
@@ -150,7 +170,8 @@ pub(crate) enum Joined {
 /// The keys in flight in this process.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Flights {
-    map: Arc<DashMap<String, Arc<Flight>, KeyHasher>>,
+    // Keyed by shared strings: the map and the leader's guard hold one copy between them.
+    map: Arc<DashMap<Arc<str>, Arc<Flight>, KeyHasher>>,
 }
 
 impl Flights {
@@ -160,12 +181,13 @@ impl Flights {
         if let Some(flight) = self.map.get(key.as_str()) {
             return Joined::Follower(flight.clone());
         }
-        match self.map.entry(key.as_str().to_owned()) {
+        let shared: Arc<str> = Arc::from(key.as_str());
+        match self.map.entry(shared.clone()) {
             Entry::Occupied(e) => Joined::Follower(e.get().clone()),
             Entry::Vacant(e) => {
                 let flight = Flight::new(fingerprint);
                 e.insert(flight.clone());
-                Joined::Leader(self.guard(key, flight))
+                Joined::Leader(self.guard(shared, flight))
             }
         }
     }
@@ -179,16 +201,17 @@ impl Flights {
         fingerprint: Option<Fingerprint>,
     ) -> FlightGuard {
         let flight = Flight::new(fingerprint);
-        if let Some(old) = self.map.insert(key.as_str().to_owned(), flight.clone()) {
+        let shared: Arc<str> = Arc::from(key.as_str());
+        if let Some(old) = self.map.insert(shared.clone(), flight.clone()) {
             old.land(Landing::Retry);
         }
-        self.guard(key, flight)
+        self.guard(shared, flight)
     }
 
-    fn guard(&self, key: &StoreKey, flight: Arc<Flight>) -> FlightGuard {
+    fn guard(&self, key: Arc<str>, flight: Arc<Flight>) -> FlightGuard {
         FlightGuard {
             map: self.map.clone(),
-            key: key.as_str().to_owned(),
+            key,
             flight,
             landed: false,
         }
@@ -204,8 +227,8 @@ impl Flights {
 /// the map and wakes every follower; a dropped guard lands [`Landing::Retry`].
 #[derive(Debug)]
 pub(crate) struct FlightGuard {
-    map: Arc<DashMap<String, Arc<Flight>, KeyHasher>>,
-    key: String,
+    map: Arc<DashMap<Arc<str>, Arc<Flight>, KeyHasher>>,
+    key: Arc<str>,
     flight: Arc<Flight>,
     landed: bool,
 }
@@ -227,7 +250,7 @@ impl FlightGuard {
         // Remove before landing, so a follower that starts over finds the key free; and
         // only our own flight, which a new leader may already have replaced.
         self.map
-            .remove_if(&self.key, |_, f| Arc::ptr_eq(f, &self.flight));
+            .remove_if(&*self.key, |_, f| Arc::ptr_eq(f, &self.flight));
         self.flight.land(landing);
     }
 }
@@ -235,5 +258,45 @@ impl FlightGuard {
 impl Drop for FlightGuard {
     fn drop(&mut self) {
         self.finish(Landing::Retry);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::time::Duration;
+
+    /// A follower that joins while its leader lands must never miss the landing: the
+    /// leader may land before the follower's channel exists, while it is made, or after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_racing_the_landing_never_misses_it() {
+        let flights = Flights::default();
+        for i in 0..2_000 {
+            let key = StoreKey::new("race", i, 255).expect("key");
+            let Joined::Leader(guard) = flights.join(&key, None) else {
+                panic!("the first caller leads");
+            };
+            let Joined::Follower(flight) = flights.join(&key, None) else {
+                panic!("the second caller follows");
+            };
+            let follower = tokio::spawn(async move {
+                let mut following = flight.follow();
+                following.wait(false).await
+            });
+            let landing = tokio::spawn(async move {
+                guard.land(Landing::Result {
+                    result: StoredResult::Ok(Bytes::from_static(b"J1")),
+                    fingerprint: None,
+                })
+            });
+            landing.await.expect("lands");
+            let waited = tokio::time::timeout(Duration::from_secs(10), follower)
+                .await
+                .expect("the follower saw the landing")
+                .expect("follows");
+            assert!(matches!(waited, Waited::Landed(Landing::Result { .. })));
+        }
+        assert_eq!(flights.len(), 0);
     }
 }

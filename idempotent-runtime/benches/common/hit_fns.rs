@@ -18,7 +18,7 @@ pub(crate) struct Unclonable(#[allow(dead_code)] pub(crate) Receipt);
 
 /// `#[idempotent]` on a function whose value is not `Clone`: every hit decodes.
 #[allow(dead_code)]
-#[idempotent(key = order_id, store = idem, scope = "bench-decode")]
+#[idempotent(key = order_id, store = idem, scope = "bench")]
 pub(crate) async fn place_decoded(idem: &Idempotency, order_id: &str) -> Result<Unclonable, Error> {
     Ok(Unclonable(receipt()))
 }

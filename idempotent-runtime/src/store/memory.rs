@@ -342,9 +342,6 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let now = self.clock.now();
-        if let Some(rec) = self.live_result(key.as_str(), now) {
-            return Ok(Claim::Completed(rec));
-        }
         // A key in progress needs no place of its own, even in a full store.
         if let Some(held) = self.claims.get(key.as_str()) {
             if now < held.lease_expires_at {
@@ -352,15 +349,28 @@ impl Store for MemoryStore {
             }
         }
         // A free key needs a place: take it first, give it back when the key turns out to
-        // be taken after all.
-        self.reserve_claim(now)?;
+        // be taken after all. The engine looked for a result just before (a hit never gets
+        // here), so the result is looked for once, under the entry's lock below; a full
+        // store still answers a completed key with its result rather than refuse it.
+        if let Err(full) = self.reserve_claim(now) {
+            return match self.live_result(key.as_str(), now) {
+                Some(rec) => Ok(Claim::Completed(rec)),
+                None => Err(full),
+            };
+        }
         let (claim, new_entry) = match self.claims.entry(key.as_str().to_owned()) {
             Entry::Occupied(held) if now < held.get().lease_expires_at => {
                 (Claim::InProgress(held.get().record()), false)
             }
             // Under the entry's lock: a completion that removed the claim here put its
-            // result in the cache first.
-            entry => match self.live_result(key.as_str(), now) {
+            // result in the cache first. `contains_key` is not a read for the cache's
+            // recency (a new key's miss should not count as one) and costs less.
+            entry => match self
+                .results
+                .contains_key(key.as_str())
+                .then(|| self.live_result(key.as_str(), now))
+                .flatten()
+            {
                 Some(rec) => (Claim::Completed(rec), false),
                 None => {
                     let new_entry = matches!(entry, Entry::Vacant(_));
