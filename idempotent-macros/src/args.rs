@@ -21,6 +21,7 @@ const NAMES: &[&str] = &[
     "cache_errors",
     "concurrent",
     "on_cancel",
+    "replay",
     "transaction",
     "crate",
 ];
@@ -49,6 +50,16 @@ pub(crate) enum OnCancel {
     Finish,
 }
 
+/// How hits get their value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Replay {
+    /// Clone a typed copy kept in this process (the value must be `Clone + Send + Sync +
+    /// 'static`).
+    Clone,
+    /// Decode the stored record on every hit.
+    Decode,
+}
+
 /// `#[idempotent(...)]`, parsed.
 #[derive(Default)]
 pub(crate) struct Args {
@@ -61,6 +72,8 @@ pub(crate) struct Args {
     pub(crate) cache_errors: bool,
     pub(crate) concurrent: Option<Concurrent>,
     pub(crate) on_cancel: Option<OnCancel>,
+    /// `None`: clone where the return type is plainly a `'static` type, decode otherwise.
+    pub(crate) replay: Option<Replay>,
     /// The name the body reaches its transaction by (`transaction = tx`).
     pub(crate) transaction: Option<Ident>,
     pub(crate) krate: Option<Path>,
@@ -130,6 +143,7 @@ impl Args {
             "cache_errors" => self.cache_errors = boolean(name, &value)?,
             "concurrent" => self.concurrent = Some(concurrent(&value)?),
             "on_cancel" => self.on_cancel = Some(on_cancel(&value)?),
+            "replay" => self.replay = Some(replay(&value)?),
             "transaction" => self.transaction = Some(transaction(&value)?),
             "crate" => self.krate = Some(crate_path(&value)?),
             _ => return Err(unknown(name)),
@@ -293,6 +307,18 @@ fn on_cancel(value: &Expr) -> syn::Result<OnCancel> {
         other => Err(syn::Error::new(
             lit.span(),
             format!("unknown on_cancel {other:?}; expected \"release\" or \"finish\""),
+        )),
+    }
+}
+
+fn replay(value: &Expr) -> syn::Result<Replay> {
+    let lit = lit_str(value, "`replay = \"clone\"` or `replay = \"decode\"`")?;
+    match lit.value().as_str() {
+        "clone" => Ok(Replay::Clone),
+        "decode" => Ok(Replay::Decode),
+        other => Err(syn::Error::new(
+            lit.span(),
+            format!("unknown replay {other:?}; expected \"clone\" or \"decode\""),
         )),
     }
 }

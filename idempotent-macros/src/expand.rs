@@ -6,7 +6,7 @@ use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{Block, Expr, ItemFn, Path, ReturnType, Stmt, Type};
 
-use crate::args::{Args, Concurrent, OnCancel};
+use crate::args::{Args, Concurrent, OnCancel, Replay};
 
 /// The names the generated code binds. Hygienic (`mixed_site`, as `macro_rules!` locals
 /// are): an argument or a local of the user's with the same name neither sees them nor
@@ -111,7 +111,7 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
     match Shape::of(&item) {
         Ok(Shape::AsyncFn { ret }) => {
             let ret = ret.clone();
-            let copies = copies(&krate, Some(&ret));
+            let copies = copies(args, &krate, Some(&ret), &item.sig.generics);
             let block = &item.block;
             // The typed `let` gives the body's `?` and `return` their type, and makes a
             // type error point at the user's return type.
@@ -145,7 +145,7 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
                 Some(ret) => ret.to_token_stream(),
                 None => quote!(_),
             };
-            let copies = copies(&krate, output.as_ref());
+            let copies = copies(args, &krate, output.as_ref(), &item.sig.generics);
             if let Some(inner) = boxed_async_block_mut(&mut item.block) {
                 let body = &inner.block;
                 // `#[async_trait]` rebinds every argument inside its block; one used only
@@ -177,18 +177,54 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
     item.into_token_stream()
 }
 
-/// What the runtime's `Pick` finds for the return type `ret`: a copier where its value is
-/// `Clone` (hits clone a copy instead of decoding), none otherwise or when the type is
-/// not known here.
-fn copies(krate: &Path, ret: Option<&Type>) -> TokenStream {
-    match ret {
-        Some(ret) => quote! {{
+/// How hits get their value: `replay = "clone"` demands a copier (the value must be
+/// `Clone + Send + Sync + 'static`), `replay = "decode"` has none, and by default the
+/// runtime's `Pick` finds one where the return type is plainly a `'static` type and its
+/// value is `Clone`.
+///
+/// "Plainly": method resolution, which `Pick` relies on, does not see lifetimes, so for a
+/// type that may borrow (a lifetime, a reference, `Self`, a type parameter of the
+/// function, or a name written like one of an impl's, `T` or `T2`) it would pick the copy
+/// and then fail to compile on the `'static` it needs. Those decode, unless told.
+fn copies(args: &Args, krate: &Path, ret: Option<&Type>, generics: &syn::Generics) -> TokenStream {
+    match (args.replay, ret) {
+        (Some(Replay::Decode), _) | (None, None) => quote!(#krate::__private::NoCopies),
+        (Some(Replay::Clone), Some(ret)) => {
+            let forced = respan(quote!(#krate::__private::clone_copies), ret.span());
+            quote!(#forced::<#ret>())
+        }
+        (Some(Replay::Clone), None) => quote!(#krate::__private::NoCopies),
+        (None, Some(ret)) if plainly_static(ret.to_token_stream(), generics) => quote! {{
             #[allow(unused_imports)]
             use #krate::__private::{ViaClone as _, ViaDecode as _};
             (&&#krate::__private::Pick::<#ret>::new()).copies()
         }},
-        None => quote!(#krate::__private::NoCopies),
+        (None, Some(_)) => quote!(#krate::__private::NoCopies),
     }
+}
+
+/// Whether `tokens`, a type, names no lifetime, reference, `Self`, `impl` or `dyn` type,
+/// type parameter of the function, or name written like a type parameter (one capital
+/// letter, maybe with digits).
+fn plainly_static(tokens: TokenStream, generics: &syn::Generics) -> bool {
+    tokens.into_iter().all(|tt| match tt {
+        proc_macro2::TokenTree::Punct(p) => p.as_char() != '\'' && p.as_char() != '&',
+        proc_macro2::TokenTree::Ident(i) => {
+            let name = i.to_string();
+            let mut chars = name.chars();
+            let like_a_parameter = chars.next().is_some_and(|c| c.is_ascii_uppercase())
+                && chars.all(|c| c.is_ascii_digit());
+            !like_a_parameter
+                && !matches!(name.as_str(), "Self" | "impl" | "dyn" | "_")
+                && !generics.params.iter().any(|param| match param {
+                    syn::GenericParam::Type(t) => t.ident == i,
+                    syn::GenericParam::Const(c) => c.ident == i,
+                    syn::GenericParam::Lifetime(_) => false,
+                })
+        }
+        proc_macro2::TokenTree::Group(g) => plainly_static(g.stream(), generics),
+        proc_macro2::TokenTree::Literal(_) => true,
+    })
 }
 
 /// `R` in the `Pin<Box<dyn Future<Output = R> + ..>>` that `#[async_trait]` makes a

@@ -42,6 +42,11 @@ impl Codec {
         }
     }
 
+    /// Whether `bytes` were written by this codec (they start with its tag).
+    pub(crate) fn wrote(self, bytes: &[u8]) -> bool {
+        bytes.first() == Some(&self.tag())
+    }
+
     /// Encodes a fresh result for storage, behind the codec's tag.
     pub(crate) fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Bytes, CodecError> {
         let mut bytes = self.encode_vec(value)?;

@@ -753,9 +753,11 @@ impl Inner {
             RecordState::Completed { token, result, .. } => (*token, result),
             RecordState::InProgress { .. } => return Some(Err(not_completed().into())),
         };
-        if let (Some(copier), Some(copy)) = (copier, &copy) {
+        // A copy is made from what this codec decoded; an engine of another codec reads
+        // the record as before (and is refused it as `WrongCodec`).
+        let ours = matches!(result, StoredResult::Ok(bytes) if self.codec.wrote(bytes));
+        if let (Some(copier), Some(copy), true) = (copier, &copy, ours) {
             if let Some(value) = copier.take(copy) {
-                // Only a completed `Ok` result ever gets a copy.
                 return Some(match self.check_fingerprint(req, rec.fingerprint) {
                     Ok(()) => {
                         self.count_replay(req, Outcome::Replayed);
@@ -838,6 +840,7 @@ impl Inner {
 
     /// Refuses a call whose fingerprint differs from the one the key was claimed with.
     /// A side without a fingerprint is not compared.
+    #[inline]
     fn check_fingerprint(&self, req: &Request, stored: Option<Fingerprint>) -> Result<(), Error> {
         match (req.fingerprint, stored) {
             (Some(mine), Some(theirs)) if mine != theirs => {

@@ -65,6 +65,7 @@
 //! | `cache_errors = true` | store `Err` results too (then `E` must be `Serialize + DeserializeOwned`) | `false` |
 //! | `concurrent = "wait" \| "reject"` | a duplicate in flight waits for the first, or gets `Error::InProgress` | `"wait"` |
 //! | `on_cancel = "release" \| "finish"` | a dropped caller stops the body and frees the key, or the body runs to its end on a task of its own ([`Call::run_to_completion`]; arguments must be `Send + 'static`) | `"release"` |
+//! | `replay = "clone" \| "decode"` | how hits get their value: by cloning a typed copy kept in this process beside the record (for a `Clone + Send + Sync + 'static` value), or by decoding the record | `"clone"` where the return type is plainly such a type, `"decode"` otherwise |
 //! | `transaction = tx` | with `store` naming an engine over a `PostgresStore`: run the body in a transaction of that store (feature `postgres`), reachable in the body as `tx: &mut sqlx::Transaction<'_, Postgres>`; its writes and the stored result commit together ([`Call::run_in_transaction`]) | none |
 //! | `crate = "path"` | where the runtime is, for crates that re-export it | `::idempotent_runtime` |
 //!
@@ -114,8 +115,20 @@
 //! is (`KeyPick`), any other is written through `Display`, which gives the same text. Where
 //! `Receipt` is `Clone + Send + Sync + 'static`, `Pick` hands the engine a way to copy it,
 //! and hits after a key's first clone a typed copy kept beside the record instead of
-//! decoding it; for any other type (or a generic one) hits decode. Both are found by method
-//! resolution on the concrete types, so the user's types need no new bound. The `__idempotent_*` names are
+//! decoding it; for any other type hits decode. Both are found by method resolution on
+//! the concrete types, so the user's types need no new bound. Method resolution does not
+//! see lifetimes, so a return type that may borrow or be generic (a lifetime, a reference,
+//! `Self`, a type parameter of the function, or a name written like one, `T` or `T2`) is
+//! left to decoding: `Pick` would choose the copy for it and then fail on the `'static`
+//! a copy needs. `replay = "clone"` asks for copies outright (and says so if the type
+//! cannot have them), `replay = "decode"` turns them off. A type-parameter of an impl
+//! named otherwise (`Item`) that is `Clone + Send + Sync` without `'static` is the one
+//! case this misreads: it fails to compile ("may not live long enough") until given
+//! `'static` or `replay = "decode"`.
+//!
+//! A hit from a copy is a clone of the value the first hit decoded. For a type whose
+//! `Clone` shares state (an `Arc<Mutex<..>>` inside), callers would share it, where
+//! decoding gives each its own: use `replay = "decode"` for such a type. The `__idempotent_*` names are
 //! hygienic (as `macro_rules!` locals): arguments of the same names neither see them nor
 //! are shadowed by them. With `on_cancel = "finish"`, `__private::run_to_completion`
 //! takes the place of `__private::run`; with `transaction = tx`,

@@ -302,6 +302,24 @@ impl<R> ViaDecode for Pick<R> {
     }
 }
 
+/// The copier `replay = "clone"` demands.
+pub fn clone_copies<R>() -> Copies<R::Ok>
+where
+    R: IdempotentResult,
+    R::Ok: ClonedValue,
+{
+    Copies(Some(Copier::new()))
+}
+
+/// A value whose hits may clone a copy kept in this process.
+#[diagnostic::on_unimplemented(
+    message = "`replay = \"clone\"` needs a value that is `Clone + Send + Sync + 'static`; `{Self}` is not",
+    label = "hits of this value cannot clone a copy",
+    note = "derive `Clone`, or leave `replay` out (hits then decode the stored record)"
+)]
+pub trait ClonedValue: Clone + Send + Sync + 'static {}
+impl<T: Clone + Send + Sync + 'static> ClonedValue for T {}
+
 /// How hits of a `Clone` value type get their value: from a copy.
 pub struct Copies<T>(Option<Copier<T>>);
 

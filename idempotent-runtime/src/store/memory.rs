@@ -443,8 +443,17 @@ impl Store for MemoryStore {
 
     fn keep_copy(&self, key: &StoreKey, token: FencingToken, copy: ValueCopy) {
         let now = self.clock.now();
-        // Under the entry's lock: the result is still the one `token` completed (not
-        // expired, evicted, or replaced by a later completion of the key) and has no copy.
+        // Under the lock of the key's claim entry, which a claim and a completion of the
+        // key both hold: moka's compute does not hold off a plain insert, so without it a
+        // completion landing between the compute's read and its write (the key expired,
+        // claimed and run again meanwhile) would be written over by the old result and
+        // its copy, and a retry would run the key a third time. A key claimed again
+        // keeps no copy.
+        let Entry::Vacant(_claim_lock) = self.claims.entry(key.as_str().to_owned()) else {
+            return;
+        };
+        // The result is still the one `token` completed (not expired, evicted, or
+        // replaced by a later completion of the key) and has no copy.
         self.results
             .entry_by_ref(key.as_str())
             .and_compute_with(|entry| match entry {

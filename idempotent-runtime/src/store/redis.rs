@@ -867,14 +867,15 @@ impl Store for RedisStore {
                     let left = Duration::from_millis(u64::try_from(ttl).unwrap_or(0));
                     let keep_for = left.saturating_sub(sent.elapsed());
                     if !keep_for.is_zero() {
-                        local.insert(
-                            rkey,
-                            Local {
-                                record: record.clone(),
-                                keep_for,
-                                copy: None,
-                            },
-                        );
+                        // A compute, not an insert: computes on one key take turns, and
+                        // `keep_copy`'s compute must not write an older record (and its
+                        // copy) over this one between its read and its write.
+                        let fresh = Local {
+                            record: record.clone(),
+                            keep_for,
+                            copy: None,
+                        };
+                        local.entry(rkey).and_compute_with(|_| Op::Put(fresh));
                     }
                 }
                 Claim::Completed(record)

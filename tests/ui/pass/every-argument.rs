@@ -15,6 +15,7 @@ struct Order {
     fingerprint = (&order.id, order.total),
     cache_errors = false,
     concurrent = "wait",
+    replay = "clone",
     crate = "idempotent_runtime",
 )]
 async fn place(idem: &Idempotency, order: Order) -> Result<u64, Error> {
