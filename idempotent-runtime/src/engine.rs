@@ -840,7 +840,7 @@ impl Inner {
 
     /// Refuses a call whose fingerprint differs from the one the key was claimed with.
     /// A side without a fingerprint is not compared.
-    #[inline]
+    #[inline(always)]
     fn check_fingerprint(&self, req: &Request, stored: Option<Fingerprint>) -> Result<(), Error> {
         match (req.fingerprint, stored) {
             (Some(mine), Some(theirs)) if mine != theirs => {
