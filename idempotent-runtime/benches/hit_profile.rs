@@ -47,8 +47,9 @@ fn main() {
             .await
             .expect("first");
         sync.insert("bench|order-1001".to_owned(), bytes.clone());
-        // The first hit of a `Clone` value keeps the copy later hits clone; the first
-        // call of the other function stores its record. Both in every run, `N=0` too.
+        // The first hit of a `Clone` value keeps the copy later hits clone. The other
+        // function reads the same record (same scope and key; `Unclonable` is a
+        // transparent `Receipt`), and decodes it on every hit. Both in every run, `N=0` too.
         place(&json, "order-1001").await.expect("hit");
         hit_fns::place_decoded(&json, "order-1001")
             .await

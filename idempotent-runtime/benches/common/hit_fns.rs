@@ -16,7 +16,8 @@ pub(crate) async fn place(idem: &Idempotency, order_id: &str) -> Result<Receipt,
 #[serde(transparent)]
 pub(crate) struct Unclonable(#[allow(dead_code)] pub(crate) Receipt);
 
-/// `#[idempotent]` on a function whose value is not `Clone`: every hit decodes.
+/// `#[idempotent]` on a function whose value is not `Clone`: every hit decodes. The same
+/// scope as `place`, so it reads the same record.
 #[allow(dead_code)]
 #[idempotent(key = order_id, store = idem, scope = "bench")]
 pub(crate) async fn place_decoded(idem: &Idempotency, order_id: &str) -> Result<Unclonable, Error> {
@@ -27,6 +28,14 @@ pub(crate) async fn place_decoded(idem: &Idempotency, order_id: &str) -> Result<
 /// in that crate to single-flight: it stores clones, not bytes, so its hit decodes nothing.
 #[cached::macros::cached(sync_writes = "by_key")]
 pub(crate) async fn cached_place(order_id: &'static str) -> Result<Receipt, Error> {
+    let _ = order_id;
+    Ok(receipt())
+}
+
+/// The `cached` crate's memoization of a first call, on a key it has not seen.
+#[allow(dead_code)]
+#[cached::macros::cached(sync_writes = "by_key")]
+pub(crate) async fn cached_first(order_id: String) -> Result<Receipt, Error> {
     let _ = order_id;
     Ok(receipt())
 }

@@ -263,6 +263,16 @@ impl MemoryStore {
             .map(|kept| kept.record().0)
     }
 
+    /// The key's result, if it is within its TTL, asked first with `contains_key`: a
+    /// claim's lookups are mostly misses, which a `get` would count as reads.
+    fn completed_result(&self, key: &str, now: Timestamp) -> Option<Record> {
+        if self.results.contains_key(key) {
+            self.live_result(key, now)
+        } else {
+            None
+        }
+    }
+
     /// Takes a place for a new claim, or says the store has none left.
     fn reserve_claim(&self, now: Timestamp) -> Result<(), StoreError> {
         for attempt in 0..2 {
@@ -348,29 +358,24 @@ impl Store for MemoryStore {
                 return Ok(Claim::InProgress(held.record()));
             }
         }
-        // A free key needs a place: take it first, give it back when the key turns out to
-        // be taken after all. The engine looked for a result just before (a hit never gets
-        // here), so the result is looked for once, under the entry's lock below; a full
-        // store still answers a completed key with its result rather than refuse it.
-        if let Err(full) = self.reserve_claim(now) {
-            return match self.live_result(key.as_str(), now) {
-                Some(rec) => Ok(Claim::Completed(rec)),
-                None => Err(full),
-            };
+        // A completed key needs none either: a claim of it must not hold a place, even for
+        // a moment, or a new key claimed beside it could find the store full. Asked with
+        // `contains_key` (not a read for the cache's recency, and cheaper than a `get` on
+        // the miss a new key makes).
+        if let Some(rec) = self.completed_result(key.as_str(), now) {
+            return Ok(Claim::Completed(rec));
         }
+        // A free key needs a place: take it first (not under the entry's lock: a sweep of
+        // lapsed claims takes every lock of the map), give it back when the key turns out
+        // to be taken after all.
+        self.reserve_claim(now)?;
         let (claim, new_entry) = match self.claims.entry(key.as_str().to_owned()) {
             Entry::Occupied(held) if now < held.get().lease_expires_at => {
                 (Claim::InProgress(held.get().record()), false)
             }
             // Under the entry's lock: a completion that removed the claim here put its
-            // result in the cache first. `contains_key` is not a read for the cache's
-            // recency (a new key's miss should not count as one) and costs less.
-            entry => match self
-                .results
-                .contains_key(key.as_str())
-                .then(|| self.live_result(key.as_str(), now))
-                .flatten()
-            {
+            // result in the cache first.
+            entry => match self.completed_result(key.as_str(), now) {
                 Some(rec) => (Claim::Completed(rec), false),
                 None => {
                     let new_entry = matches!(entry, Entry::Vacant(_));
