@@ -200,7 +200,8 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         F: FnOnce() -> Fut + 'a,
         Fut: Future<Output = Result<T, E>> + 'a,
     {
-        self.run_copying(op, None)
+        let inner = &self.engine.inner;
+        inner.run::<K, T, E, P, Plain<F>>(self, Plain(op, ()))
     }
 
     /// [`Call::run_with_outcome`], with the copier of a `Clone` value type (the
@@ -219,7 +220,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         Fut: Future<Output = Result<T, E>> + 'a,
     {
         let inner = &self.engine.inner;
-        inner.run::<K, T, E, P, Plain<F, T>>(self, Plain(op, copier))
+        inner.run::<K, T, E, P, Plain<F, Option<Copier<T>>>>(self, Plain(op, copier))
     }
 
     /// Like [`Call::run`], but `op` runs on a task of its own, started at once, so it runs
@@ -312,7 +313,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
                 .map_err(|_| Error::Config(ConfigError::NoRuntime))?;
             Ok(Started::Running(rt.spawn(async move {
                 inner
-                    .join_or_lead::<T, E, P, Plain<F, T>>(req, Plain(op, copier))
+                    .join_or_lead::<T, E, P, Plain<F, Option<Copier<T>>>>(req, Plain(op, copier))
                     .await
             })))
         });

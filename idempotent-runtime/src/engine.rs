@@ -753,10 +753,18 @@ impl Inner {
             RecordState::Completed { token, result, .. } => (*token, result),
             RecordState::InProgress { .. } => return Some(Err(not_completed().into())),
         };
+        let Some(copier) = copier else {
+            return Some(self.replay_ref::<T, E, P>(
+                req,
+                rec.fingerprint,
+                result,
+                Outcome::Replayed,
+            ));
+        };
         // A copy is made from what this codec decoded; an engine of another codec reads
         // the record as before (and is refused it as `WrongCodec`).
         let ours = matches!(result, StoredResult::Ok(bytes) if self.codec.wrote(bytes));
-        if let (Some(copier), Some(copy), true) = (copier, &copy, ours) {
+        if let (Some(copy), true) = (&copy, ours) {
             if let Some(value) = copier.take(copy) {
                 return Some(match self.check_fingerprint(req, rec.fingerprint) {
                     Ok(()) => {
@@ -768,7 +776,7 @@ impl Inner {
             }
         }
         let answer = self.replay_ref::<T, E, P>(req, rec.fingerprint, result, Outcome::Replayed);
-        if let (Some(copier), None, Ok((value, _))) = (copier, copy, &answer) {
+        if let (None, Ok((value, _))) = (copy, &answer) {
             self.store.keep_copy(&req.key, token, copier.make(value));
         }
         Some(answer)
@@ -986,22 +994,41 @@ pub(crate) trait Operation<T, E> {
 }
 
 /// The operation of [`Call::run`]: a closure that makes a future, and the copier of its
-/// value type, if the caller has one.
-pub(crate) struct Plain<F, T>(pub(crate) F, pub(crate) Option<Copier<T>>);
+/// value type where the caller has one (`C` is `()` where it has none, so that the
+/// calls of the engine's API carry no room for one in their futures).
+pub(crate) struct Plain<F, C = ()>(pub(crate) F, pub(crate) C);
 
-impl<T, E, F, Fut> Operation<T, E> for Plain<F, T>
+/// Where a [`Plain`] operation keeps its copier: `()` (none) or `Option<Copier<T>>`.
+pub(crate) trait CopierSlot<T>: Copy {
+    fn copier(self) -> Option<Copier<T>>;
+}
+
+impl<T> CopierSlot<T> for () {
+    fn copier(self) -> Option<Copier<T>> {
+        None
+    }
+}
+
+impl<T> CopierSlot<T> for Option<Copier<T>> {
+    fn copier(self) -> Option<Copier<T>> {
+        self
+    }
+}
+
+impl<T, E, F, Fut, C> Operation<T, E> for Plain<F, C>
 where
     T: Serialize + DeserializeOwned,
     E: From<Error>,
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<T, E>>,
+    C: CopierSlot<T>,
 {
     fn name(&self) -> &'static str {
         std::any::type_name::<F>()
     }
 
     fn copier(&self) -> Option<Copier<T>> {
-        self.1
+        self.1.copier()
     }
 
     fn execute<P: ErrorPolicy<E>>(
