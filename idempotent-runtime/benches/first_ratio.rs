@@ -13,6 +13,8 @@
 mod common;
 #[path = "common/hit_fns.rs"]
 mod hit_fns;
+#[path = "common/interleaved.rs"]
+mod interleaved;
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -20,14 +22,10 @@ use std::time::Instant;
 use common::{receipt, Receipt};
 use hit_fns::{cached_first, place};
 use idempotent_runtime::{Error, Idempotency};
+use interleaved::{median, median_ratio};
 
 const ROUNDS: usize = 100;
 const CALLS: usize = 1_000;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -95,15 +93,7 @@ fn main() {
             }
         }
     });
-    let against = |i: usize, base: usize| -> f64 {
-        median(
-            per_call[i]
-                .iter()
-                .zip(&per_call[base])
-                .map(|(a, b)| a / b)
-                .collect(),
-        )
-    };
+    let against = |i: usize, base: usize| median_ratio(&per_call[i], &per_call[base]);
     println!("{ROUNDS} rounds of {CALLS} calls each, interleaved; medians over rounds");
     println!(
         "{:<58} {:>10} {:>8} {:>11}",

@@ -12,6 +12,8 @@
 mod common;
 #[path = "common/hit_fns.rs"]
 mod hit_fns;
+#[path = "common/interleaved.rs"]
+mod interleaved;
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -19,6 +21,7 @@ use std::time::Instant;
 use common::{receipt, Receipt};
 use hit_fns::{cached_place, place, place_decoded};
 use idempotent_runtime::{Codec, Error, Idempotency};
+use interleaved::{median, median_ratio};
 
 const ROUNDS: usize = 200;
 const CALLS: usize = 10_000;
@@ -51,11 +54,6 @@ macro_rules! per_call {
 fn raw_sync_hit(cache: &moka::sync::Cache<String, bytes::Bytes>) {
     let b = cache.get(black_box("bench|order-1001")).expect("stored");
     black_box(serde_json::from_slice::<Receipt>(&b).expect("decode"));
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() {
@@ -186,15 +184,7 @@ fn main() {
         "vs moka per-entry",
         "vs cached"
     );
-    let against = |i: usize, base: usize| -> f64 {
-        median(
-            per_call[i]
-                .iter()
-                .zip(&per_call[base])
-                .map(|(a, b)| a / b)
-                .collect(),
-        )
-    };
+    let against = |i: usize, base: usize| median_ratio(&per_call[i], &per_call[base]);
     for i in 0..names.len() {
         println!(
             "{:<50} {:>10.1} {:>13.2}x {:>15.2}x {:>12.2}x {:>18.2}x {:>10.2}x",

@@ -565,18 +565,7 @@ async fn claims_of_a_completed_key_never_take_the_last_free_place() {
         .await
         .unwrap();
     assert_eq!(fence, Fence::Held);
-    for n in 0..3 {
-        let c = store
-            .claim(
-                &skey(&format!("busy-{n}")),
-                FencingToken::mint(),
-                None,
-                lease,
-            )
-            .await
-            .unwrap();
-        assert_eq!(c, Claim::Acquired);
-    }
+    hold_claims(&store, "busy", lease).await;
     let stop = Arc::new(AtomicBool::new(false));
     let hitters: Vec<_> = (0..2)
         .map(|_| {
@@ -633,94 +622,28 @@ async fn claims_of_a_completed_key_never_take_the_last_free_place() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hits_of_a_completed_key_through_a_wrapper_never_make_fresh_keys_full() {
     let inner = MemoryStore::builder().capacity(4).build();
-    let wrapped = FaultyStore::new(inner.clone()).without_peek();
-    let idem = Idempotency::new(wrapped.clone());
-    assert_eq!(
-        idem.call("done")
-            .scope("review")
-            .run(|| async { Ok::<_, Error>(1u32) })
-            .await
-            .unwrap(),
-        1
-    );
-    let gate = Arc::new(Semaphore::new(0));
-    let started = Arc::new(Barrier::new(4));
-    let busy: Vec<_> = (0..3)
-        .map(|n| {
-            let (idem, gate, started) = (idem.clone(), gate.clone(), started.clone());
-            tokio::spawn(async move {
-                idem.call(format!("busy-{n}"))
-                    .scope("review")
-                    .run(|| async move {
-                        started.wait().await;
-                        let _ = gate.acquire().await;
-                        Ok::<_, Error>(n)
-                    })
-                    .await
-            })
-        })
-        .collect();
-    started.wait().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let hitters: Vec<_> = (0..2)
-        .map(|_| {
-            let (idem, stop) = (idem.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let r = idem
-                        .call("done")
-                        .scope("review")
-                        .run_with_outcome(|| async { Ok::<_, Error>(2u32) })
-                        .await;
-                    let r = r.unwrap();
-                    assert!(
-                        matches!(r, (1, Outcome::Replayed | Outcome::Coalesced)),
-                        "{r:?}"
-                    );
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
-    let other = Idempotency::new(wrapped.clone());
-    let mut fulls = 0u64;
-    for i in 0..20_000u32 {
-        let r = other
-            .call(format!("fresh-{i}"))
-            .scope("review")
-            .run(|| async move { Err::<u32, Error>(Error::Mismatch) }) // not stored: frees the place
-            .await;
-        match r {
-            Err(Error::Mismatch) => {}
-            Err(Error::Store(e)) if e.kind() == StoreErrorKind::Full => fulls += 1,
-            other => panic!("{other:?}"),
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    let mut hits = 0;
-    for h in hitters {
-        hits += joined(h, "hitter").await;
-    }
-    gate.add_permits(3);
-    for b in busy {
-        joined(b, "busy").await.unwrap();
-    }
-    assert!(hits > 0);
-    assert_eq!(
-        fulls, 0,
-        "{fulls} of 20000 fresh calls got Full with a place free ({hits} hits of a completed key beside)"
-    );
+    fresh_keys_beside_hits(FaultyStore::new(inner).without_peek()).await;
 }
 
-/// Contrast: the same on the memory store itself (its local tier answers the hits before
-/// any claim) over a memory store of capacity 4, three operations in flight, and hits of a completed key on one engine
-/// while another engine runs fresh keys: the fresh keys must never get `Full`.
+/// Contrast: the same on the memory store itself, whose local tier answers the hits
+/// before any claim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hits_of_a_completed_key_on_a_plain_memory_store_never_make_fresh_keys_full() {
-    let inner = MemoryStore::builder().capacity(4).build();
-    let wrapped = inner.clone();
+    fresh_keys_beside_hits(MemoryStore::builder().capacity(4).build()).await;
+}
+
+/// Three claims, `<prefix>-0..3`, held on `store` for `lease`.
+async fn hold_claims(store: &MemoryStore, prefix: &str, lease: Duration) {
+    for n in 0..3 {
+        let key = skey(&format!("{prefix}-{n}"));
+        let claim = store.claim(&key, FencingToken::mint(), None, lease).await;
+        assert_eq!(claim.unwrap(), Claim::Acquired);
+    }
+}
+
+/// On `wrapped` (a store of capacity 4): three operations in flight, two tasks hitting a
+/// completed key, and 20,000 fresh keys on another engine, none of which may get `Full`.
+async fn fresh_keys_beside_hits<S: Store + Clone>(wrapped: S) {
     let idem = Idempotency::new(wrapped.clone());
     assert_eq!(
         idem.call("done")
@@ -824,18 +747,7 @@ async fn a_full_store_answers_completed_keys_and_frees_lapsed_claims() {
         .unwrap();
     assert_eq!(done, 7);
     let lease = Duration::from_secs(10);
-    for n in 0..3 {
-        let c = store
-            .claim(
-                &skey(&format!("lapsing-{n}")),
-                FencingToken::mint(),
-                None,
-                lease,
-            )
-            .await
-            .unwrap();
-        assert_eq!(c, Claim::Acquired);
-    }
+    hold_claims(&store, "lapsing", lease).await;
     // Full: the completed key still answers with its result, through the claim.
     let hit = idem
         .call("done")
