@@ -5,6 +5,11 @@
 //! where timing each variant for seconds on its own (as criterion does) does not.
 //! Prints the median over the rounds.
 //!
+//! The last five variants are floors, not rivals: what a moka store of this crate's
+//! records must do at least for a hit (the value kept instead of bytes; bytes and a copy
+//! side by side, as the memory store keeps them; a key joined per call; the record with its
+//! token, expiry and fingerprint), without the engine around it.
+//!
 //! ```text
 //! cargo bench -p idempotent-runtime --bench hit_ratio
 //! ```
@@ -29,15 +34,27 @@ const CALLS: usize = 10_000;
 /// Every entry lives 24 hours from its write, decided per entry as the memory store does.
 struct FixedExpiry(std::time::Duration);
 
-impl moka::Expiry<String, bytes::Bytes> for FixedExpiry {
+impl<V> moka::Expiry<String, V> for FixedExpiry {
     fn expire_after_create(
         &self,
         _key: &String,
-        _value: &bytes::Bytes,
+        _value: &V,
         _at: std::time::Instant,
     ) -> Option<std::time::Duration> {
         Some(self.0)
     }
+}
+
+/// What the memory store keeps for a result (its encoded bytes, the source of truth, and
+/// what a call checks against them) with a typed copy of the value beside them.
+#[derive(Clone)]
+struct KeptLike {
+    result: bytes::Bytes,
+    token: u64,
+    expires_at: u64,
+    fingerprint: Option<[u8; 32]>,
+    is_err: bool,
+    copy: Option<std::sync::Arc<Box<dyn std::any::Any + Send + Sync>>>,
 }
 
 /// Times `CALLS` runs of `body`, in nanoseconds per call.
@@ -80,6 +97,42 @@ fn main() {
         .max_capacity(100_000)
         .expire_after(FixedExpiry(std::time::Duration::from_secs(24 * 3600)))
         .build();
+    // What a moka cache of values (not bytes) costs a hit of a `Clone` value: the floor
+    // of a copy kept in a moka-backed store, bounded (the first) and expiring per entry
+    // as the memory store's records do (the second).
+    let values: moka::sync::Cache<String, Receipt> = moka::sync::Cache::new(100_000);
+    let values_per_entry: moka::sync::Cache<String, Receipt> = moka::sync::Cache::builder()
+        .max_capacity(100_000)
+        .expire_after(FixedExpiry(std::time::Duration::from_secs(24 * 3600)))
+        .build();
+    let kept: moka::sync::Cache<String, KeptLike> = moka::sync::Cache::builder()
+        .max_capacity(100_000)
+        .expire_after(FixedExpiry(std::time::Duration::from_secs(24 * 3600)))
+        .build();
+    kept.insert(
+        "bench|order-1001".to_owned(),
+        KeptLike {
+            result: bytes.clone(),
+            token: 1,
+            expires_at: u64::MAX,
+            fingerprint: None,
+            is_err: false,
+            copy: Some(std::sync::Arc::new(Box::new(receipt()))),
+        },
+    );
+    kept.insert(
+        "bench|order-1002".to_owned(),
+        KeptLike {
+            result: bytes.clone(),
+            token: 1,
+            expires_at: u64::MAX,
+            fingerprint: None,
+            is_err: false,
+            copy: None,
+        },
+    );
+    values.insert("bench|order-1001".to_owned(), receipt());
+    values_per_entry.insert("bench|order-1001".to_owned(), receipt());
     rt.block_on(async {
         for idem in [&json, &compact] {
             let _: Receipt = idem
@@ -112,12 +165,17 @@ fn main() {
         "raw moka sync get, 24 h time_to_live + decode",
         "raw moka sync get, per-entry expiry + decode",
         "#[idempotent] fn on a stored key, not Clone",
+        "raw moka sync get of the value (clone)",
+        "raw per-entry get of the value (clone)",
+        "raw per-entry get of bytes + copy, clone the copy",
+        "raw per-entry get, key joined + decode",
+        "raw per-entry get of a record, key joined, decode",
     ];
     let mut per_call: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     rt.block_on(async {
         for round in 0..ROUNDS {
-            let mut t = [0f64; 9];
+            let mut t = [0f64; 14];
             // Each round starts at the next variant, so none always runs first (on a cold
             // cache) or always right after the same neighbour.
             for k in 0..t.len() {
@@ -164,7 +222,44 @@ fn main() {
                                 .expect("hit"),
                         );
                     }),
-                    _ => unreachable!("nine variants"),
+                    9 => per_call!({
+                        black_box(values.get(black_box("bench|order-1001")).expect("stored"));
+                    }),
+                    10 => per_call!({
+                        black_box(
+                            values_per_entry
+                                .get(black_box("bench|order-1001"))
+                                .expect("stored"),
+                        );
+                    }),
+                    11 => per_call!({
+                        let k = kept.get(black_box("bench|order-1001")).expect("stored");
+                        let copy = k.copy.as_ref().expect("copy");
+                        black_box(k.is_err || k.fingerprint.is_some() || k.expires_at == 0);
+                        black_box((**copy).downcast_ref::<Receipt>().cloned().expect("typed"));
+                    }),
+                    12 => per_call!({
+                        // A scoped key joined per call, as any store of many functions'
+                        // results must (the other raw variants look up a constant).
+                        let id: &str = black_box("order-1001");
+                        let mut key = String::with_capacity(6 + id.len());
+                        key.push_str("bench|");
+                        key.push_str(id);
+                        let b = per_entry.get(&key).expect("stored");
+                        black_box(serde_json::from_slice::<Receipt>(&b).expect("decode"));
+                    }),
+                    13 => per_call!({
+                        // What a store with our guarantees reads at least: the record
+                        // (bytes, fencing token, expiry, fingerprint) on a joined key.
+                        let id: &str = black_box("order-1002");
+                        let mut key = String::with_capacity(6 + id.len());
+                        key.push_str("bench|");
+                        key.push_str(id);
+                        let k = kept.get(&key).expect("stored");
+                        assert!(!k.is_err && k.fingerprint.is_none() && k.token > 0);
+                        black_box(serde_json::from_slice::<Receipt>(&k.result).expect("decode"));
+                    }),
+                    _ => unreachable!("fourteen variants"),
                 };
             }
             for i in 0..names.len() {
