@@ -351,7 +351,9 @@
 //!   `Call::run_in_transaction` also commits the operation's own writes with its result,
 //!   so they happen once even when the holder dies half-way.
 //! - `http::IdempotencyLayer` (feature `tower`): the `Idempotency-Key` header protocol as
-//!   a tower layer for axum, hyper or tonic.
+//!   a tower layer for axum and hyper.
+//! - `grpc::GrpcIdempotencyLayer` (feature `grpc`): the same rules for the unary methods
+//!   of a tonic (gRPC) server, in gRPC's status codes, metadata and trailers.
 //!
 //! Every store passes the same conformance suite; the protocol lives once, in the engine.
 //!
@@ -380,6 +382,8 @@ mod error;
 mod fidelity;
 mod fingerprint;
 mod flight;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 mod hasher;
 #[cfg(feature = "tower")]
 pub mod http;

@@ -39,7 +39,17 @@ pub(crate) enum KeyProblem {
 
 /// The key of a request, `Ok(None)` when it has none.
 pub(crate) fn read_key(headers: &HeaderMap, max_len: usize) -> Result<Option<String>, KeyProblem> {
-    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    read_key_in(headers, IDEMPOTENCY_KEY, max_len)
+}
+
+/// The key in header `name` (the gRPC layer's metadata entry is configurable), read by the
+/// same rules.
+pub(crate) fn read_key_in(
+    headers: &HeaderMap,
+    name: &str,
+    max_len: usize,
+) -> Result<Option<String>, KeyProblem> {
+    let mut values = headers.get_all(name).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };

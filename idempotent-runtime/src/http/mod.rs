@@ -1,6 +1,7 @@
 //! The `Idempotency-Key` HTTP layer (feature `tower`): a tower layer that makes POST and
 //! PATCH requests carrying the header idempotent, the way the IETF draft "The
-//! Idempotency-Key HTTP Header Field" and Stripe do. It drops into axum, hyper or tonic.
+//! Idempotency-Key HTTP Header Field" and Stripe do. It drops into axum and hyper; for
+//! tonic, use the `grpc` module (feature `grpc`), which speaks gRPC's trailers and codes.
 //!
 //! ```
 //! # async fn demo() {
@@ -55,11 +56,12 @@
 
 mod canonical_json;
 mod fingerprint;
-mod key;
+pub(crate) mod key;
 mod layer;
 mod problem;
+pub(crate) mod scope;
 mod service;
-mod stored;
+pub(crate) mod stored;
 
 pub use key::IDEMPOTENCY_KEY;
 pub use layer::{IdempotencyLayer, DEFAULT_MAX_BODY};

@@ -19,6 +19,7 @@ use super::fingerprint;
 use super::key::{read_key, KeyProblem};
 use super::layer::Config;
 use super::problem::Problem;
+use super::scope::tenant_scope;
 use super::stored::StoredResponse;
 use crate::engine::Outcome;
 use crate::error::Error;
@@ -187,24 +188,9 @@ where
     }
 }
 
-/// The scope of a request's key: shared, or the one the extractor reads, escaped so that
-/// it cannot contain the scope separator.
+/// The scope of a request's key: shared, or the tenant's that the extractor reads.
 fn scope(config: &Config, parts: &Parts) -> String {
-    match config.scope.as_ref().and_then(|f| f(parts)) {
-        None => "http".to_owned(),
-        Some(tenant) => {
-            let mut s = String::with_capacity(tenant.len() + 5);
-            s.push_str("http:");
-            for c in tenant.chars() {
-                match c {
-                    '|' => s.push_str("%7C"),
-                    '%' => s.push_str("%25"),
-                    c => s.push(c),
-                }
-            }
-            s
-        }
-    }
+    tenant_scope("http", config.scope.as_ref().and_then(|f| f(parts)))
 }
 
 /// Runs the handler and turns its response into one to store, or one to pass through.

@@ -26,20 +26,20 @@ pub const HOP_BY_HOP: &[&str] = &[
 /// Text when it is UTF-8 (a JSON body, most header values), bytes otherwise. Tagged,
 /// not untagged, so that binary codecs (which cannot guess a variant) decode it too.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-enum Octets {
+pub(crate) enum Octets {
     Text(String),
     Bytes(Vec<u8>),
 }
 
 impl Octets {
-    fn new(b: &[u8]) -> Self {
+    pub(crate) fn new(b: &[u8]) -> Self {
         match std::str::from_utf8(b) {
             Ok(s) => Octets::Text(s.to_owned()),
             Err(_) => Octets::Bytes(b.to_vec()),
         }
     }
 
-    fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         match self {
             Octets::Text(s) => s.as_bytes(),
             Octets::Bytes(b) => b,
@@ -57,25 +57,9 @@ pub(crate) struct StoredResponse {
 
 impl StoredResponse {
     pub(crate) fn new(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Self {
-        let named_by_connection: Vec<String> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|s| s.trim().to_ascii_lowercase())
-            .collect();
-        // `HeaderMap::iter` yields each value of a repeated header in insertion order.
-        let headers = headers
-            .iter()
-            .filter(|(name, _)| {
-                let n = name.as_str();
-                !HOP_BY_HOP.contains(&n) && !named_by_connection.iter().any(|c| c == n)
-            })
-            .map(|(name, value)| (name.as_str().to_owned(), Octets::new(value.as_bytes())))
-            .collect();
         Self {
             status: status.as_u16(),
-            headers,
+            headers: kept_headers(headers),
             body: Octets::new(body),
         }
     }
@@ -86,18 +70,45 @@ impl StoredResponse {
         *resp.status_mut() =
             StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let headers = resp.headers_mut();
-        for (name, value) in &self.headers {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_bytes(value.as_bytes()),
-            ) {
-                headers.append(n, v);
-            }
-        }
+        restore_headers(&self.headers, headers);
         if replayed {
             headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
         }
         resp
+    }
+}
+
+/// The headers of a response to store: every one in order, repeats kept, less the
+/// hop-by-hop ones and those `Connection` names.
+pub(crate) fn kept_headers(headers: &HeaderMap) -> Vec<(String, Octets)> {
+    let named_by_connection: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .collect();
+    // `HeaderMap::iter` yields each value of a repeated header in insertion order.
+    headers
+        .iter()
+        .filter(|(name, _)| {
+            let n = name.as_str();
+            !HOP_BY_HOP.contains(&n) && !named_by_connection.iter().any(|c| c == n)
+        })
+        .map(|(name, value)| (name.as_str().to_owned(), Octets::new(value.as_bytes())))
+        .collect()
+}
+
+/// Appends stored headers to `into`, in their order. A name or value that is no longer
+/// valid (a record written by hand, say) is skipped rather than failing the replay.
+pub(crate) fn restore_headers(stored: &[(String, Octets)], into: &mut HeaderMap) {
+    for (name, value) in stored {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            into.append(n, v);
+        }
     }
 }
 

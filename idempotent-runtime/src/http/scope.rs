@@ -1,0 +1,38 @@
+//! The scope of a key read from a request: shared by every client, or one tenant's.
+
+/// `prefix`, or `prefix:tenant` with the tenant escaped so that it cannot contain the
+/// scope separator (`|`) or be confused with an escape (`%`).
+pub(crate) fn tenant_scope(prefix: &str, tenant: Option<String>) -> String {
+    match tenant {
+        None => prefix.to_owned(),
+        Some(tenant) => {
+            let mut s = String::with_capacity(prefix.len() + 1 + tenant.len());
+            s.push_str(prefix);
+            s.push(':');
+            for c in tenant.chars() {
+                match c {
+                    '|' => s.push_str("%7C"),
+                    '%' => s.push_str("%25"),
+                    c => s.push(c),
+                }
+            }
+            s
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenants_are_escaped_apart() {
+        assert_eq!(tenant_scope("http", None), "http");
+        assert_eq!(tenant_scope("http", Some("acme".into())), "http:acme");
+        assert_eq!(tenant_scope("grpc", Some("a|b%".into())), "grpc:a%7Cb%25");
+        assert_ne!(
+            tenant_scope("http", Some("a|b".into())),
+            tenant_scope("http", Some("a%7Cb".into()))
+        );
+    }
+}
