@@ -101,6 +101,14 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         self
     }
 
+    /// Sets the call's fingerprint to one computed beforehand, such as the request
+    /// fingerprint of [`http::fingerprint_request`](crate::http::fingerprint_request), for a
+    /// layer of your own that must agree with this crate's HTTP layers on one store.
+    pub fn with_fingerprint(mut self, fingerprint: Fingerprint) -> Self {
+        self.fingerprint = Some(Ok(fingerprint));
+        self
+    }
+
     /// Sets a fingerprint computed beforehand (for the attribute's generated code).
     pub(crate) fn fingerprint_result(mut self, fp: Result<Fingerprint, CodecError>) -> Self {
         self.fingerprint = Some(fp);

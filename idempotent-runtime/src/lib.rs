@@ -385,7 +385,6 @@ mod flight;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 mod hasher;
-#[cfg(feature = "tower")]
 pub mod http;
 mod key;
 mod lease;

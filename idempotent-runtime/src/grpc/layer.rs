@@ -89,7 +89,7 @@ impl GrpcIdempotencyLayer {
                 methods: HashSet::new(),
                 key_metadata: IDEMPOTENCY_KEY.to_owned(),
                 require_key: false,
-                max_key_len: 255,
+                max_key_len: crate::DEFAULT_MAX_KEY_LEN,
                 max_request: DEFAULT_MAX_MESSAGE,
                 max_response: DEFAULT_MAX_MESSAGE,
                 concurrency: Concurrency::Reject,
@@ -136,7 +136,7 @@ impl GrpcIdempotencyLayer {
         self
     }
 
-    /// The longest key accepted, in bytes; 255 by default.
+    /// The longest key accepted, in bytes; [`DEFAULT_MAX_KEY_LEN`](crate::DEFAULT_MAX_KEY_LEN) (255) by default.
     pub fn max_key_len(mut self, len: usize) -> Self {
         self.config.max_key_len = len;
         self

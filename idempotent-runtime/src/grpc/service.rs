@@ -169,7 +169,8 @@ where
         return Ok(answer(Status::invalid_argument(message), None));
     };
     let fp = frames::fingerprint(parts.uri.path(), &messages);
-    let scope = tenant_scope("grpc", config.scope.as_ref().and_then(|f| f(&parts)));
+    let tenant = config.scope.as_ref().and_then(|f| f(&parts));
+    let scope = tenant_scope("grpc", tenant.as_deref());
     let req = Request::from_parts(parts, tonic::body::Body::new(Full::new(bytes)));
     // The method runs to completion on a task of its own: a client that cancels (or whose
     // deadline passes) must not stop a method that may have made its side effect, nor

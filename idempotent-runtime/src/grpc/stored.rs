@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use serde::{Deserialize, Serialize};
 
-use crate::http::stored::{kept_headers, restore_headers, Octets};
+use crate::http::stored::{kept_http_headers, restore_headers, Octets};
 use crate::http::IDEMPOTENT_REPLAYED;
 
 /// What the layer stores for a completed call. A trailers-only answer (a status and no
@@ -32,9 +32,9 @@ impl StoredCall {
     ) -> Self {
         Self {
             status: status.as_u16(),
-            headers: kept_headers(headers),
+            headers: kept_http_headers(headers),
             body: Octets::new(body),
-            trailers: trailers.map(kept_headers),
+            trailers: trailers.map(kept_http_headers),
         }
     }
 

@@ -6,20 +6,15 @@
 //! JSON body with no canonical text (invalid, a repeated key, nested too deep), is
 //! compared by its bytes.
 
-use ::http::header::CONTENT_TYPE;
-use ::http::request::Parts;
 use sha2::{Digest, Sha256};
 
 use super::canonical_json;
 use crate::error::{CodecError, CodecErrorKind};
 use crate::fingerprint::Fingerprint;
 
-/// Whether the request says its body is JSON (`application/json` or `*/*+json`).
-fn is_json(parts: &Parts) -> bool {
-    parts
-        .headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
+/// Whether a `Content-Type` says the body is JSON (`application/json` or `*/*+json`).
+fn is_json(content_type: Option<&str>) -> bool {
+    content_type
         .and_then(|v| v.split(';').next())
         .map(|m| {
             let m = m.trim().to_ascii_lowercase();
@@ -28,7 +23,10 @@ fn is_json(parts: &Parts) -> bool {
         .unwrap_or(false)
 }
 
-/// The request's fingerprint.
+/// The fingerprint of a request, for [`Call::with_fingerprint`](crate::Call::with_fingerprint):
+/// its method, path, query (`None` to leave it out) and body, read by the rules of the
+/// module docs, the same for every framework (so that the tower layer, the actix
+/// middleware and a layer of your own agree on one store).
 ///
 /// It is the SHA-256 of the canonical JSON of
 /// `{"body":{TAG:BODY},"method":..,"path":..,"query":..}`, where the tag says how the body
@@ -38,12 +36,25 @@ fn is_json(parts: &Parts) -> bool {
 /// earlier releases (through a `serde_json::Value`) still match unless their body was one
 /// of the lossy cases; they are written out by hand because a `Value` would pass the
 /// canonical text's numbers through `f64` again.
-pub(crate) fn of_request(
-    parts: &Parts,
+///
+/// ```
+/// use idempotent_runtime::http::fingerprint_request;
+///
+/// let json = Some("application/json");
+/// let a = fingerprint_request("POST", "/pay", None, json, br#"{"a":1,"b":2}"#).unwrap();
+/// let b = fingerprint_request("POST", "/pay", None, json, br#"{ "b":2, "a":1 }"#).unwrap();
+/// let c = fingerprint_request("POST", "/pay", None, json, br#"{"a":1,"b":3}"#).unwrap();
+/// assert_eq!(a, b);
+/// assert_ne!(a, c);
+/// ```
+pub fn fingerprint_request(
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    content_type: Option<&str>,
     body: &[u8],
-    with_query: bool,
 ) -> Result<Fingerprint, CodecError> {
-    let canonical = if is_json(parts) {
+    let canonical = if is_json(content_type) {
         canonical_json::canonical(body)
     } else {
         None
@@ -58,9 +69,9 @@ pub(crate) fn of_request(
             ("Sha256", format!("\"{hex}\""))
         }
     };
-    let query = match parts.uri.query() {
-        Some(q) if with_query => json_string(q)?,
-        _ => "null".to_owned(),
+    let query = match query {
+        Some(q) => json_string(q)?,
+        None => "null".to_owned(),
     };
     let mut hasher = Sha256::new();
     for piece in [
@@ -69,9 +80,9 @@ pub(crate) fn of_request(
         ":",
         &body,
         "},\"method\":",
-        &json_string(parts.method.as_str())?,
+        &json_string(method)?,
         ",\"path\":",
-        &json_string(parts.uri.path())?,
+        &json_string(path)?,
         ",\"query\":",
         &query,
         "}",
@@ -79,6 +90,27 @@ pub(crate) fn of_request(
         hasher.update(piece.as_bytes());
     }
     Ok(Fingerprint::from_bytes(hasher.finalize().into()))
+}
+
+/// [`fingerprint_request`] of an `http` request's head.
+#[cfg(feature = "tower")]
+pub(crate) fn of_request(
+    parts: &::http::request::Parts,
+    body: &[u8],
+    with_query: bool,
+) -> Result<Fingerprint, CodecError> {
+    let content_type = parts
+        .headers
+        .get(::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let query = parts.uri.query().filter(|_| with_query);
+    fingerprint_request(
+        parts.method.as_str(),
+        parts.uri.path(),
+        query,
+        content_type,
+        body,
+    )
 }
 
 /// `s` as a JSON string, encoded as everywhere in fingerprints (by serde_json).
@@ -89,19 +121,41 @@ fn json_string(s: &str) -> Result<String, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ::http::Request;
     use serde::Serialize;
     use serde_json::Value;
 
     fn fp_q(method: &str, uri: &str, ct: &str, body: &str, with_query: bool) -> Fingerprint {
-        let (parts, ()) = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(CONTENT_TYPE, ct)
-            .body(())
-            .unwrap()
-            .into_parts();
-        of_request(&parts, body.as_bytes(), with_query).unwrap()
+        let (path, query) = match uri.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (uri, None),
+        };
+        let query = query.filter(|_| with_query);
+        fingerprint_request(method, path, query, Some(ct), body.as_bytes()).unwrap()
+    }
+
+    #[cfg(feature = "tower")]
+    #[test]
+    fn an_http_request_is_read_as_its_parts() {
+        for (uri, with_query) in [("/p?b=2&a=1", true), ("/p?b=2", false), ("/p", true)] {
+            let (parts, ()) = ::http::Request::builder()
+                .method("PATCH")
+                .uri(uri)
+                .header("content-type", "application/json; charset=utf-8")
+                .body(())
+                .unwrap()
+                .into_parts();
+            let body = r#"{"x": [1, 2]}"#;
+            assert_eq!(
+                of_request(&parts, body.as_bytes(), with_query).unwrap(),
+                fp_q(
+                    "PATCH",
+                    uri,
+                    "application/json; charset=utf-8",
+                    body,
+                    with_query
+                )
+            );
+        }
     }
 
     fn fp(method: &str, uri: &str, ct: &str, body: &str) -> Fingerprint {

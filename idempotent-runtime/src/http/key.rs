@@ -12,23 +12,31 @@
 //!
 //! The length limit applies to the key alone, without its parameters.
 
-use ::http::HeaderMap;
-
 /// The header's name.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-/// Why a request's key cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum KeyProblem {
+/// Why a request's key cannot be used; each is answered with 400 (`INVALID_ARGUMENT` over
+/// gRPC) and the request does not run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyProblem {
     /// No key, where the layer requires one.
+    #[error("the request has no idempotency key, and one is required")]
     Missing,
     /// The header appears more than once.
+    #[error("the idempotency key is sent more than once")]
     Repeated,
     /// Neither a structured-field string nor a bare key, or with malformed parameters.
+    #[error(
+        "the idempotency key must be a string (\"...\") or a bare token (letters, digits and \
+         !#$%&'*+-.^_`|~:/=), with optional structured-field parameters"
+    )]
     Malformed,
     /// The key is empty.
+    #[error("the idempotency key is empty")]
     Empty,
     /// The key (without parameters) is `len` bytes long, over the limit `max`.
+    #[error("the idempotency key is {len} characters long; the limit is {max}")]
     TooLong {
         /// The key's length.
         len: usize,
@@ -37,27 +45,38 @@ pub(crate) enum KeyProblem {
     },
 }
 
-/// The key of a request, `Ok(None)` when it has none.
-pub(crate) fn read_key(headers: &HeaderMap, max_len: usize) -> Result<Option<String>, KeyProblem> {
-    read_key_in(headers, IDEMPOTENCY_KEY, max_len)
-}
-
-/// The key in header `name` (the gRPC layer's metadata entry is configurable), read by the
-/// same rules.
-pub(crate) fn read_key_in(
-    headers: &HeaderMap,
-    name: &str,
-    max_len: usize,
-) -> Result<Option<String>, KeyProblem> {
-    let mut values = headers.get_all(name).iter();
+/// The key in the values of a request's `Idempotency-Key` header (every value the
+/// request carries, in any framework's header type), `Ok(None)` when there are none.
+///
+/// ```
+/// use idempotent_runtime::http::{read_key, KeyProblem};
+///
+/// assert_eq!(read_key([&b"\"8e03978e\";v=1"[..]], 255), Ok(Some("8e03978e".to_owned())));
+/// assert_eq!(read_key([&b"8e03978e"[..]], 255), Ok(Some("8e03978e".to_owned())));
+/// assert_eq!(read_key([&b"a, b"[..]], 255), Err(KeyProblem::Malformed));
+/// assert_eq!(read_key([&b"a"[..], b"b"], 255), Err(KeyProblem::Repeated));
+/// assert_eq!(read_key(Vec::<&[u8]>::new(), 255), Ok(None));
+/// ```
+pub fn read_key<'a, I>(values: I, max_len: usize) -> Result<Option<String>, KeyProblem>
+where
+    I: IntoIterator<Item = &'a [u8]>,
+{
+    let mut values = values.into_iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
         return Err(KeyProblem::Repeated);
     }
-    let text = value.to_str().map_err(|_| KeyProblem::Malformed)?.trim();
-    let key = parse(text.as_bytes()).ok_or(KeyProblem::Malformed)?;
+    // Visible ASCII, spaces and tabs only, as a header value read as text.
+    if !value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        return Err(KeyProblem::Malformed);
+    }
+    let text = value.trim_ascii();
+    let key = parse(text).ok_or(KeyProblem::Malformed)?;
     if key.is_empty() {
         return Err(KeyProblem::Empty);
     }
@@ -68,6 +87,17 @@ pub(crate) fn read_key_in(
         });
     }
     Ok(Some(key))
+}
+
+/// [`read_key`] of header `name` in an `http` header map (the gRPC layer's metadata
+/// entry is configurable).
+#[cfg(feature = "tower")]
+pub(crate) fn read_key_in(
+    headers: &::http::HeaderMap,
+    name: &str,
+    max_len: usize,
+) -> Result<Option<String>, KeyProblem> {
+    read_key(headers.get_all(name).iter().map(|v| v.as_bytes()), max_len)
 }
 
 /// The key in a trimmed header value: an sf-string or a bare key, then parameters;
@@ -205,12 +235,9 @@ fn number(rest: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ::http::HeaderValue;
 
     fn key(v: &str) -> Result<Option<String>, KeyProblem> {
-        let mut h = HeaderMap::new();
-        h.insert(IDEMPOTENCY_KEY, HeaderValue::from_str(v).unwrap());
-        read_key(&h, 255)
+        read_key([v.as_bytes()], 255)
     }
 
     fn read(v: &str) -> String {
@@ -299,12 +326,10 @@ mod tests {
         ] {
             assert_eq!(key(bad), Err(KeyProblem::Malformed), "{bad:?}");
         }
-        let mut utf8 = HeaderMap::new();
-        utf8.insert(
-            IDEMPOTENCY_KEY,
-            HeaderValue::from_bytes("kä".as_bytes()).unwrap(),
-        );
-        assert_eq!(read_key(&utf8, 255), Err(KeyProblem::Malformed));
+        assert_eq!(key("kä"), Err(KeyProblem::Malformed));
+        assert_eq!(key("\"kä\""), Err(KeyProblem::Malformed));
+        // Unicode spaces are not trimmed away: they make the value malformed.
+        assert_eq!(key("\u{a0}k"), Err(KeyProblem::Malformed));
     }
 
     #[test]
@@ -320,10 +345,7 @@ mod tests {
         let max = "k".repeat(255);
         assert_eq!(read(&format!("{max};x=1")), max);
         assert_eq!(read(&format!("\"{max}\";x=\"{max}\"")), max);
-        assert_eq!(read_key(&HeaderMap::new(), 255), Ok(None));
-        let mut two = HeaderMap::new();
-        two.append(IDEMPOTENCY_KEY, HeaderValue::from_static("a"));
-        two.append(IDEMPOTENCY_KEY, HeaderValue::from_static("b"));
-        assert_eq!(read_key(&two, 255), Err(KeyProblem::Repeated));
+        assert_eq!(read_key(Vec::<&[u8]>::new(), 255), Ok(None));
+        assert_eq!(read_key([&b"a"[..], b"b"], 255), Err(KeyProblem::Repeated));
     }
 }

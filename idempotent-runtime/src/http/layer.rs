@@ -71,7 +71,7 @@ impl IdempotencyLayer {
                 concurrency: Concurrency::Reject,
                 retry_after: Duration::from_secs(1),
                 store_status: Arc::new(|s: StatusCode| {
-                    !s.is_server_error() && s != StatusCode::TOO_MANY_REQUESTS
+                    super::stored::stored_by_default(s.as_u16())
                 }),
                 scope: None,
                 with_query: true,

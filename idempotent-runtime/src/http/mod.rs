@@ -1,9 +1,16 @@
-//! The `Idempotency-Key` HTTP layer (feature `tower`): a tower layer that makes POST and
-//! PATCH requests carrying the header idempotent, the way the IETF draft "The
-//! Idempotency-Key HTTP Header Field" and Stripe do. It drops into axum and hyper; for
-//! tonic, use the `grpc` module (feature `grpc`), which speaks gRPC's trailers and codes.
+//! The `Idempotency-Key` HTTP protocol, the way the IETF draft "The Idempotency-Key HTTP
+//! Header Field" and Stripe speak it: POST and PATCH requests carrying the header are made
+//! idempotent. Three ways to use it, one set of rules (the table below):
 //!
-//! ```
+//! - `IdempotencyLayer` (feature `tower`), a tower layer for axum and hyper;
+//! - the pieces every layer is made of, for any other framework (no feature needed):
+//!   [`read_key`] parses the header, [`fingerprint_request`] fingerprints a request,
+//!   [`StoredResponse`] is the response stored and replayed, [`Problem`] the error answer;
+//!   see [A layer of your own](#a-layer-of-your-own);
+//! - for tonic, the `grpc` module (feature `grpc`), which speaks gRPC's trailers and codes.
+//!
+#![cfg_attr(feature = "tower", doc = "```")]
+#![cfg_attr(not(feature = "tower"), doc = "```ignore")]
 //! # async fn demo() {
 //! use axum::{routing::post, Router};
 //! use idempotent_runtime::{http::IdempotencyLayer, Idempotency};
@@ -54,16 +61,121 @@
 //! **Scope.** Keys are shared by all clients unless `scope_with` reads a tenant from the
 //! request (an authenticated account, say): then two tenants never share a key.
 
+//!
+//! # A layer of your own
+//!
+//! For a framework this crate has no layer for: read the key, fingerprint the request, run
+//! the handler through the engine, and answer with the stored response or a problem. The
+//! records are the same as the tower layer's, so both can share one store.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use std::future::Future;
+//! use idempotent_runtime::http::{
+//!     fingerprint_request, read_key, request_scope, stored_by_default, Problem,
+//!     StoredResponse, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
+//! };
+//! use idempotent_runtime::{Error, Idempotency, Outcome};
+//!
+//! /// A request and a response as some framework has them.
+//! struct Req { method: String, path: String, headers: Vec<(String, Vec<u8>)>, body: Vec<u8> }
+//! struct Resp { status: u16, headers: Vec<(String, Vec<u8>)>, body: Vec<u8> }
+//!
+//! /// Why the handler's response is not stored: it was not one to store, or the engine
+//! /// refused the call.
+//! enum Pass { Unstored(Resp), Engine(Error) }
+//! impl From<Error> for Pass { fn from(e: Error) -> Self { Pass::Engine(e) } }
+//!
+//! fn problem(p: Problem) -> Resp {
+//!     let mut headers = vec![("content-type".into(), Problem::CONTENT_TYPE.into())];
+//!     if let Some(secs) = p.retry_after() {
+//!         headers.push(("retry-after".into(), secs.to_string().into_bytes()));
+//!     }
+//!     Resp { status: p.status(), headers, body: p.body() }
+//! }
+//!
+//! /// The values of a request's header `name`.
+//! fn values<'a>(req: &'a Req, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+//!     req.headers.iter().filter(move |(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| &v[..])
+//! }
+//!
+//! async fn idempotent<F, Fut>(idem: &Idempotency, req: Req, handler: F) -> Resp
+//! where
+//!     F: FnOnce(Req) -> Fut,
+//!     Fut: Future<Output = Resp>,
+//! {
+//!     let key = match read_key(values(&req, IDEMPOTENCY_KEY), 255) {
+//!         Ok(Some(key)) => key,
+//!         Ok(None) => return handler(req).await, // no key: not idempotent
+//!         Err(p) => return problem(Problem::for_key(&p)),
+//!     };
+//!     let content_type = values(&req, "content-type").find_map(|v| std::str::from_utf8(v).ok());
+//!     let fp = fingerprint_request(&req.method, &req.path, None, content_type, &req.body)
+//!         .expect("a request's text is JSON-encodable");
+//!     let answer = idem
+//!         .call(key)
+//!         .scope(request_scope(None))
+//!         .with_fingerprint(fp)
+//!         .run_with_outcome(|| async move {
+//!             let resp = handler(req).await;
+//!             if !stored_by_default(resp.status) {
+//!                 return Err(Pass::Unstored(resp)); // 5xx, 429: a retry runs again
+//!             }
+//!             let headers = resp.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+//!             Ok(StoredResponse::new(resp.status, headers, &resp.body))
+//!         })
+//!         .await;
+//!     match answer {
+//!         Ok((stored, outcome)) => {
+//!             let mut headers: Vec<(String, Vec<u8>)> =
+//!                 stored.headers().map(|(n, v)| (n.to_owned(), v.to_vec())).collect();
+//!             if outcome != Outcome::Executed {
+//!                 headers.push((IDEMPOTENT_REPLAYED.into(), b"true".to_vec()));
+//!             }
+//!             Resp { status: stored.status(), headers, body: stored.body().to_vec() }
+//!         }
+//!         Err(Pass::Unstored(resp)) => resp,
+//!         Err(Pass::Engine(e)) => problem(Problem::from_engine(&e, 1)),
+//!     }
+//! }
+//!
+//! let idem = Idempotency::memory();
+//! let request = |amount: &str| Req {
+//!     method: "POST".into(),
+//!     path: "/payments".into(),
+//!     headers: vec![
+//!         ("Idempotency-Key".into(), b"\"k1\"".to_vec()),
+//!         ("Content-Type".into(), b"application/json".to_vec()),
+//!     ],
+//!     body: format!(r#"{{"amount": {amount}}}"#).into_bytes(),
+//! };
+//! let pay = |_req: Req| async { Resp { status: 201, headers: vec![], body: b"paid".to_vec() } };
+//! let first = idempotent(&idem, request("5"), pay).await;
+//! let retry = idempotent(&idem, request("5"), pay).await;
+//! let reused = idempotent(&idem, request("6"), pay).await;
+//! assert_eq!((first.status, retry.status, reused.status), (201, 201, 422));
+//! assert!(retry.headers.iter().any(|(n, _)| n == IDEMPOTENT_REPLAYED));
+//! assert_eq!(idem.stats().executed, 1);
+//! # }
+//! ```
+
 mod canonical_json;
 mod fingerprint;
 pub(crate) mod key;
+#[cfg(feature = "tower")]
 mod layer;
 mod problem;
 pub(crate) mod scope;
+#[cfg(feature = "tower")]
 mod service;
 pub(crate) mod stored;
 
-pub use key::IDEMPOTENCY_KEY;
+pub use fingerprint::fingerprint_request;
+pub use key::{read_key, KeyProblem, IDEMPOTENCY_KEY};
+#[cfg(feature = "tower")]
 pub use layer::{IdempotencyLayer, DEFAULT_MAX_BODY};
+pub use problem::Problem;
+pub use scope::request_scope;
+#[cfg(feature = "tower")]
 pub use service::{BoxError, IdempotencyService, ResponseBody};
-pub use stored::{HOP_BY_HOP, IDEMPOTENT_REPLAYED};
+pub use stored::{stored_by_default, StoredResponse, HOP_BY_HOP, IDEMPOTENT_REPLAYED};

@@ -1,16 +1,29 @@
 //! Error responses as `application/problem+json` (RFC 9457).
 
-use ::http::{header, HeaderValue, Response, StatusCode};
-use bytes::Bytes;
 use serde::Serialize;
 
 use super::key::KeyProblem;
 use crate::error::Error;
 
-/// A problem to answer with, before or instead of the handler.
+/// An answer the HTTP layers give before or instead of running the handler (a bad key,
+/// a reused one, a duplicate in flight, the store down), as an `application/problem+json`
+/// body (RFC 9457) with `type`, `title`, `status` and `detail`. Never stored, so the key
+/// stays usable.
+///
+/// ```
+/// use idempotent_runtime::http::Problem;
+/// use idempotent_runtime::Error;
+///
+/// let busy = Problem::from_engine(&Error::InProgress, 1);
+/// assert_eq!(busy.status(), 409);
+/// assert_eq!(busy.retry_after(), Some(1));
+/// let body: serde_json::Value = serde_json::from_slice(&busy.body()).unwrap();
+/// assert_eq!(body["status"], 409);
+/// assert_eq!(Problem::CONTENT_TYPE, "application/problem+json");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Problem {
-    pub(crate) status: StatusCode,
+pub struct Problem {
+    status: u16,
     slug: &'static str,
     title: &'static str,
     detail: String,
@@ -27,8 +40,11 @@ struct Body<'a> {
 }
 
 impl Problem {
+    /// The `Content-Type` of [`Problem::body`].
+    pub const CONTENT_TYPE: &'static str = "application/problem+json";
+
     fn new(
-        status: StatusCode,
+        status: u16,
         slug: &'static str,
         title: &'static str,
         detail: impl Into<String>,
@@ -42,8 +58,9 @@ impl Problem {
         }
     }
 
-    pub(crate) fn key(p: KeyProblem) -> Self {
-        let detail = match p {
+    /// 400 for a key that cannot be used.
+    pub fn for_key(p: &KeyProblem) -> Self {
+        let detail = match *p {
             KeyProblem::Missing => "this request requires an Idempotency-Key header".to_owned(),
             KeyProblem::Repeated => "send one Idempotency-Key header, not several".to_owned(),
             KeyProblem::Malformed => {
@@ -60,56 +77,61 @@ impl Problem {
             KeyProblem::Missing => ("missing-key", "Idempotency-Key is missing"),
             _ => ("invalid-key", "Idempotency-Key is invalid"),
         };
-        Self::new(StatusCode::BAD_REQUEST, slug, title, detail)
+        Self::new(400, slug, title, detail)
     }
 
-    pub(crate) fn body_too_large(limit: usize) -> Self {
+    /// 413 for a request body over `limit` bytes.
+    pub fn body_too_large(limit: usize) -> Self {
         Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
+            413,
             "body-too-large",
             "Request body too large",
             format!("an idempotent request's body may be at most {limit} bytes"),
         )
     }
 
-    pub(crate) fn unreadable_body() -> Self {
+    /// 400 for a request body that ended with an error.
+    pub fn unreadable_body() -> Self {
         Self::new(
-            StatusCode::BAD_REQUEST,
+            400,
             "unreadable-body",
             "Request body could not be read",
             "the request body ended with an error before it was complete",
         )
     }
 
-    pub(crate) fn broken_response() -> Self {
+    /// 502 for a handler's response body that failed half-way (nothing is stored).
+    pub fn broken_response() -> Self {
         Self::new(
-            StatusCode::BAD_GATEWAY,
+            502,
             "broken-response",
             "The response could not be read",
             "the handler's response body failed before it was complete; nothing was stored",
         )
     }
 
-    /// The problem for an engine refusal.
-    pub(crate) fn from_engine(e: &Error, retry_after: u64) -> Self {
+    /// The problem for an engine refusal: 409 for a duplicate in flight and 503 for the
+    /// store down (both with `retry_after` seconds), 422 for a reused key, 400 for an
+    /// invalid one, 500 for anything else.
+    pub fn from_engine(e: &Error, retry_after: u64) -> Self {
         match e {
             Error::InProgress => Self {
                 retry_after: Some(retry_after),
                 ..Self::new(
-                    StatusCode::CONFLICT,
+                    409,
                     "in-progress",
                     "A request with this Idempotency-Key is being processed",
                     "retry after the first request completes; it will then be replayed",
                 )
             },
             Error::Mismatch => Self::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
+                422,
                 "key-reused",
                 "Idempotency-Key reused with a different request",
                 "this key was used with another method, path or body; use a new key for a new request",
             ),
             Error::InvalidKey(k) => Self::new(
-                StatusCode::BAD_REQUEST,
+                400,
                 "invalid-key",
                 "Idempotency-Key is invalid",
                 k.to_string(),
@@ -117,14 +139,14 @@ impl Problem {
             Error::Store(_) => Self {
                 retry_after: Some(retry_after),
                 ..Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                    503,
                     "store-unavailable",
                     "Idempotency store unavailable",
                     "the request was not processed; retry it with the same key",
                 )
             },
             _ => Self::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
+                500,
                 "internal",
                 "Idempotency processing failed",
                 "the request's idempotency record could not be processed",
@@ -132,21 +154,38 @@ impl Problem {
         }
     }
 
-    /// The response. Problem bodies are never stored.
-    pub(crate) fn into_response(self) -> Response<Bytes> {
+    /// The status code.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The seconds to send in `Retry-After`, where a retry can succeed.
+    pub fn retry_after(&self) -> Option<u64> {
+        self.retry_after
+    }
+
+    /// The `application/problem+json` body.
+    pub fn body(&self) -> Vec<u8> {
         let body = Body {
             kind: format!("urn:idempotent:problem:{}", self.slug),
             title: self.title,
-            status: self.status.as_u16(),
+            status: self.status,
             detail: &self.detail,
         };
         // Serializing a struct of strings and a number cannot fail.
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        let mut resp = Response::new(Bytes::from(bytes));
-        *resp.status_mut() = self.status;
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
+    /// The response.
+    #[cfg(feature = "tower")]
+    pub(crate) fn into_response(self) -> ::http::Response<bytes::Bytes> {
+        use ::http::{header, HeaderValue, Response, StatusCode};
+        let mut resp = Response::new(bytes::Bytes::from(self.body()));
+        *resp.status_mut() =
+            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
+            HeaderValue::from_static(Self::CONTENT_TYPE),
         );
         if let Some(secs) = self.retry_after {
             resp.headers_mut()

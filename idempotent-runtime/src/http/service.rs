@@ -16,10 +16,10 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower::Service;
 
 use super::fingerprint;
-use super::key::{read_key, KeyProblem};
+use super::key::{read_key_in, KeyProblem, IDEMPOTENCY_KEY};
 use super::layer::Config;
 use super::problem::Problem;
-use super::scope::tenant_scope;
+use super::scope::request_scope;
 use super::stored::StoredResponse;
 use crate::engine::Outcome;
 use crate::error::Error;
@@ -132,13 +132,13 @@ where
     if !config.methods.contains(req.method()) {
         return inner.call(req).await.map(boxed);
     }
-    let key = match read_key(req.headers(), config.max_key_len) {
+    let key = match read_key_in(req.headers(), IDEMPOTENCY_KEY, config.max_key_len) {
         Ok(Some(key)) => key,
         Ok(None) if config.require_key => {
-            return Ok(full(Problem::key(KeyProblem::Missing).into_response()))
+            return Ok(full(Problem::for_key(&KeyProblem::Missing).into_response()))
         }
         Ok(None) => return inner.call(req).await.map(boxed),
-        Err(p) => return Ok(full(Problem::key(p).into_response())),
+        Err(p) => return Ok(full(Problem::for_key(&p).into_response())),
     };
     let (parts, body) = req.into_parts();
     let bytes = match Limited::new(body, config.max_request_body).collect().await {
@@ -190,7 +190,7 @@ where
 
 /// The scope of a request's key: shared, or the tenant's that the extractor reads.
 fn scope(config: &Config, parts: &Parts) -> String {
-    tenant_scope("http", config.scope.as_ref().and_then(|f| f(parts)))
+    request_scope(config.scope.as_ref().and_then(|f| f(parts)).as_deref())
 }
 
 /// Runs the handler and turns its response into one to store, or one to pass through.
@@ -229,7 +229,7 @@ where
     }
     let (parts, body) = resp.into_parts();
     match Limited::new(body, config.max_response_body).collect().await {
-        Ok(collected) => Ok(StoredResponse::new(
+        Ok(collected) => Ok(StoredResponse::from_http(
             parts.status,
             &parts.headers,
             &collected.to_bytes(),
