@@ -354,6 +354,8 @@
 //!   a tower layer for axum and hyper.
 //! - `grpc::GrpcIdempotencyLayer` (feature `grpc`): the same rules for the unary methods
 //!   of a tonic (gRPC) server, in gRPC's status codes, metadata and trailers.
+//! - `actix::IdempotencyMiddleware` (feature `actix`): the HTTP layer's rules as an
+//!   actix-web middleware.
 //!
 //! Every store passes the same conformance suite; the protocol lives once, in the engine.
 //!
@@ -373,6 +375,8 @@
 #[doc(hidden)]
 #[path = "private.rs"]
 pub mod __private;
+#[cfg(feature = "actix")]
+pub mod actix;
 mod call;
 pub mod clock;
 pub mod codec;

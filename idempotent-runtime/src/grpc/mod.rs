@@ -23,6 +23,7 @@
 //! | Same key, same method and request, after completion | the stored response as it was, plus `idempotent-replayed: true` in the initial metadata |
 //! | Same key, another method or request | `FAILED_PRECONDITION` |
 //! | Same key while the first call runs | `ABORTED` with a `grpc-retry-pushback-ms` trailer, or (with `wait_for_in_flight()`) the first call's response once it completes |
+//! | The method's response is over 4 MiB (configurable with `max_response`), or breaks half-way | sent on to its caller as it comes (or `INTERNAL` if it broke); the key is kept, and a retry or a waiting duplicate gets `FAILED_PRECONDITION` saying it cannot be replayed, never a second run |
 //! | The store does not answer | `UNAVAILABLE` with `grpc-retry-pushback-ms`; the method does not run |
 //!
 //! None of the layer's own answers is stored, so the key stays usable. Each is a
@@ -36,8 +37,12 @@
 //! `INTERNAL`, `UNAVAILABLE`, `DATA_LOSS` and `UNIMPLEMENTED` are passed through and their
 //! keys released (configurable with `store_codes`), as the HTTP layer does with 5xx and
 //! 429. A stored error (`NOT_FOUND`, `FAILED_PRECONDITION`, ...) is replayed with its
-//! message and metadata. A response over 4 MiB (configurable with `max_response`) is
-//! passed through as it comes and not stored; so is one without a `grpc-status`.
+//! message and metadata. A response without a `grpc-status` is stored as it is: the
+//! method ran, and a retry gets the same answer.
+//!
+//! **Compression.** The method is asked for an uncompressed response (the request's
+//! `grpc-accept-encoding` is removed), so the stored response suits every retry,
+//! whatever compression its client accepts.
 //!
 //! **Fingerprint.** The method's path and the request's messages as sent (not their frame
 //! headers). A compressed message is compared by its compressed bytes, so a retry must
@@ -50,6 +55,11 @@
 //! **Streaming methods** are not for this layer: it reads a call's whole request before
 //! the method runs and its whole response before it answers. List unary methods only;
 //! every other call passes through untouched.
+//!
+//! **gRPC-Web.** Layer tonic-web's `GrpcWebLayer` before (outside) this one, so that it
+//! sees gRPC calls: `Server::builder().accept_http1(true).layer(GrpcWebLayer::new())
+//! .layer(idempotency)`. In the other order a keyed gRPC-Web call is refused with
+//! `INTERNAL` naming the mistake, and the method does not run.
 //!
 //! **Scope.** Keys are shared by all clients, apart from the HTTP layer's, unless
 //! `scope_with` reads a tenant from the call: then two tenants never share a key.

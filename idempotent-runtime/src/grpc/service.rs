@@ -4,10 +4,11 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use ::http::{HeaderMap, Request, Response, StatusCode};
+use ::http::header::CONTENT_TYPE;
+use ::http::{HeaderMap, HeaderName, Request, Response};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -23,6 +24,9 @@ use crate::error::Error;
 use crate::http::key::read_key_in;
 use crate::http::scope::tenant_scope;
 use crate::http::BoxError;
+
+/// The request header in which a gRPC client lists the compressions it accepts.
+const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
 
 /// The layer's service over an inner service `S` (tonic's routes).
 #[derive(Clone)]
@@ -63,8 +67,8 @@ impl<S> GrpcIdempotencyService<S> {
 
 /// Why the engine's operation gave no response to store.
 enum Pass<E> {
-    /// A response to send as it is and not store (a status a retry should run again for,
-    /// one too large to store, or no status at all).
+    /// A response to send as it is and not store: its status is one a retry should run
+    /// the method again for.
     Response(Response<tonic::body::Body>),
     /// The inner service failed.
     Inner(E),
@@ -149,7 +153,17 @@ where
         Ok(None) => return pass_through(inner, req).await,
         Err(p) => return Ok(answer(status::key_problem(p, &config.key_metadata), None)),
     };
-    let (parts, body) = req.into_parts();
+    if is_grpc_web(req.headers()) {
+        // Outside tonic-web, the layer would see gRPC-Web's framing, with the status in the
+        // body, and could neither compare nor keep its calls: a setup error, said loudly.
+        let message = "the idempotency layer sees gRPC-Web calls: layer \
+                       tonic_web::GrpcWebLayer before (outside) it";
+        return Ok(answer(Status::internal(message), None));
+    }
+    let (mut parts, body) = req.into_parts();
+    // A stored response must suit every retry, whatever compression it accepts: the
+    // method is asked for an uncompressed one.
+    parts.headers.remove(GRPC_ACCEPT_ENCODING);
     let bytes = match Limited::new(body, config.max_request).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
@@ -186,24 +200,60 @@ where
         call = call.ttl(ttl);
     }
     let cfg = config.clone();
+    let first = FirstAnswer::default();
+    let slot = first.clone();
     let answered = call
-        .run_to_completion_with_outcome(move || respond(cfg, inner, req))
+        .run_to_completion_with_outcome(move || respond(cfg, inner, req, slot))
         .await;
     match answered {
-        Ok((stored, outcome)) => Ok(stored
-            .to_response(outcome != Outcome::Executed)
-            .map(tonic::body::Body::new)),
+        Ok((stored, Outcome::Executed)) => Ok(match first.take() {
+            Some(resp) => resp,
+            None => stored.to_response(false).map(tonic::body::Body::new),
+        }),
+        Ok((stored, _)) => Ok(stored.to_response(true).map(tonic::body::Body::new)),
         Err(Pass::Response(resp)) => Ok(resp),
         Err(Pass::Inner(e)) => Err(e),
         Err(Pass::Engine(e)) => Ok(status::from_engine(&e, config.retry_after)),
     }
 }
 
+/// The response for the caller that ran the method, where it is not the one stored.
+#[derive(Clone, Default)]
+struct FirstAnswer(Arc<Mutex<Option<Response<tonic::body::Body>>>>);
+
+impl FirstAnswer {
+    fn set(&self, resp: Response<tonic::body::Body>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(resp);
+    }
+
+    fn take(&self) -> Option<Response<tonic::body::Body>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// Whether a call is gRPC-Web (`application/grpc-web`, `application/grpc-web-text`, ...).
+fn is_grpc_web(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/grpc-web")
+        })
+}
+
 /// Runs the method and reads its whole response: one to store, or one to pass through.
+///
+/// Once the method has answered, its key is kept unless its status says a retry should
+/// run it again: a response too large to store, or one that breaks half-way, is sent on
+/// to this caller (through `first`) while a status saying it cannot be replayed is
+/// stored, so that neither a retry nor a duplicate waiting on the call runs it twice.
 async fn respond<S, ResBody>(
     config: Arc<Config>,
     mut inner: S,
     req: Request<tonic::body::Body>,
+    first: FirstAnswer,
 ) -> Result<StoredCall, Pass<S::Error>>
 where
     S: Service<Request<tonic::body::Body>, Response = Response<ResBody>>,
@@ -219,12 +269,12 @@ where
     while let Some(frame) = body.frame().await {
         let frame = match frame {
             Ok(frame) => frame,
-            // The response broke after it began; nothing sensible remains to send but an
-            // error, and nothing is stored.
             Err(_) => {
-                let message = "the method's response failed before it was complete; \
-                               nothing was stored";
-                return Err(Pass::Response(answer(Status::internal(message), None)));
+                // The response broke after it began; nothing sensible remains to send
+                // but an error.
+                let message = "the method's response failed before it was complete";
+                first.set(answer(Status::internal(message), None));
+                return Ok(StoredCall::unreplayable("it broke before it was complete"));
             }
         };
         match frame.into_data() {
@@ -237,8 +287,9 @@ where
                         prefix: chunks,
                         rest: body,
                     };
-                    let resp = Response::from_parts(parts, tonic::body::Body::new(rest));
-                    return Err(Pass::Response(resp));
+                    first.set(Response::from_parts(parts, tonic::body::Body::new(rest)));
+                    let why = format!("it is over {} bytes", config.max_response);
+                    return Ok(StoredCall::unreplayable(&why));
                 }
             }
             Err(frame) => {
@@ -257,13 +308,13 @@ where
             all.freeze()
         }
     };
-    // The status is in the trailers, or, for a trailers-only answer, in the headers.
+    // The status is in the trailers, or, for a trailers-only answer, in the headers. A
+    // response without one is kept as it is: the method ran, and a retry gets the same.
     let code = trailers
         .as_ref()
         .and_then(status::code_in)
         .or_else(|| status::code_in(&parts.headers));
-    let storable = parts.status == StatusCode::OK && code.is_some_and(|c| (config.store_code)(c));
-    if !storable {
+    if code.is_some_and(|c| !(config.store_code)(c)) {
         let body = Buffered {
             data: (!data.is_empty()).then_some(data),
             trailers,

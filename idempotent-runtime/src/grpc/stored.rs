@@ -24,6 +24,18 @@ pub(crate) struct StoredCall {
 }
 
 impl StoredCall {
+    /// What is stored for a call whose method ran but whose response cannot be stored
+    /// (too large, or broken half-way): a status that says so, so that a retry or a
+    /// duplicate waiting on the call does not run it again.
+    pub(crate) fn unreplayable(why: &str) -> Self {
+        let status = tonic::Status::failed_precondition(format!(
+            "a call with this idempotency key ran, but its response cannot be replayed \
+             ({why}); it was not run again"
+        ));
+        let resp: Response<()> = status.into_http();
+        Self::new(resp.status(), resp.headers(), &[], None)
+    }
+
     pub(crate) fn new(
         status: StatusCode,
         headers: &HeaderMap,
@@ -87,7 +99,11 @@ impl Body for Buffered {
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+        // Never exact: trailers follow the data, and a layer outside (tonic-web) may add a
+        // frame of its own; an exact size would become a `content-length` that cuts them off.
+        let mut hint = SizeHint::new();
+        hint.set_lower(self.data.as_ref().map_or(0, |d| d.len() as u64));
+        hint
     }
 }
 
