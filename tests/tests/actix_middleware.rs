@@ -77,6 +77,10 @@ async fn pay(bank: web::Data<Bank>, req: HttpRequest, _body: web::Bytes) -> Http
         .append_header(("set-cookie", "b=2"))
         .append_header(("keep-alive", "timeout=5"))
         .content_type("application/json");
+    if has("x-conn") {
+        resp.append_header(("connection", "x-conn-only"))
+            .append_header(("x-conn-only", "1"));
+    }
     if big > 0 {
         resp.body(format!("{{\"id\":{n},\"pad\":\"{}\"}}", "x".repeat(big)))
     } else {
@@ -565,6 +569,42 @@ async fn a_client_that_gives_up_neither_stops_the_handler_nor_frees_its_key() {
         .expect("retry");
     assert_eq!(retry.status(), reqwest::StatusCode::CREATED);
     assert_eq!(retry.headers().get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(bank.runs(), 1);
+}
+
+#[actix_web::test]
+async fn headers_that_connection_names_are_not_replayed() {
+    let bank = Bank::new();
+    let app = test::init_service(payments_app(mw(), bank.clone())).await;
+    let req = || {
+        post(Some("k"), "{}")
+            .insert_header(("x-conn", "1"))
+            .to_request()
+    };
+    test::call_service(&app, req()).await;
+    let (_, h, _) = read(test::call_service(&app, req()).await).await;
+    assert!(replayed(&h));
+    assert!(h.get("location").is_some());
+    for gone in ["connection", "x-conn-only", "keep-alive"] {
+        assert!(h.get(gone).is_none(), "{gone} replayed");
+    }
+}
+
+#[actix_web::test]
+async fn the_middleware_works_on_a_postcard_engine() {
+    let idem = Idempotency::builder()
+        .codec(idempotent_runtime::Codec::Postcard)
+        .build()
+        .expect("engine");
+    let bank = Bank::new();
+    let app = test::init_service(payments_app(mw_on(idem), bank.clone())).await;
+    let (s1, _, b1) =
+        read(test::call_service(&app, post(Some("k"), "{}").to_request()).await).await;
+    let (s2, h2, b2) =
+        read(test::call_service(&app, post(Some("k"), "{}").to_request()).await).await;
+    assert_eq!((s1, s2), (StatusCode::CREATED, StatusCode::CREATED));
+    assert_eq!(b1, b2);
+    assert!(replayed(&h2));
     assert_eq!(bank.runs(), 1);
 }
 

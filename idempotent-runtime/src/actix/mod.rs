@@ -17,8 +17,9 @@
 //! Two things differ from the tower layer, both from actix-web itself: headers of
 //! different names are stored in the order actix-web's header map keeps them (the values
 //! of one header keep their order), and the handler runs to completion on a local task of
-//! the worker that received the request (actix-web's services are not `Send`), which ends
-//! if the worker shuts down.
+//! the worker that received the request (actix-web's services are not `Send`). A worker
+//! that stops may drop a handler whose client went away where it is: then its key stays
+//! claimed until its lease runs out (10 seconds by default), and a retry runs it again.
 
 mod middleware;
 mod service;

@@ -187,7 +187,12 @@ where
             .await;
         let _ = tx.send(answer);
     });
-    let answer = rx.await;
+    let answer = match rx.await {
+        // The inner service's error (an inner middleware refusing the request, say) goes
+        // on as it is, whether or not it left a request to answer.
+        Ok(Err(Pass::Inner(e))) => return Err(e),
+        other => other,
+    };
     let unrun = pending.borrow_mut().take();
     let Some(http_req) = unrun
         .map(|req| req.into_parts().0)
@@ -247,7 +252,7 @@ where
     if !(config.store_status)(resp.status().as_u16()) || streaming || !fits {
         return Err(Pass::Response(resp.map_into_boxed_body()));
     }
-    let (http_req, resp) = resp.into_parts();
+    let (_, resp) = resp.into_parts();
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     match to_bytes_limited(resp.into_body(), config.max_response_body).await {
@@ -256,11 +261,9 @@ where
             headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
             &bytes,
         )),
-        // The body broke (or outgrew the length it announced) after it was partly read;
-        // nothing sensible remains to send but an error, and nothing is stored.
-        _ => Err(Pass::Response(problem(
-            http_req,
-            &Problem::broken_response(),
-        ))),
+        // The body broke (or outgrew the length it announced) after it was partly read:
+        // nothing sensible remains to send but an error, and, since the handler ran, that
+        // error is what its key keeps, so that no retry runs the handler again.
+        _ => Ok(Problem::broken_response().to_stored()),
     }
 }

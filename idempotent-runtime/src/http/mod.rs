@@ -48,6 +48,10 @@
 //! included (two `Set-Cookie` stay two), except the hop-by-hop headers that describe one
 //! connection ([`HOP_BY_HOP`], and any named by `Connection`).
 //!
+//! **A response body that breaks half-way** is answered with a 502 problem, and that
+//! answer is what the key keeps: the handler ran, so a retry gets the 502 again rather
+//! than running it a second time.
+//!
 //! **What is passed through and not stored**, with its key released so a retry runs
 //! again: a response of unknown length (streamed), one whose content type is marked as
 //! streaming (`text/event-stream` by default), and one larger than the response limit.
@@ -65,8 +69,13 @@
 //! # A layer of your own
 //!
 //! For a framework this crate has no layer for: read the key, fingerprint the request, run
-//! the handler through the engine, and answer with the stored response or a problem. The
-//! records are the same as the tower layer's, so both can share one store.
+//! the handler through the engine, and answer with the stored response or a problem. Read
+//! the request as the tower layer does (the query included, the first `Content-Type` as
+//! visible ASCII) and its records are the same, so both can share one store.
+//!
+//! This one runs the handler in the caller's future, so a client that goes away stops
+//! the handler and frees its key; the layers run it to completion instead, on a task of
+//! its own (`Call::run_to_completion_with_outcome`, for handlers that are `Send`).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -78,7 +87,13 @@
 //! use idempotent_runtime::{Error, Idempotency, Outcome};
 //!
 //! /// A request and a response as some framework has them.
-//! struct Req { method: String, path: String, headers: Vec<(String, Vec<u8>)>, body: Vec<u8> }
+//! struct Req {
+//!     method: String,
+//!     path: String,
+//!     query: Option<String>,
+//!     headers: Vec<(String, Vec<u8>)>,
+//!     body: Vec<u8>,
+//! }
 //! struct Resp { status: u16, headers: Vec<(String, Vec<u8>)>, body: Vec<u8> }
 //!
 //! /// Why the handler's response is not stored: it was not one to store, or the engine
@@ -109,8 +124,13 @@
 //!         Ok(None) => return handler(req).await, // no key: not idempotent
 //!         Err(p) => return problem(Problem::for_key(&p)),
 //!     };
-//!     let content_type = values(&req, "content-type").find_map(|v| std::str::from_utf8(v).ok());
-//!     let fp = fingerprint_request(&req.method, &req.path, None, content_type, &req.body)
+//!     // The first value, if it is visible ASCII (as `http::HeaderValue::to_str` reads it).
+//!     let content_type = values(&req, "content-type")
+//!         .next()
+//!         .filter(|v| v.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)))
+//!         .and_then(|v| std::str::from_utf8(v).ok());
+//!     let (method, path, query) = (&req.method, &req.path, req.query.as_deref());
+//!     let fp = fingerprint_request(method, path, query, content_type, &req.body)
 //!         .expect("a request's text is JSON-encodable");
 //!     let answer = idem
 //!         .call(key)
@@ -143,6 +163,7 @@
 //! let request = |amount: &str| Req {
 //!     method: "POST".into(),
 //!     path: "/payments".into(),
+//!     query: Some("currency=EUR".into()),
 //!     headers: vec![
 //!         ("Idempotency-Key".into(), b"\"k1\"".to_vec()),
 //!         ("Content-Type".into(), b"application/json".to_vec()),

@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::key::KeyProblem;
+use super::stored::StoredResponse;
 use crate::error::Error;
 
 /// An answer the HTTP layers give before or instead of running the handler (a bad key,
@@ -100,13 +101,16 @@ impl Problem {
         )
     }
 
-    /// 502 for a handler's response body that failed half-way (nothing is stored).
+    /// 502 for a handler's response body that failed half-way. The handler ran, so this
+    /// is what the layers store for its key ([`Problem::to_stored`]): a retry gets it
+    /// again rather than running the handler a second time.
     pub fn broken_response() -> Self {
         Self::new(
             502,
             "broken-response",
             "The response could not be read",
-            "the handler's response body failed before it was complete; nothing was stored",
+            "the request ran, but its response body failed before it was complete; it cannot be \
+             replayed, and the request is not run again with this key",
         )
     }
 
@@ -174,6 +178,17 @@ impl Problem {
         };
         // Serializing a struct of strings and a number cannot fail.
         serde_json::to_vec(&body).unwrap_or_default()
+    }
+
+    /// The problem as a response to store for its key, for a problem that stands for a
+    /// request that ran (see [`Problem::broken_response`]).
+    pub fn to_stored(&self) -> StoredResponse {
+        let retry_after = self.retry_after.map(|s| s.to_string());
+        let mut headers: Vec<(&str, &[u8])> = vec![("content-type", Self::CONTENT_TYPE.as_bytes())];
+        if let Some(secs) = &retry_after {
+            headers.push(("retry-after", secs.as_bytes()));
+        }
+        StoredResponse::new(self.status, headers, &self.body())
     }
 
     /// The response.

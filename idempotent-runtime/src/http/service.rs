@@ -234,10 +234,9 @@ where
             &parts.headers,
             &collected.to_bytes(),
         )),
-        // The body broke (or outgrew the length it announced) after it was partly read;
-        // nothing sensible remains to send but an error, and nothing is stored.
-        Err(_) => Err(Pass::Response(full(
-            Problem::broken_response().into_response(),
-        ))),
+        // The body broke (or outgrew the length it announced) after it was partly read:
+        // nothing sensible remains to send but an error, and, since the handler ran, that
+        // error is what its key keeps, so that no retry runs the handler again.
+        Err(_) => Ok(Problem::broken_response().to_stored()),
     }
 }
