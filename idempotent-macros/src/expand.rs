@@ -301,8 +301,10 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) 
             let #engine = #krate::__private::engine(#store);
             let #engine = &#engine;
         },
+        // Its runtime's (or its block's), found when the call runs: an owned handle.
         None => quote! {
             let #engine = #krate::__private::default_engine();
+            let #engine = &#engine;
         },
     };
     let key_ref = quote_spanned!(key.span()=> &(#key));

@@ -5,7 +5,6 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::OnceLock;
 
 use futures_util::FutureExt as _;
 use serde::de::DeserializeOwned;
@@ -21,10 +20,15 @@ use futures_util::future::BoxFuture;
 #[cfg(feature = "postgres")]
 use sqlx::{Postgres, Transaction};
 
-/// The engine of functions that name no `store`: one per process, in memory.
-pub fn default_engine() -> &'static Idempotency {
-    static ENGINE: OnceLock<Idempotency> = OnceLock::new();
-    ENGINE.get_or_init(Idempotency::memory)
+/// The engine of functions that name no `store`: their block's, or their runtime's (see
+/// `default_engine.rs`).
+pub fn default_engine() -> Idempotency {
+    crate::default_engine::current()
+}
+
+/// Whether runtime `id` has a default engine now, for the tests of their cleanup.
+pub fn runtime_has_a_default_engine(id: tokio::runtime::Id) -> bool {
+    crate::default_engine::has_one(id)
 }
 
 /// The engine `store` names, borrowed for the call (through `&self`, a shared-reference

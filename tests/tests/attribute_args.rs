@@ -395,7 +395,7 @@ mod shim {
     pub use idempotent_runtime::*;
     pub mod __private {
         pub use idempotent_runtime::__private::*;
-        pub fn default_engine() -> &'static idempotent_runtime::Idempotency {
+        pub fn default_engine() -> idempotent_runtime::Idempotency {
             super::super::THROUGH_SHIM.store(true, std::sync::atomic::Ordering::SeqCst);
             idempotent_runtime::__private::default_engine()
         }
