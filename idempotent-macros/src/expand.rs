@@ -301,9 +301,11 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) 
             let #engine = #krate::__private::engine(#store);
             let #engine = &#engine;
         },
-        // Its runtime's (or its block's), found when the call runs: an owned handle.
+        // Found when the call runs, an owned handle: its block's, or, in a test build of
+        // the user's crate (`cfg!(test)` is read there), its runtime's, so that tests
+        // keep apart; else the process's.
         None => quote! {
-            let #engine = #krate::__private::default_engine();
+            let #engine = #krate::__private::default_engine(::core::cfg!(test));
             let #engine = &#engine;
         },
     };

@@ -319,11 +319,18 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             }
             let rt = tokio::runtime::Handle::try_current()
                 .map_err(|_| Error::Config(ConfigError::NoRuntime))?;
-            Ok(Started::Running(rt.spawn(async move {
-                inner
-                    .join_or_lead::<T, E, P, Plain<F, Option<Copier<T>>>>(req, Plain(op, copier))
-                    .await
-            })))
+            // The body's own calls keep the caller's default engine (an `as_default`
+            // block's), which a task-local would not carry to the task by itself.
+            Ok(Started::Running(rt.spawn(crate::default_engine::carry(
+                async move {
+                    inner
+                        .join_or_lead::<T, E, P, Plain<F, Option<Copier<T>>>>(
+                            req,
+                            Plain(op, copier),
+                        )
+                        .await
+                },
+            ))))
         });
         async move {
             match started.map_err(E::from)? {

@@ -1,11 +1,17 @@
-//! The engine of `#[idempotent]` functions that name no `store`: one per tokio runtime,
-//! in memory, unless a block runs with another as its default ([`Idempotency::as_default`]).
+//! The engine of `#[idempotent]` functions that name no `store`.
 //!
-//! Per runtime, not per process, so that tests keep apart: every `#[tokio::test]` has a
-//! runtime of its own, and two tests of one binary that call a function with equal keys
-//! each run it, rather than the second replaying the first's result. A service runs on
-//! one runtime, where this is one engine for every task and thread. Functions that must
-//! share records across runtimes, or processes, name a `store`.
+//! - In a block run by [`Idempotency::as_default`], the block's engine.
+//! - In the crate's own tests (the function's crate built with `cfg(test)`, as
+//!   `cargo test` builds its unit tests and examples), one per tokio runtime: every
+//!   `#[tokio::test]` has a runtime of its own, so two tests of one binary that call a
+//!   function with equal keys each run it, rather than the second replaying the first's
+//!   result.
+//! - Otherwise, one per process, shared by every runtime: a service's (actix-web runs one
+//!   runtime per worker thread, and duplicates on two workers must meet).
+//!
+//! The choice is made where the function is compiled: the attribute passes `cfg!(test)`
+//! of the function's crate. Integration tests (`tests/`) build that crate without
+//! `cfg(test)`; they share the process's engine unless they use `as_default` or a `store`.
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -21,21 +27,29 @@ tokio::task_local! {
     static OVERRIDE: Idempotency;
 }
 
-/// The default engine of each runtime that has used one.
+/// The default engine of each runtime that has used one, in test builds.
 fn by_runtime() -> &'static DashMap<Id, Idempotency> {
     static ENGINES: OnceLock<DashMap<Id, Idempotency>> = OnceLock::new();
     ENGINES.get_or_init(DashMap::new)
 }
 
-/// The default engine where the caller is: the block's, its runtime's, or, outside any
-/// tokio runtime (a future polled by another executor), the process's.
-pub(crate) fn current() -> Idempotency {
+/// The process's default engine.
+fn process() -> Idempotency {
+    static ENGINE: OnceLock<Idempotency> = OnceLock::new();
+    ENGINE.get_or_init(Idempotency::memory).clone()
+}
+
+/// The default engine where the caller is: the block's; else, in a test build
+/// (`per_runtime`), its runtime's; else the process's.
+pub(crate) fn current(per_runtime: bool) -> Idempotency {
     if let Ok(engine) = OVERRIDE.try_with(Idempotency::clone) {
         return engine;
     }
+    if !per_runtime {
+        return process();
+    }
     let Ok(handle) = Handle::try_current() else {
-        static OUTSIDE: OnceLock<Idempotency> = OnceLock::new();
-        return OUTSIDE.get_or_init(Idempotency::memory).clone();
+        return process();
     };
     let id = handle.id();
     if let Some(engine) = by_runtime().get(&id) {
@@ -46,14 +60,28 @@ pub(crate) fn current() -> Idempotency {
         Entry::Vacant(e) => e.insert(Idempotency::memory()).clone(),
     };
     // The runtime forgets its engine when it is dropped: it drops this task, which never
-    // ends, and the guard in it removes the entry. (Runtimes of tests come and go by the
-    // hundred; their engines must not pile up.)
+    // ends, and the guard in it removes the entry (test runtimes come and go by the
+    // hundred). The task counts among the runtime's alive tasks. A runtime already
+    // shutting down refuses it: its calls from then on (a blocking task still running)
+    // get a new engine each.
     let guard = Forget(id);
     handle.spawn(async move {
         let _guard = guard;
         std::future::pending::<()>().await;
     });
     engine
+}
+
+/// `fut`, run with the caller's block's default engine, if it has one: for a task the
+/// library spawns on the caller's behalf (`on_cancel = "finish"`).
+pub(crate) fn carry<F: Future>(fut: F) -> impl Future<Output = F::Output> {
+    let engine = OVERRIDE.try_with(Idempotency::clone).ok();
+    async move {
+        match engine {
+            Some(engine) => OVERRIDE.scope(engine, fut).await,
+            None => fut.await,
+        }
+    }
 }
 
 /// Removes a runtime's default engine when dropped.
@@ -72,10 +100,13 @@ pub(crate) fn has_one(id: Id) -> bool {
 
 impl Idempotency {
     /// Runs `fut` with this engine as the default of the `#[idempotent]` functions it
-    /// calls that name no `store`, instead of its runtime's: for a test that wants to
-    /// look at the records and counters of the calls it makes.
+    /// calls that name no `store`: for a test that wants to look at the records and
+    /// counters of the calls it makes, or keep them apart from other tests' (integration
+    /// tests share the process's default engine).
     ///
-    /// The default is the block's own: tasks it spawns have their runtime's, as before.
+    /// The default is the block's own and goes with the bodies the library runs on tasks
+    /// of their own (`on_cancel = "finish"`); tasks the block spawns itself have the usual
+    /// default.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_runtime::Error> {
@@ -99,9 +130,10 @@ impl Idempotency {
         OVERRIDE.scope(self.clone(), fut).await
     }
 
-    /// The engine `#[idempotent]` functions that name no `store` use here: the one a
-    /// surrounding [`as_default`](Self::as_default) block gives, or this runtime's.
+    /// The engine that `#[idempotent]` functions that name no `store`, compiled without
+    /// `cfg(test)`, use here: the one a surrounding [`as_default`](Self::as_default)
+    /// block gives, or the process's.
     pub fn current_default() -> Idempotency {
-        current()
+        current(false)
     }
 }

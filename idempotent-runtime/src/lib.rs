@@ -59,7 +59,7 @@
 //! | `key = <expr>` | the idempotency key: an expression over the arguments, evaluated once before the body; any `Display` value | required |
 //! | `ttl = "24h"` | how long the result is replayed (a humantime string, checked at compile time) | the engine's (24 h) |
 //! | `lease = "30s"` | how long a claim holds without renewal; bounds how long a crashed holder blocks the key | the engine's (10 s) |
-//! | `store = <expr>` | the engine, an expression of type `&Idempotency` (`&self.idem`, an argument, `&*STATIC`) | one in-memory engine per tokio runtime, or the one [`Idempotency::as_default`] gives a block |
+//! | `store = <expr>` | the engine, an expression of type `&Idempotency` (`&self.idem`, an argument, `&*STATIC`) | one in-memory engine per process; per tokio runtime in the crate's own tests (`cfg(test)`), so they keep apart; or the one [`Idempotency::as_default`] gives a block |
 //! | `scope = "name"` | the key's namespace | the function's path, with its impl's type and generic arguments |
 //! | `fingerprint = <expr>` | any `Serialize` value; the key reused with another fingerprint gets `Error::Mismatch` | none |
 //! | `cache_errors = true` | store `Err` results too (then `E` must be `Serialize + DeserializeOwned`) | `false` |
@@ -85,7 +85,7 @@
 //! becomes, give or take paths:
 //! ```text
 //! async fn place(order: Order) -> Result<Receipt, Error> {
-//!     let __idempotent_engine = &__private::default_engine();
+//!     let __idempotent_engine = &__private::default_engine(cfg!(test));
 //!     let __idempotent_call = {
 //!         let __idempotent_key = &(order.id);
 //!         __private::call(

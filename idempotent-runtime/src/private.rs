@@ -20,10 +20,11 @@ use futures_util::future::BoxFuture;
 #[cfg(feature = "postgres")]
 use sqlx::{Postgres, Transaction};
 
-/// The engine of functions that name no `store`: their block's, or their runtime's (see
-/// `default_engine.rs`).
-pub fn default_engine() -> Idempotency {
-    crate::default_engine::current()
+/// The engine of functions that name no `store`: their block's; in a test build of their
+/// crate (`per_runtime`, the attribute passes `cfg!(test)`), their runtime's; else the
+/// process's (see `default_engine.rs`).
+pub fn default_engine(per_runtime: bool) -> Idempotency {
+    crate::default_engine::current(per_runtime)
 }
 
 /// Whether runtime `id` has a default engine now, for the tests of their cleanup.

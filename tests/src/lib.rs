@@ -14,6 +14,7 @@ mod faulty;
 pub mod postgres;
 pub mod redis_server;
 pub mod redis_topology;
+pub mod service_build;
 pub mod transactions;
 
 pub use faulty::{FaultyStore, Held, Stop};

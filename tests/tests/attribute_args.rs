@@ -96,14 +96,16 @@ async fn on_default(k: u32) -> Result<u32, Error> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn store_selects_the_engine_and_the_default_is_process_wide() {
+async fn store_selects_the_engine_and_the_default_is_the_tests_own() {
     let a = on_static(1).await.unwrap();
     assert_eq!(on_static(1).await.unwrap(), a);
     assert_eq!(ENGINE.stats().executed, 1);
     let b = on_default(1).await.unwrap();
     assert_eq!(on_default(1).await.unwrap(), b);
     assert_eq!(
-        idempotent_runtime::__private::default_engine()
+        // This file is built with `cfg(test)`: its functions' default is this test's
+        // runtime's engine.
+        idempotent_runtime::__private::default_engine(true)
             .stats()
             .replayed,
         1
@@ -395,9 +397,9 @@ mod shim {
     pub use idempotent_runtime::*;
     pub mod __private {
         pub use idempotent_runtime::__private::*;
-        pub fn default_engine() -> idempotent_runtime::Idempotency {
+        pub fn default_engine(per_runtime: bool) -> idempotent_runtime::Idempotency {
             super::super::THROUGH_SHIM.store(true, std::sync::atomic::Ordering::SeqCst);
-            idempotent_runtime::__private::default_engine()
+            idempotent_runtime::__private::default_engine(per_runtime)
         }
     }
 }

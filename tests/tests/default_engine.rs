@@ -1,6 +1,8 @@
-//! The default engine of functions that name no `store`: one per tokio runtime, so that
-//! tests of one binary keep apart, shared by every task of a runtime, replaced in a block
-//! by `Idempotency::as_default`, and forgotten with its runtime.
+//! The default engine of functions that name no `store`: in a test build of their crate
+//! (this file's functions), one per tokio runtime, so that tests of one binary keep apart,
+//! shared by every task of a runtime and forgotten with it; in a service's build (the
+//! `idempotent-tests` library's functions), one per process, shared by every runtime; in
+//! either, replaced in a block by `Idempotency::as_default`.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -44,7 +46,7 @@ async fn the_tasks_and_threads_of_one_runtime_share_its_engine() {
     for task in on_other_tasks {
         assert_eq!(task.await.unwrap().unwrap(), first);
     }
-    let engine = Idempotency::current_default();
+    let engine = idempotent_runtime::__private::default_engine(true);
     assert_eq!(engine.stats().executed, 1);
     assert_eq!(engine.stats().replayed, 8);
 }
@@ -52,7 +54,7 @@ async fn the_tasks_and_threads_of_one_runtime_share_its_engine() {
 #[tokio::test]
 async fn a_block_runs_with_the_engine_it_is_given() {
     let mine = Idempotency::memory();
-    let runtime_default = Idempotency::current_default();
+    let runtime_default = idempotent_runtime::__private::default_engine(true);
     let v = mine
         .as_default(async {
             let a = price(3, 1).await.unwrap();
@@ -97,4 +99,56 @@ fn a_runtimes_engine_is_forgotten_with_the_runtime() {
             "the dropped {flavor} runtime's engine is still kept"
         );
     }
+}
+
+#[test]
+fn a_service_builds_default_is_shared_by_every_runtime() {
+    use idempotent_tests::service_build::{shared_price, SHARED_PRICE_RUNS};
+    // As actix-web runs one runtime per worker: duplicates on two must meet.
+    let on_a_runtime_of_its_own = |value: u32| {
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(shared_price(9, value))
+                .unwrap()
+        })
+        .join()
+        .unwrap()
+    };
+    let first = on_a_runtime_of_its_own(1);
+    assert_eq!(on_a_runtime_of_its_own(2), first);
+    assert_eq!(SHARED_PRICE_RUNS.load(Ordering::SeqCst), 1);
+    assert!(Idempotency::current_default().stats().replayed >= 1);
+}
+
+static NESTED_RUNS: AtomicU32 = AtomicU32::new(0);
+
+#[idempotent(key = id, scope = "default_engine.nested")]
+async fn nested(id: u32, value: u32) -> Result<u32, Error> {
+    NESTED_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok(value)
+}
+
+/// Its body runs on a task of its own, and calls `nested`.
+#[idempotent(key = id, scope = "default_engine.outer", on_cancel = "finish")]
+async fn outer_finish(id: u32, value: u32) -> Result<u32, Error> {
+    nested(id, value).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_default_goes_with_a_body_run_on_a_task_of_its_own() {
+    // An outside review found the body's own calls using the runtime's engine instead,
+    // so that `nested` ran a second time.
+    let mine = Idempotency::memory();
+    let (a, b) = mine
+        .as_default(async {
+            let a = nested(1001, 1).await.unwrap();
+            let b = outer_finish(1001, 2).await.unwrap();
+            (a, b)
+        })
+        .await;
+    assert_eq!((a, b), (1, 1), "nested ran again in the finishing body");
+    assert_eq!(NESTED_RUNS.load(Ordering::SeqCst), 1);
 }
