@@ -396,6 +396,7 @@ mod lease;
 mod record;
 mod stats;
 pub mod store;
+mod switch;
 #[cfg(feature = "postgres")]
 mod transaction;
 
@@ -415,3 +416,4 @@ pub use fingerprint::Fingerprint;
 pub use key::{KeyDigest, StoreKey, SCOPE_SEPARATOR};
 pub use record::{FencingToken, Record, RecordState, StoredResult};
 pub use stats::Stats;
+pub use switch::DISABLED_ENV;

@@ -6,6 +6,7 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 
+use futures_util::future::Either;
 use futures_util::FutureExt as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -369,9 +370,14 @@ where
     F: FnOnce() -> Fut + 'a,
     Fut: Future<Output = R> + 'a,
 {
+    if crate::switch::disabled() {
+        return Either::Left(body());
+    }
     let copier = copies.into_copier().0;
-    call.run_copying(move || async move { body().await.into_result() }, copier)
-        .map(|answer| R::from_result(answer.map(|(value, _)| value)))
+    Either::Right(
+        call.run_copying(move || async move { body().await.into_result() }, copier)
+            .map(|answer| R::from_result(answer.map(|(value, _)| value))),
+    )
 }
 
 /// Runs the function's body through the engine on a task of its own
@@ -390,9 +396,14 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = R> + Send + 'static,
 {
+    if crate::switch::disabled() {
+        return Either::Left(body());
+    }
     let copier = copies.into_copier().0;
-    call.run_to_completion_copying(move || async move { body().await.into_result() }, copier)
-        .map(|answer| R::from_result(answer.map(|(value, _)| value)))
+    Either::Right(
+        call.run_to_completion_copying(move || async move { body().await.into_result() }, copier)
+            .map(|answer| R::from_result(answer.map(|(value, _)| value))),
+    )
 }
 
 /// Runs the function's body through the engine in a transaction of its store
