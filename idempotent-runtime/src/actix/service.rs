@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use super::middleware::Config;
 use crate::engine::Outcome;
 use crate::error::Error;
+use crate::http::stored::is_streaming_type;
 use crate::http::{
     fingerprint_request, read_key, request_scope, KeyProblem, Problem, StoredResponse,
     IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
@@ -235,15 +236,11 @@ where
     let resp = inner.call(req).await.map_err(Pass::Inner)?;
     // Routed: the request may be shared now.
     *answered.borrow_mut() = Some(resp.request().clone());
-    let streaming = resp
+    let content_type = resp
         .headers()
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|ct| ct.split(';').next())
-        .is_some_and(|media| {
-            let media = media.trim().to_ascii_lowercase();
-            config.streaming_types.contains(&media)
-        });
+        .and_then(|v| v.to_str().ok());
+    let streaming = is_streaming_type(content_type, &config.streaming_types);
     let fits = match resp.response().body().size() {
         BodySize::None => true,
         BodySize::Sized(len) => len <= config.max_response_body as u64,

@@ -194,7 +194,7 @@ where
         .engine
         .call(key)
         .scope(scope)
-        .fingerprint_result(Ok(fp))
+        .with_fingerprint(fp)
         .concurrency(config.concurrency);
     if let Some(ttl) = config.ttl {
         call = call.ttl(ttl);

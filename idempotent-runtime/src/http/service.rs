@@ -20,7 +20,7 @@ use super::key::{read_key_in, KeyProblem, IDEMPOTENCY_KEY};
 use super::layer::Config;
 use super::problem::Problem;
 use super::scope::request_scope;
-use super::stored::StoredResponse;
+use super::stored::{is_streaming_type, StoredResponse};
 use crate::engine::Outcome;
 use crate::error::Error;
 
@@ -168,7 +168,7 @@ where
         .engine
         .call(key)
         .scope(scope)
-        .fingerprint_result(Ok(fp))
+        .with_fingerprint(fp)
         .concurrency(config.concurrency);
     if let Some(ttl) = config.ttl {
         call = call.ttl(ttl);
@@ -205,20 +205,11 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let resp = inner.call(req).await.map_err(Pass::Inner)?;
-    let streaming = resp
+    let content_type = resp
         .headers()
         .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|ct| {
-            let media = ct
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            config.streaming_types.contains(&media)
-        })
-        .unwrap_or(false);
+        .and_then(|v| v.to_str().ok());
+    let streaming = is_streaming_type(content_type, &config.streaming_types);
     let fits = resp
         .body()
         .size_hint()

@@ -33,6 +33,14 @@ pub fn stored_by_default(status: u16) -> bool {
     !(status >= 500 || status == 429)
 }
 
+/// Whether a response's `Content-Type` names one of `streaming` (lower-case media types,
+/// parameters ignored): a stream, passed through and never stored by the HTTP layers.
+pub(crate) fn is_streaming_type(content_type: Option<&str>, streaming: &[String]) -> bool {
+    content_type
+        .and_then(|ct| ct.split(';').next())
+        .is_some_and(|media| streaming.contains(&media.trim().to_ascii_lowercase()))
+}
+
 /// Text when it is UTF-8 (a JSON body, most header values), bytes otherwise. Tagged,
 /// not untagged, so that binary codecs (which cannot guess a variant) decode it too.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
