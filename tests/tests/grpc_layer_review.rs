@@ -326,10 +326,13 @@ struct Raw {
 
 impl Raw {
     /// The headers as a list, less the replay marker.
+    /// The headers the layer answers with, less the replay marker and `date`, which the
+    /// server's connection stamps on each response as it is sent (two responses a second
+    /// apart differ there, stored or not).
     fn headers_but_marker(&self) -> Vec<(String, Vec<u8>)> {
         self.headers
             .iter()
-            .filter(|(n, _)| n.as_str() != "idempotent-replayed")
+            .filter(|(n, _)| !matches!(n.as_str(), "idempotent-replayed" | "date"))
             .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect()
     }
