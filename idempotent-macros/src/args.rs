@@ -23,6 +23,7 @@ const NAMES: &[&str] = &[
     "on_cancel",
     "replay",
     "transaction",
+    "on_missing_key",
     "crate",
 ];
 
@@ -60,10 +61,24 @@ pub(crate) enum Replay {
     Decode,
 }
 
+/// What a call does when its `Option` key is `None` (`on_missing_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MissingKey {
+    /// Run the body directly, without idempotency.
+    Run,
+    /// Fail with `Error::InvalidKey`, running nothing.
+    Fail,
+}
+
 /// `#[idempotent(...)]`, parsed.
 #[derive(Default)]
 pub(crate) struct Args {
     pub(crate) key: Option<Expr>,
+    /// `key = const ...`: the key is meant not to come from the arguments (one key shared
+    /// by every call, or one read from elsewhere), so the footgun checks stand aside.
+    pub(crate) key_const: Option<Token![const]>,
+    /// `on_missing_key = "run" | "fail"`: the key is an `Option`.
+    pub(crate) on_missing_key: Option<(MissingKey, LitStr)>,
     pub(crate) ttl: Option<Duration>,
     pub(crate) lease: Option<Duration>,
     pub(crate) store: Option<Expr>,
@@ -82,6 +97,8 @@ pub(crate) struct Args {
 /// One `name = value` pair, before its value is checked.
 struct Arg {
     name: Ident,
+    /// `name = const value`, which only `key` takes.
+    constant: Option<Token![const]>,
     value: Expr,
 }
 
@@ -101,8 +118,19 @@ impl Parse for Arg {
             ));
         }
         input.parse::<Token![=]>()?;
+        // `const "..."` is no expression; `const { .. }` is one (an inline const block),
+        // and stays the value.
+        let constant = if input.peek(Token![const]) && !input.peek2(syn::token::Brace) {
+            Some(input.parse()?)
+        } else {
+            None
+        };
         let value = input.parse()?;
-        Ok(Self { name, value })
+        Ok(Self {
+            name,
+            constant,
+            value,
+        })
     }
 }
 
@@ -114,7 +142,12 @@ impl Args {
         let mut args = Args::default();
         let mut errors = Errors::default();
         let mut seen: Vec<String> = Vec::new();
-        for Arg { name, value } in pairs {
+        for Arg {
+            name,
+            constant,
+            value,
+        } in pairs
+        {
             let n = name.to_string();
             if seen.contains(&n) {
                 errors.push(syn::Error::new(
@@ -124,6 +157,20 @@ impl Args {
                 continue;
             }
             seen.push(n.clone());
+            if let Some(kw) = constant {
+                if n == "key" {
+                    args.key_const = Some(kw);
+                } else {
+                    errors.push(syn::Error::new(
+                        kw.span,
+                        format!(
+                            "`const` marks a key that does not come from the arguments; \
+                             `{n}` does not take it"
+                        ),
+                    ));
+                    continue;
+                }
+            }
             if let Err(e) = args.set(&n, &name, value) {
                 errors.push(e);
             }
@@ -145,6 +192,7 @@ impl Args {
             "on_cancel" => self.on_cancel = Some(on_cancel(&value)?),
             "replay" => self.replay = Some(replay(&value)?),
             "transaction" => self.transaction = Some(transaction(&value)?),
+            "on_missing_key" => self.on_missing_key = Some(missing_key(&value)?),
             "crate" => self.krate = Some(crate_path(&value)?),
             _ => return Err(unknown(name)),
         }
@@ -307,6 +355,21 @@ fn on_cancel(value: &Expr) -> syn::Result<OnCancel> {
         other => Err(syn::Error::new(
             lit.span(),
             format!("unknown on_cancel {other:?}; expected \"release\" or \"finish\""),
+        )),
+    }
+}
+
+fn missing_key(value: &Expr) -> syn::Result<(MissingKey, LitStr)> {
+    let lit = lit_str(
+        value,
+        "`on_missing_key = \"run\"` or `on_missing_key = \"fail\"`",
+    )?;
+    match lit.value().as_str() {
+        "run" => Ok((MissingKey::Run, lit)),
+        "fail" => Ok((MissingKey::Fail, lit)),
+        other => Err(syn::Error::new(
+            lit.span(),
+            format!("unknown on_missing_key {other:?}; expected \"run\" or \"fail\""),
         )),
     }
 }

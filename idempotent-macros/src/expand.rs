@@ -6,7 +6,7 @@ use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{Block, Expr, ItemFn, Path, ReturnType, Stmt, Type};
 
-use crate::args::{Args, Concurrent, OnCancel, Replay};
+use crate::args::{Args, Concurrent, MissingKey, OnCancel, Replay};
 
 /// The names the generated code binds. Hygienic (`mixed_site`, as `macro_rules!` locals
 /// are): an argument or a local of the user's with the same name neither sees them nor
@@ -350,18 +350,41 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) 
     let store_errors = args
         .cache_errors
         .then(|| quote!(let #call = #call.store_errors();));
+    let keyed_call = quote! {
+        #krate::__private::call(#engine, #scope, #key_arg, {
+            #[allow(unused_imports)]
+            use #krate::__private::{ViaDisplay as _, ViaStr as _};
+            (&&#krate::__private::KeyPick(#key_name)).text()
+        })
+    };
+    // Evaluated once; a temporary it makes (`order.id.clone()`) is dropped at the end of
+    // the block, not held across the body's awaits.
+    let make_call = match &args.on_missing_key {
+        None => quote! {
+            let #key_name = #key_ref;
+            #keyed_call
+        },
+        Some((missing, lit)) => {
+            let missing = match missing {
+                MissingKey::Run => quote!(Run),
+                MissingKey::Fail => quote!(Fail),
+            };
+            let optional = respan(quote!(#krate::__private::optional_key), key.span());
+            let without = respan(quote!(#krate::__private::call_without_key), lit.span());
+            quote! {
+                match #optional(#key_ref) {
+                    ::core::option::Option::Some(#key_name) => { #keyed_call }
+                    ::core::option::Option::None => #without(
+                        #engine,
+                        #krate::__private::MissingKey::#missing,
+                    ),
+                }
+            }
+        }
+    };
     quote! {
         #bind_engine
-        let #call = {
-            // Evaluated once; a temporary it makes (`order.id.clone()`) is dropped here,
-            // not held across the body's awaits.
-            let #key_name = #key_ref;
-            #krate::__private::call(#engine, #scope, #key_arg, {
-                #[allow(unused_imports)]
-                use #krate::__private::{ViaDisplay as _, ViaStr as _};
-                (&&#krate::__private::KeyPick(#key_name)).text()
-            })
-        }
+        let #call = { #make_call }
         #settings;
         #fingerprint
         #store_errors

@@ -402,11 +402,24 @@ impl<K: fmt::Display> CallKey for K {
 /// attribute's generated code; the call's scope setting does not apply to it.
 #[doc(hidden)]
 #[derive(Debug)]
-pub struct PreparedKey(pub(crate) Result<StoreKey, KeyError>);
+pub struct PreparedKey {
+    pub(crate) key: Result<StoreKey, KeyError>,
+    /// The call has no key (an `Option` key that was `None`) and runs its body directly,
+    /// without the engine (`on_missing_key = "run"`).
+    pub(crate) direct: bool,
+}
 
 impl CallKey for PreparedKey {
     fn into_store_key(self, _scope: &str, _max_len: usize) -> Result<StoreKey, KeyError> {
-        self.0
+        self.key
+    }
+}
+
+impl<P> Call<'_, PreparedKey, P> {
+    /// Whether the body runs without the engine (its key was absent and the function
+    /// says to run then).
+    pub(crate) fn runs_directly(&self) -> bool {
+        self.key.direct
     }
 }
 

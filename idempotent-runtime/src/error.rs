@@ -99,6 +99,10 @@ pub enum KeyError {
     /// The key's text is empty.
     #[error("the key is empty")]
     Empty,
+    /// The call has no key: its `Option` key was `None`, and the function says to fail
+    /// then (`#[idempotent(on_missing_key = "fail")]`).
+    #[error("the call has no idempotency key")]
+    Missing,
     /// The key's text is longer than the engine allows.
     #[error("the key is {len} bytes long, more than the limit of {max}")]
     TooLong {

@@ -393,6 +393,7 @@ mod hasher;
 pub mod http;
 mod key;
 mod lease;
+mod outcome;
 mod record;
 mod stats;
 pub mod store;
@@ -414,6 +415,7 @@ pub use error::{
 };
 pub use fingerprint::Fingerprint;
 pub use key::{KeyDigest, StoreKey, SCOPE_SEPARATOR};
+pub use outcome::outcome_of;
 pub use record::{FencingToken, Record, RecordState, StoredResult};
 pub use stats::Stats;
 pub use switch::DISABLED_ENV;

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::call::{Call, ErrorPolicy, PreparedKey};
 use crate::copy::Copier;
 use crate::engine::Idempotency;
+use crate::outcome::Report;
 use crate::error::{CodecError, Error};
 use crate::fingerprint::Fingerprint;
 #[cfg(feature = "postgres")]
@@ -139,13 +140,76 @@ fn generic_arguments(name: &str) -> Option<(&str, Vec<&str>)> {
 
 /// A call on the key, formatted into its scope before the body moves the arguments.
 /// `text` is what [`KeyPick`] found: the key itself where it is a string.
-pub fn call<'a, K: fmt::Display + ?Sized>(
+pub fn call<'a, K: KeyText + ?Sized>(
     engine: &'a Idempotency,
     scope: &str,
     key: &K,
     text: Option<&str>,
 ) -> Call<'a, PreparedKey> {
     engine.call_prepared(scope, key, text)
+}
+
+/// What a key must be: `Display`, which writes it into the store key.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be an idempotency key: it does not implement `Display`",
+    label = "the key is written into the store key through `Display`",
+    note = "an `Option` key needs `on_missing_key = \"run\"` or `on_missing_key = \"fail\"`, which say what a call without a key does"
+)]
+pub trait KeyText: fmt::Display {}
+impl<K: fmt::Display + ?Sized> KeyText for K {}
+
+/// A key that may be absent: `Option<K>`, or a reference to one
+/// (`on_missing_key = ...`).
+#[diagnostic::on_unimplemented(
+    message = "`on_missing_key` needs a key of type `Option<_>`; `{Self}` is not one",
+    label = "not an `Option`",
+    note = "leave `on_missing_key` out when every call has a key"
+)]
+pub trait OptionalKey {
+    /// The key's type when present.
+    type Key: ?Sized;
+    /// The key, if present.
+    fn as_key(&self) -> Option<&Self::Key>;
+}
+
+impl<K> OptionalKey for Option<K> {
+    type Key = K;
+    fn as_key(&self) -> Option<&K> {
+        self.as_ref()
+    }
+}
+
+impl<T: OptionalKey + ?Sized> OptionalKey for &T {
+    type Key = T::Key;
+    fn as_key(&self) -> Option<&T::Key> {
+        (**self).as_key()
+    }
+}
+
+/// The key of an `Option` key, if present.
+pub fn optional_key<T: OptionalKey + ?Sized>(key: &T) -> Option<&T::Key> {
+    key.as_key()
+}
+
+/// What a call whose `Option` key is `None` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingKey {
+    /// Runs its body directly, without idempotency.
+    Run,
+    /// Fails with [`Error::InvalidKey`] (of kind [`KeyError::Missing`](crate::KeyError::Missing)),
+    /// running nothing.
+    Fail,
+}
+
+/// A call without a key (`on_missing_key`).
+pub fn call_without_key(engine: &Idempotency, missing: MissingKey) -> Call<'_, PreparedKey> {
+    Call::new(
+        engine,
+        PreparedKey {
+            key: Err(crate::error::KeyError::Missing),
+            direct: missing == MissingKey::Run,
+        },
+    )
 }
 
 /// Finds out whether a key is a string (`str`, `String`, `Cow<str>` or a reference to
@@ -370,13 +434,21 @@ where
     F: FnOnce() -> Fut + 'a,
     Fut: Future<Output = R> + 'a,
 {
-    if crate::switch::disabled() {
+    if crate::switch::disabled() || call.runs_directly() {
         return Either::Left(body());
     }
     let copier = copies.into_copier().0;
+    let report = Report::claim();
+    let started = report.clone();
     Either::Right(
-        call.run_copying(move || async move { body().await.into_result() }, copier)
-            .map(|answer| R::from_result(answer.map(|(value, _)| value))),
+        call.run_copying(
+            move || {
+                started.ran();
+                async move { body().await.into_result() }
+            },
+            copier,
+        )
+        .map(move |answer| R::from_result(report.answered(answer))),
     )
 }
 
@@ -396,13 +468,21 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = R> + Send + 'static,
 {
-    if crate::switch::disabled() {
+    if crate::switch::disabled() || call.runs_directly() {
         return Either::Left(body());
     }
     let copier = copies.into_copier().0;
+    let report = Report::claim();
+    let started = report.clone();
     Either::Right(
-        call.run_to_completion_copying(move || async move { body().await.into_result() }, copier)
-            .map(|answer| R::from_result(answer.map(|(value, _)| value))),
+        call.run_to_completion_copying(
+            move || {
+                started.ran();
+                async move { body().await.into_result() }
+            },
+            copier,
+        )
+        .map(move |answer| R::from_result(report.answered(answer))),
     )
 }
 
@@ -420,8 +500,13 @@ where
     P: ErrorPolicy<R::Err> + 'a,
     F: for<'c> FnOnce(&'c mut Transaction<'a, Postgres>) -> BoxFuture<'c, R> + Send + 'a,
 {
-    call.run_in_transaction(move |tx| Box::pin(body(tx).map(R::into_result)))
-        .map(R::from_result)
+    let report = Report::claim();
+    let started = report.clone();
+    call.run_in_transaction_with_outcome(move |tx| {
+        started.ran();
+        Box::pin(body(tx).map(R::into_result))
+    })
+    .map(move |answer| R::from_result(report.answered(answer)))
 }
 
 /// The body of an `#[async_trait]` method run in a transaction, bound to a `let` before

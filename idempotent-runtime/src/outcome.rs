@@ -1,0 +1,116 @@
+//! The outcome of one call made through `#[idempotent]`, for whoever awaits it:
+//! [`outcome_of`], the peer of the `cached` crate's `with_cached_flag`, without changing
+//! the function's signature.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use crate::engine::Outcome;
+
+tokio::task_local! {
+    /// Where the first attributed call in an [`outcome_of`] block reports.
+    static SLOT: Arc<Slot>;
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Set by the first attributed call made in the block; the calls its body makes (and
+    /// any later ones) find it set and report nothing, so the outcome is the outer call's.
+    taken: AtomicBool,
+    /// 0 while nothing is known, else [`code`] of the outcome.
+    outcome: AtomicU8,
+}
+
+fn code(outcome: Outcome) -> u8 {
+    match outcome {
+        Outcome::Executed => 1,
+        Outcome::Replayed => 2,
+        Outcome::Coalesced => 3,
+    }
+}
+
+impl Slot {
+    fn set(&self, outcome: Outcome) {
+        self.outcome.store(code(outcome), Ordering::Release);
+    }
+
+    fn get(&self) -> Option<Outcome> {
+        match self.outcome.load(Ordering::Acquire) {
+            1 => Some(Outcome::Executed),
+            2 => Some(Outcome::Replayed),
+            3 => Some(Outcome::Coalesced),
+            _ => None,
+        }
+    }
+}
+
+/// Awaits `call`, a call of an `#[idempotent]` function, and says how it got its value:
+/// executed (its body ran), replayed (a stored result) or coalesced (it shared the
+/// result of a duplicate running in this process).
+///
+/// The outcome is that of the first attributed call the future makes; calls made inside
+/// its body (nested attributed functions) do not change it. It is `None` when no
+/// attributed call answered through the engine: the call was refused before its body
+/// ran (its `Err` says why: `Error::Mismatch`, `Error::InProgress`, a store error), the
+/// attribute is switched off ([`DISABLED_ENV`](crate::DISABLED_ENV)), or an `Option`
+/// key was `None` under `on_missing_key = "run"`. A body that ran and returned an error
+/// that is not stored reports [`Outcome::Executed`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use idempotent_runtime::{idempotent, outcome_of, Error, Outcome};
+///
+/// #[idempotent(key = order_id, scope = "docs.outcome")]
+/// async fn ship(order_id: u64) -> Result<String, Error> {
+///     Ok(format!("parcel-{order_id}"))
+/// }
+///
+/// let (first, how) = outcome_of(ship(7)).await;
+/// assert_eq!(first.unwrap(), "parcel-7");
+/// assert_eq!(how, Some(Outcome::Executed));
+///
+/// let (again, how) = outcome_of(ship(7)).await;
+/// assert_eq!(again.unwrap(), "parcel-7");
+/// assert_eq!(how, Some(Outcome::Replayed));
+/// # }
+/// ```
+pub async fn outcome_of<F: Future>(call: F) -> (F::Output, Option<Outcome>) {
+    let slot = Arc::new(Slot::default());
+    let output = SLOT.scope(Arc::clone(&slot), call).await;
+    (output, slot.get())
+}
+
+/// Where one attributed call reports its outcome: the [`outcome_of`] block's slot, if the
+/// call is the block's first, else nowhere.
+#[derive(Clone)]
+pub(crate) struct Report(Option<Arc<Slot>>);
+
+impl Report {
+    /// Takes the current block's slot if no call took it yet. Outside a block this is one
+    /// look at a task-local: no allocation.
+    pub(crate) fn claim() -> Self {
+        let slot = SLOT
+            .try_with(|slot| (!slot.taken.swap(true, Ordering::AcqRel)).then(|| Arc::clone(slot)))
+            .ok()
+            .flatten();
+        Self(slot)
+    }
+
+    /// The call's body started.
+    pub(crate) fn ran(&self) {
+        if let Some(slot) = &self.0 {
+            slot.set(Outcome::Executed);
+        }
+    }
+
+    /// The call's answer, with its outcome reported.
+    pub(crate) fn answered<T, E>(&self, answer: Result<(T, Outcome), E>) -> Result<T, E> {
+        answer.map(|(value, outcome)| {
+            if let Some(slot) = &self.0 {
+                slot.set(outcome);
+            }
+            value
+        })
+    }
+}
