@@ -1,6 +1,10 @@
 //! `#[idempotent]` on the methods of a plain service struct: no web framework. The same
 //! methods can sit behind axum, tonic, a CLI or a queue; the service does not care.
 //!
+//! The methods name no `store`, so they use the default engine: one per process in the
+//! running service, and one per test runtime under `cargo test`, so each `#[tokio::test]`
+//! below starts with no stored results even though they reuse request ids.
+//!
 //! ```text
 //! cargo run --example service
 //! cargo test --example service
@@ -9,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use idempotent_runtime::{idempotent, Idempotency};
+use idempotent_runtime::idempotent;
 use serde::{Deserialize, Serialize};
 
 /// A request to place an order; `request_id` is the client's idempotency key.
@@ -37,17 +41,15 @@ pub enum OrderError {
     Idempotency(#[from] idempotent_runtime::Error),
 }
 
-/// The service: its own engine, its own state.
+/// The service: its own state; idempotency comes from the default engine.
 pub struct Orders {
-    idem: Idempotency,
     stock: Mutex<HashMap<String, u32>>,
     placed: Mutex<Vec<Confirmation>>,
 }
 
 impl Orders {
-    pub fn new(idem: Idempotency, stock: &[(&str, u32)]) -> Self {
+    pub fn new(stock: &[(&str, u32)]) -> Self {
         Self {
-            idem,
             stock: Mutex::new(stock.iter().map(|(s, n)| (s.to_string(), *n)).collect()),
             placed: Mutex::new(Vec::new()),
         }
@@ -58,7 +60,6 @@ impl Orders {
     /// refused. Running out of stock is not stored: a retry after a restock succeeds.
     #[idempotent(
         key = req.request_id,
-        store = &self.idem,
         scope = "orders.place",
         fingerprint = (&req.sku, req.qty),
     )]
@@ -83,7 +84,7 @@ impl Orders {
     }
 
     /// Cancels an order and returns its stock, once per order.
-    #[idempotent(key = order_id, store = &self.idem, scope = "orders.cancel")]
+    #[idempotent(key = order_id, scope = "orders.cancel")]
     pub async fn cancel(&self, order_id: u64) -> Result<u32, OrderError> {
         let placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
         let order = placed
@@ -121,7 +122,7 @@ impl Orders {
 
 #[tokio::main]
 async fn main() -> Result<(), OrderError> {
-    let orders = Orders::new(Idempotency::memory(), &[("book", 3)]);
+    let orders = Orders::new(&[("book", 3)]);
     let req = PlaceOrder {
         request_id: "req-1".into(),
         sku: "book".into(),
@@ -149,6 +150,7 @@ async fn main() -> Result<(), OrderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use idempotent_runtime::{outcome_of, Idempotency, Outcome};
     use std::sync::Arc;
 
     fn req(id: &str, qty: u32) -> PlaceOrder {
@@ -159,17 +161,21 @@ mod tests {
         }
     }
 
-    // Each test gets its own engine: no state leaks between tests.
+    // No engine to pass around: every test runs on a tokio runtime of its own, and in
+    // test builds each runtime has its own default engine, so the request id "r1" of one
+    // test never replays another test's confirmation.
     fn service(stock: u32) -> Orders {
-        Orders::new(Idempotency::memory(), &[("book", stock)])
+        Orders::new(&[("book", stock)])
     }
 
     #[tokio::test]
     async fn a_retried_order_takes_stock_once() {
         let orders = service(5);
-        let a = orders.place(req("r1", 2)).await.unwrap();
-        let b = orders.place(req("r1", 2)).await.unwrap();
-        assert_eq!(a, b);
+        let (a, how) = outcome_of(orders.place(req("r1", 2))).await;
+        assert_eq!(how, Some(Outcome::Executed));
+        let (b, how) = outcome_of(orders.place(req("r1", 2))).await;
+        assert_eq!(how, Some(Outcome::Replayed));
+        assert_eq!(a.unwrap(), b.unwrap());
         assert_eq!(orders.stock("book"), 3);
         assert_eq!(orders.orders_placed(), 1);
     }
@@ -194,7 +200,11 @@ mod tests {
             Err(OrderError::OutOfStock { .. })
         ));
         orders.restock("book", 5);
-        assert_eq!(orders.place(req("r1", 2)).await.unwrap().qty, 2);
+        // Had another test's "r1" leaked in here, this would be its confirmation (or a
+        // mismatch) rather than a fresh order.
+        let (placed, how) = outcome_of(orders.place(req("r1", 2))).await;
+        assert_eq!(how, Some(Outcome::Executed));
+        assert_eq!(placed.unwrap().qty, 2);
     }
 
     #[tokio::test]
@@ -206,13 +216,27 @@ mod tests {
         assert_eq!(orders.stock("book"), 5);
     }
 
+    // A test that wants to look at the engine runs the calls with one of its own.
+    #[tokio::test]
+    async fn an_engine_of_the_tests_own() {
+        let idem = Idempotency::memory();
+        let orders = service(5);
+        idem.as_default(async {
+            orders.place(req("r1", 1)).await.unwrap();
+            orders.place(req("r1", 1)).await.unwrap();
+        })
+        .await;
+        let stats = idem.stats();
+        assert_eq!((stats.executed, stats.replayed), (1, 1));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_duplicates_place_one_order() {
         let orders = Arc::new(service(100));
         let tasks: Vec<_> = (0..32)
             .map(|_| {
                 let orders = orders.clone();
-                tokio::spawn(async move { orders.place(req("burst", 1)).await })
+                tokio::spawn(async move { orders.place(req("r1", 1)).await })
             })
             .collect();
         for t in tasks {

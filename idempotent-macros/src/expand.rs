@@ -117,11 +117,14 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
             // type error point at the user's return type.
             // Spanned at the return type: an unusable type is reported there, once.
             let run_fn = respan(quote!(#krate::__private::#runner), ret.span());
+            // rustc checks the runner's bounds at the type argument and again at the path;
+            // under two spans, one missing bound would be reported twice.
+            let ret_arg = respan(ret.to_token_stream(), ret.span());
             let run = match &args.transaction {
                 // Boxed, as sqlx's own transactions ask: the body's future borrows the
                 // transaction it is given.
                 Some(_) => quote_spanned! {ret.span()=>
-                    #run_fn::<#ret, _, _>(#call, move |#params| ::std::boxed::Box::pin(async move {
+                    #run_fn::<#ret_arg, _, _>(#call, move |#params| ::std::boxed::Box::pin(async move {
                         let #ret_name: #ret = #block;
                         #[allow(unreachable_code)]
                         #ret_name
@@ -129,7 +132,7 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
                     .await
                 },
                 None => quote_spanned! {ret.span()=>
-                    #run_fn::<#ret, _, _, _, _>(#call, #copies, move || async move {
+                    #run_fn::<#ret_arg, _, _, _, _>(#call, #copies, move || async move {
                         let #ret_name: #ret = #block;
                         #[allow(unreachable_code)]
                         #ret_name
@@ -371,7 +374,9 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) 
             };
             let optional = respan(quote!(#krate::__private::optional_key), key.span());
             let without = respan(quote!(#krate::__private::call_without_key), lit.span());
-            quote! {
+            // One span for the whole match: rustc checks `OptionalKey` at the call and at
+            // the pattern, and reports a key that is not an `Option` once per span.
+            quote_spanned! {key.span()=>
                 match #optional(#key_ref) {
                     ::core::option::Option::Some(#key_name) => { #keyed_call }
                     ::core::option::Option::None => #without(

@@ -454,7 +454,22 @@ impl<E> ErrorPolicy<E> for DiscardErrors {
     }
 }
 
-impl<E: Serialize + DeserializeOwned> ErrorPolicy<E> for StoreErrors {
+/// An error type that [`StoreErrors`] can store: `Serialize + DeserializeOwned`.
+///
+/// Its own trait only so that a type that falls short gets one message that says what
+/// storing errors needs, rather than serde's advice to derive on whatever type it is
+/// (the crate's own [`Error`](crate::Error) included, which is never stored).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be stored as an error (`cache_errors = true` or `Call::store_errors`)",
+    label = "must implement `serde::Serialize` and `serde::de::DeserializeOwned`",
+    note = "a function that stores its errors needs an error type of its own that derives `Serialize` and `Deserialize` and implements `From<idempotent_runtime::Error>`",
+    note = "`idempotent_runtime::Error` itself is never stored: its refusals (a mismatch, a duplicate in progress, a store outage) belong to one call, not to the key"
+)]
+pub trait StorableError: Serialize + DeserializeOwned {}
+#[diagnostic::do_not_recommend]
+impl<E: Serialize + DeserializeOwned> StorableError for E {}
+
+impl<E: StorableError> ErrorPolicy<E> for StoreErrors {
     fn encode(err: &E, codec: Codec) -> Option<Result<Bytes, CodecError>> {
         // Checked like values: an error that would not decode back is not stored.
         Some(codec.encode_checked(err))

@@ -56,7 +56,9 @@
 //!
 //! | argument | meaning | default |
 //! |---|---|---|
-//! | `key = <expr>` | the idempotency key: an expression over the arguments, evaluated once before the body; any `Display` value | required |
+//! | `key = <expr>` | the idempotency key: an expression over the arguments, evaluated once before the body; any `Display` value. A string literal, or an expression that names no argument, is a compile error: every call would share one key | required |
+//! | `key = const <expr>` | a key that does not come from the arguments, on purpose: one key shared by every call, or one read from elsewhere | |
+//! | `on_missing_key = "run" \| "fail"` | for an `Option` key: when it is `None`, run the body directly without idempotency, or fail with [`Error::InvalidKey`] ([`KeyError::Missing`]) running nothing | an `Option` key without it is a compile error |
 //! | `ttl = "24h"` | how long the result is replayed (a humantime string, checked at compile time) | the engine's (24 h) |
 //! | `lease = "30s"` | how long a claim holds without renewal; bounds how long a crashed holder blocks the key | the engine's (10 s) |
 //! | `store = <expr>` | the engine, an expression of type `&Idempotency` (`&self.idem`, an argument, `&*STATIC`) | one in-memory engine per process; per tokio runtime in the crate's own tests (`cfg(test)`), so they keep apart; or the one [`Idempotency::as_default`] gives a block |
@@ -146,6 +148,38 @@
 //! #[idempotent(key = format!("{user}:{day}"))]
 //! async fn daily_bonus(user: u64, day: u32) -> Result<u32, Error> { Ok(100) }
 //! assert_eq!(daily_bonus(7, 20).await.unwrap(), 100);
+//! # }
+//! ```
+//! `key = const`, for a key that is the same for every call on purpose (a literal or an
+//! expression over no argument is refused without it):
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! # use idempotent_runtime::{idempotent, Error};
+//! #[idempotent(key = const "nightly-report")]
+//! async fn nightly(day: u32) -> Result<u32, Error> { Ok(day) }
+//! assert_eq!(nightly(1).await.unwrap(), 1);
+//! assert_eq!(nightly(2).await.unwrap(), 1, "one key: the first day's report");
+//! # }
+//! ```
+//! `on_missing_key`, for an `Option` key; [`outcome_of`] says how a call got its value:
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use idempotent_runtime::{idempotent, outcome_of, Error, KeyError, Outcome};
+//!
+//! #[idempotent(key = request_key, on_missing_key = "run")]
+//! async fn charge(request_key: Option<String>, cents: u64) -> Result<u64, Error> { Ok(cents) }
+//!
+//! let (_, how) = outcome_of(charge(Some("k-1".into()), 5)).await;
+//! assert_eq!(how, Some(Outcome::Executed));
+//! let (_, how) = outcome_of(charge(Some("k-1".into()), 5)).await;
+//! assert_eq!(how, Some(Outcome::Replayed));
+//! // No key: the body runs directly, so no engine answered.
+//! let (_, how) = outcome_of(charge(None, 5)).await;
+//! assert_eq!(how, None);
+//!
+//! #[idempotent(key = request_key, on_missing_key = "fail")]
+//! async fn refund(request_key: Option<String>, cents: u64) -> Result<u64, Error> { Ok(cents) }
+//! assert!(matches!(refund(None, 5).await, Err(Error::InvalidKey(KeyError::Missing))));
 //! # }
 //! ```
 //! `ttl` and `lease`:
@@ -369,6 +403,8 @@
 //! [`Idempotency::stats`] counts executions, replays, coalesced calls, rejections,
 //! mismatches and store errors. The engine emits `tracing` events at debug level naming
 //! the scope and a hash of the key, never the key or any payload.
+// On docs.rs (nightly), each item gated on a feature says which one it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 #![deny(unreachable_pub)]
 
@@ -404,7 +440,7 @@ mod transaction;
 /// Makes an `async fn` idempotent; see [the crate docs](crate#the-idempotent-attribute).
 pub use idempotent_macros::idempotent;
 
-pub use call::{Call, CallKey, DiscardErrors, ErrorPolicy, StoreErrors};
+pub use call::{Call, CallKey, DiscardErrors, ErrorPolicy, StorableError, StoreErrors};
 pub use codec::Codec;
 pub use engine::{
     Concurrency, Idempotency, IdempotencyBuilder, Outcome, DEFAULT_LEASE, DEFAULT_MAX_KEY_LEN,

@@ -14,9 +14,9 @@ use serde::Serialize;
 use crate::call::{Call, ErrorPolicy, PreparedKey};
 use crate::copy::Copier;
 use crate::engine::Idempotency;
-use crate::outcome::Report;
 use crate::error::{CodecError, Error};
 use crate::fingerprint::Fingerprint;
+use crate::outcome::Report;
 #[cfg(feature = "postgres")]
 use futures_util::future::BoxFuture;
 #[cfg(feature = "postgres")]
@@ -156,6 +156,7 @@ pub fn call<'a, K: KeyText + ?Sized>(
     note = "an `Option` key needs `on_missing_key = \"run\"` or `on_missing_key = \"fail\"`, which say what a call without a key does"
 )]
 pub trait KeyText: fmt::Display {}
+#[diagnostic::do_not_recommend]
 impl<K: fmt::Display + ?Sized> KeyText for K {}
 
 /// A key that may be absent: `Option<K>`, or a reference to one
@@ -305,6 +306,8 @@ impl<T, E> IdempotentResult for Result<T, E> {
     note = "derive them: `#[derive(serde::Serialize, serde::Deserialize)]`"
 )]
 pub trait StoredValue: Serialize + DeserializeOwned {}
+// One message for the value, not one per missing serde trait.
+#[diagnostic::do_not_recommend]
 impl<T: Serialize + DeserializeOwned> StoredValue for T {}
 
 /// An error type that can carry the engine's refusals.
@@ -314,6 +317,9 @@ impl<T: Serialize + DeserializeOwned> StoredValue for T {}
     note = "refusals such as `Error::Mismatch` and `Error::InProgress` reach the caller through it"
 )]
 pub trait EngineError: From<Error> {}
+// Without this, rustc follows the blanket impl to its `From<Error>` bound and reports the
+// same missing impl a second time, in its own words.
+#[diagnostic::do_not_recommend]
 impl<E: From<Error>> EngineError for E {}
 
 /// Finds out, for a function's return type `R`, whether hits may clone an in-process copy

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use idempotent_runtime::{idempotent, Error, Idempotency, DISABLED_ENV};
+use idempotent_runtime::{idempotent, outcome_of, Error, Idempotency, DISABLED_ENV};
 
 static RUNS: AtomicU32 = AtomicU32::new(0);
 
@@ -51,10 +51,16 @@ async fn the_switch_runs_every_body_and_says_so() {
     let runs = idem
         .as_default(async {
             let mut runs = Vec::new();
+            let mut outcomes = Vec::new();
             for _ in 0..2 {
-                runs.push(charge(7).await.unwrap());
-                runs.push(transfer(7).await.unwrap());
+                let (run, outcome) = outcome_of(charge(7)).await;
+                runs.push(run.unwrap());
+                outcomes.push(outcome);
+                let (run, outcome) = outcome_of(transfer(7)).await;
+                runs.push(run.unwrap());
+                outcomes.push(outcome);
             }
+            assert_eq!(outcomes, [None; 4], "no call went through the engine");
             runs
         })
         .await;

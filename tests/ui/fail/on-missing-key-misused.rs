@@ -8,7 +8,7 @@ async fn f(id: u64) -> Result<u64, Error> {
 
 #[idempotent(key = id, on_missing_key = "skip")]
 async fn g(id: Option<u64>) -> Result<u64, Error> {
-    Ok(1)
+    Ok(id.unwrap_or(0))
 }
 
 #[idempotent(key = const id, ttl = const "1h")]
