@@ -290,13 +290,7 @@ impl Idempotency {
             Some(text) => StoreKey::from_text(scope, text, max),
             None => StoreKey::new(scope, key, max),
         };
-        Call::new(
-            self,
-            crate::call::PreparedKey {
-                key,
-                direct: false,
-            },
-        )
+        Call::new(self, crate::call::PreparedKey { key, direct: false })
     }
 
     /// The counters since the engine was built.

@@ -14,9 +14,9 @@ use serde::Serialize;
 use crate::call::{Call, ErrorPolicy, PreparedKey};
 use crate::copy::Copier;
 use crate::engine::Idempotency;
-use crate::outcome::Report;
 use crate::error::{CodecError, Error};
 use crate::fingerprint::Fingerprint;
+use crate::outcome::Report;
 #[cfg(feature = "postgres")]
 use futures_util::future::BoxFuture;
 #[cfg(feature = "postgres")]
