@@ -208,6 +208,23 @@ impl Flights {
         self.guard(shared, flight)
     }
 
+    /// Takes `key`'s flight out of the map, if there is one, and tells its followers to
+    /// start over, because the key was forgotten in the store: its leader's claim is gone,
+    /// so what it lands would be refused by the store (or would answer for a key that was
+    /// deleted), and followers left waiting on a stuck leader would stay stuck. Starting
+    /// over, one of them leads and claims the key afresh. The leader itself runs on; its
+    /// later landing is moot, and its guard leaves alone whatever flight replaced it.
+    /// Says whether there was a flight.
+    pub(crate) fn detach(&self, key: &StoreKey) -> bool {
+        match self.map.remove(key.as_str()) {
+            Some((_, flight)) => {
+                flight.land(Landing::Retry);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn guard(&self, key: Arc<str>, flight: Arc<Flight>) -> FlightGuard {
         FlightGuard {
             map: self.map.clone(),

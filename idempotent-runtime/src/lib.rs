@@ -391,6 +391,7 @@ mod flight;
 pub mod grpc;
 mod hasher;
 pub mod http;
+mod inspect;
 mod key;
 mod lease;
 mod outcome;
@@ -414,6 +415,7 @@ pub use error::{
     CodecError, CodecErrorKind, ConfigError, Error, KeyError, StoreError, StoreErrorKind,
 };
 pub use fingerprint::Fingerprint;
+pub use inspect::{KeyRecord, KeyState};
 pub use key::{KeyDigest, StoreKey, SCOPE_SEPARATOR};
 pub use outcome::outcome_of;
 pub use record::{FencingToken, Record, RecordState, StoredResult};
