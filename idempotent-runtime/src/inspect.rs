@@ -182,8 +182,10 @@ impl Idempotency {
     /// its end; but its claim is gone, so its result is not stored (the store fences its
     /// completion as it fences a holder whose lease ran out: counted in
     /// [`Stats::lease_lost`](crate::Stats::lease_lost) and logged at warn), and its caller
-    /// still gets its value. The next call runs the operation again, maybe while the
-    /// first still runs. Callers in this process waiting for the forgotten holder start
+    /// still gets its value (one run in a PostgreSQL transaction, by
+    /// [`Call::run_in_transaction`](crate::Call::run_in_transaction), is rolled back
+    /// instead and gets [`Error::LeaseLost`]). The next call runs the operation again,
+    /// maybe while the first still runs. Callers in this process waiting for the forgotten holder start
     /// over at once rather than wait for it: one of them claims the key and runs.
     ///
     /// Records held by other processes' local tiers (a
