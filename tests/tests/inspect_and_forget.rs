@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
-use idempotent_runtime::store::{MemoryStore, RedisStore, Store};
+use idempotent_runtime::store::{MemoryStore, RedisStore, Store, TooFewReplicas};
 use idempotent_runtime::{
     idempotent, Error, Idempotency, KeyError, KeyState, Outcome, StoreKey, StoredResult,
 };
 use idempotent_tests::postgres::{fresh_store, postgres_url};
 use idempotent_tests::redis_server::{redis_url, unique_prefix};
+use idempotent_tests::redis_topology::sentinel_spec;
 use idempotent_tests::transactions::{effects, insert, store_with_effects};
 use idempotent_tests::FaultyStore;
 use serde::{Deserialize, Serialize};
@@ -538,4 +539,59 @@ async fn the_store_handle_forwards_inspect_and_forget() {
     assert!(store.inspect(&key).await.expect("inspect").is_some());
     assert!(store.forget(&key).await.expect("forget"));
     assert!(store.inspect(&key).await.expect("inspect").is_none());
+}
+
+/// With replica acks required, a forget waits for them as a completion does: one replica
+/// acknowledges it on the test Sentinel set; when more are required than there are, the
+/// forget is reported as not known to survive a failover (typed), although the primary
+/// deleted the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_a_forget_waits_for_replicas_when_asked_to() {
+    let (urls, name) = sentinel_spec();
+    let plain = RedisStore::connect_sentinel(urls, &name)
+        .await
+        .expect("the test Sentinel set (bash .ci/services)")
+        .with_prefix(unique_prefix());
+    let acked = Idempotency::new(plain.clone().with_replica_acks(1, Duration::from_secs(2)));
+    let strict = Idempotency::new(
+        plain
+            .clone()
+            .with_replica_acks(2, Duration::from_millis(100)),
+    );
+    let stored = |idem: &Idempotency, key: &'static str| {
+        let idem = idem.clone();
+        async move {
+            idem.call(key)
+                .scope("inspect.acks")
+                .run(|| async { Ok::<_, Error>(1u8) })
+                .await
+                .expect("call")
+        }
+    };
+    stored(&acked, "a").await;
+    assert!(acked
+        .forget("inspect.acks", "a")
+        .await
+        .expect("acknowledged"));
+    assert!(acked
+        .record("inspect.acks", "a")
+        .await
+        .expect("record")
+        .is_none());
+
+    stored(&acked, "b").await;
+    match strict.forget("inspect.acks", "b").await {
+        Err(Error::Store(e)) => {
+            let short = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<TooFewReplicas>())
+                .unwrap_or_else(|| panic!("{e:?}"));
+            assert_eq!((short.acked, short.wanted), (1, 2));
+        }
+        other => panic!("expected too few replicas, got {other:?}"),
+    }
+    assert!(strict
+        .record("inspect.acks", "b")
+        .await
+        .expect("record")
+        .is_none());
 }
