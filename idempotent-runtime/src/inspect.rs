@@ -9,7 +9,7 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::call::CallKey;
 use crate::codec::Codec;
@@ -151,10 +151,11 @@ impl Idempotency {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_runtime::Error> {
-    /// use idempotent_runtime::{Idempotency, KeyState};
+    /// use idempotent_runtime::{Error, Idempotency, KeyState};
     ///
     /// let idem = Idempotency::memory();
-    /// idem.call("order-7").scope("payments").run(|| async { Ok::<_, idempotent_runtime::Error>(1250u64) }).await?;
+    /// let charge = || async { Ok::<_, Error>(1250u64) };
+    /// idem.call("order-7").scope("payments").run(charge).await?;
     ///
     /// let rec = idem.record("payments", "order-7").await?.expect("stored");
     /// assert!(matches!(rec.state, KeyState::Completed { .. }));
@@ -185,14 +186,16 @@ impl Idempotency {
     /// still gets its value (one run in a PostgreSQL transaction, by
     /// [`Call::run_in_transaction`](crate::Call::run_in_transaction), is rolled back
     /// instead and gets [`Error::LeaseLost`]). The next call runs the operation again,
-    /// maybe while the first still runs. Callers in this process waiting for the forgotten holder start
-    /// over at once rather than wait for it: one of them claims the key and runs.
+    /// maybe while the first still runs. Callers in this process waiting for the forgotten
+    /// holder start over at once rather than wait for it: one of them claims the key and
+    /// runs.
     ///
-    /// Records held by other processes' local tiers (a
-    /// [`RedisStore::with_local_cache`](crate::store::RedisStore::with_local_cache) of
-    /// theirs) are not reached: they replay a forgotten result until it leaves their tier
-    /// (at most its TTL). Every call that starts after `forget` returns in this process, and
-    /// in every process without such a tier, finds the key new.
+    /// A [`RedisStore::with_local_cache`](crate::store::RedisStore::with_local_cache) tier
+    /// is cleared only in this engine's store (and its clones): the tier of another
+    /// process, or of a `RedisStore` this process connected apart, replays a forgotten
+    /// result until it leaves that tier (at most its TTL). Every call that starts after
+    /// `forget` returns, through this engine or any engine without such a tier of its own,
+    /// finds the key new.
     ///
     /// An error leaves it unknown whether the store deleted the key (a timeout after it
     /// did, or, with [`RedisStore::with_replica_acks`](crate::store::RedisStore::with_replica_acks),
@@ -217,7 +220,9 @@ impl Idempotency {
         let existed = self.inner.store.forget(&key).await?;
         // After the store: a follower that starts over now claims a key that is free.
         let detached = self.inner.flights.detach(&key);
-        debug!(scope = key.scope(), key = %key.digest(), existed, detached, "idempotency key forgotten");
+        // At info, not debug: an operator's deliberate deletion, which lets the operation run
+        // again, is worth an audit trail (scope and digest only, as every log of the crate).
+        info!(scope = key.scope(), key = %key.digest(), existed, detached, "idempotency key forgotten");
         Ok(existed)
     }
 
