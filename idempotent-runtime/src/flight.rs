@@ -208,6 +208,23 @@ impl Flights {
         self.guard(shared, flight)
     }
 
+    /// Takes `key`'s flight out of the map, if there is one, and tells its followers to
+    /// start over, because the key was forgotten in the store: its leader's claim is gone,
+    /// so what it lands would be refused by the store (or would answer for a key that was
+    /// deleted), and followers left waiting on a stuck leader would stay stuck. Starting
+    /// over, one of them leads and claims the key afresh. The leader itself runs on; its
+    /// later landing is moot, and its guard leaves alone whatever flight replaced it.
+    /// Says whether there was a flight.
+    pub(crate) fn detach(&self, key: &StoreKey) -> bool {
+        match self.map.remove(key.as_str()) {
+            Some((_, flight)) => {
+                flight.land(Landing::Retry);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn guard(&self, key: Arc<str>, flight: Arc<Flight>) -> FlightGuard {
         FlightGuard {
             map: self.map.clone(),
@@ -297,6 +314,48 @@ mod tests {
                 .expect("follows");
             assert!(matches!(waited, Waited::Landed(Landing::Result { .. })));
         }
+        assert_eq!(flights.len(), 0);
+    }
+
+    /// A detached flight's followers start over at once; the next caller leads a flight
+    /// of its own, which the old leader's landing neither answers nor removes.
+    #[tokio::test]
+    async fn a_detached_flight_sends_its_followers_to_a_new_leader() {
+        let flights = Flights::default();
+        let key = StoreKey::new("detach", "k", 255).expect("key");
+        assert!(!flights.detach(&key), "nothing to detach");
+        let Joined::Leader(old) = flights.join(&key, None) else {
+            panic!("the first caller leads");
+        };
+        let Joined::Follower(flight) = flights.join(&key, None) else {
+            panic!("the second caller follows");
+        };
+        let mut following = flight.follow();
+        assert!(flights.detach(&key));
+        assert!(matches!(
+            following.wait(false).await,
+            Waited::Landed(Landing::Retry)
+        ));
+        assert_eq!(flights.len(), 0);
+        let Joined::Leader(new) = flights.join(&key, None) else {
+            panic!("the follower, starting over, leads");
+        };
+        let Joined::Follower(next) = flights.join(&key, None) else {
+            panic!("a later caller follows the new leader");
+        };
+        old.land(Landing::Result {
+            result: StoredResult::Ok(Bytes::from_static(b"J1")),
+            fingerprint: None,
+        });
+        assert_eq!(
+            flights.len(),
+            1,
+            "the old leader leaves the new flight alone"
+        );
+        assert!(next.landed.get().is_none(), "nor does it answer it");
+        // The first landing stood on the detached flight.
+        assert!(matches!(flight.landed.get(), Some(Landing::Retry)));
+        drop(new);
         assert_eq!(flights.len(), 0);
     }
 }

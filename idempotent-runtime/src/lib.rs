@@ -399,6 +399,35 @@
 //! type name, which changes when code moves: give long-lived operations an explicit
 //! [`Call::scope`].
 //!
+//! # Inspecting and forgetting a key
+//! For support staff rather than code paths: [`Idempotency::record`] shows what a key
+//! holds in the store (a claim in progress and its lease left, or the stored result and
+//! its TTL left, as a [`KeyRecord`]), and [`Idempotency::forget`] deletes it so the next
+//! call runs again, with what this process keeps of it (typed copies, a Redis local
+//! tier, the in-process flight). Both take the scope and key a call uses:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_runtime::Error> {
+//! use idempotent_runtime::{idempotent, Error, Idempotency, KeyState};
+//!
+//! #[idempotent(scope = "payments.charge", key = order, store = idem)]
+//! async fn charge(idem: &Idempotency, order: u64) -> Result<String, Error> {
+//!     Ok(format!("ch_{order}"))
+//! }
+//!
+//! let idem = Idempotency::memory();
+//! charge(&idem, 42).await?;
+//! let rec = idem.record("payments.charge", 42).await?.expect("stored");
+//! assert!(matches!(rec.state, KeyState::Completed { .. }));
+//! assert_eq!(rec.value::<String>()?.as_deref(), Some("ch_42"));
+//! assert!(idem.forget("payments.charge", 42).await?); // the next charge runs again
+//! assert!(idem.record("payments.charge", 42).await?.is_none());
+//! # Ok(()) }
+//! ```
+//!
+//! A key forgotten while its operation runs does not stop it; its result is then not
+//! stored (see [`Idempotency::forget`]).
+//!
 //! # Observability
 //! [`Idempotency::stats`] counts executions, replays, coalesced calls, rejections,
 //! mismatches and store errors. The engine emits `tracing` events at debug level naming
@@ -427,6 +456,7 @@ mod flight;
 pub mod grpc;
 mod hasher;
 pub mod http;
+mod inspect;
 mod key;
 mod lease;
 mod outcome;
@@ -450,6 +480,7 @@ pub use error::{
     CodecError, CodecErrorKind, ConfigError, Error, KeyError, StoreError, StoreErrorKind,
 };
 pub use fingerprint::Fingerprint;
+pub use inspect::{KeyRecord, KeyState};
 pub use key::{KeyDigest, StoreKey, SCOPE_SEPARATOR};
 pub use outcome::outcome_of;
 pub use record::{FencingToken, Record, RecordState, StoredResult};

@@ -581,3 +581,218 @@ pub async fn a_holder_that_stops_renewing_frees_its_key_within_one_lease<H: Harn
     assert_eq!((v, how), (1, Outcome::Executed));
     std::mem::forget(holder);
 }
+
+/// A key never used shows nothing, and forgetting it deletes nothing.
+pub async fn an_absent_key_is_neither_inspected_nor_forgotten<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "absent");
+    assert_eq!(store.inspect(&k).await.expect("inspect"), None);
+    assert!(!store.forget(&k).await.expect("forget"));
+    assert_eq!(store.inspect(&k).await.expect("inspect"), None);
+}
+
+/// A claim in progress shows as such: its holder, its fingerprint, and the lease it has
+/// left (some, and no more than it was given).
+pub async fn inspect_shows_a_claim_in_progress_and_its_lease<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "inspect-claim");
+    let lease = h.lease();
+    let token = acquire(&store, &k, Some(fp(3)), lease).await;
+    let found = store
+        .inspect(&k)
+        .await
+        .expect("inspect")
+        .expect("a claim in progress is a live record");
+    assert_eq!(found.record.holder(), Some(token));
+    assert_eq!(found.record.fingerprint, Some(fp(3)));
+    assert!(
+        !found.time_left.is_zero() && found.time_left <= lease,
+        "lease left {:?} of {lease:?}",
+        found.time_left
+    );
+    // Looking changes nothing: the holder completes as before.
+    assert_eq!(
+        store
+            .complete(&k, token, bytes("1"), TTL)
+            .await
+            .expect("complete"),
+        Fence::Held
+    );
+}
+
+/// A completed key shows its result, the token that completed it, the fingerprint it was
+/// claimed with, and the TTL it has left (some, and no more than it was given).
+pub async fn inspect_shows_a_result_and_its_ttl_left<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "inspect-result");
+    let token = acquire(&store, &k, Some(fp(4)), h.lease()).await;
+    let _ = store
+        .complete(&k, token, bytes("\"shown\""), TTL)
+        .await
+        .expect("complete");
+    let found = store
+        .inspect(&k)
+        .await
+        .expect("inspect")
+        .expect("a result within its TTL is a live record");
+    assert_eq!(found.record.token(), token);
+    assert_eq!(found.record.fingerprint, Some(fp(4)));
+    assert!(
+        matches!(&found.record.state, RecordState::Completed { result, .. } if *result == bytes("\"shown\"")),
+        "{:?}",
+        found.record
+    );
+    assert!(
+        !found.time_left.is_zero() && found.time_left <= TTL,
+        "TTL left {:?} of {TTL:?}",
+        found.time_left
+    );
+    // A stored error shows as one.
+    let e = key("conf", "inspect-error");
+    let token = acquire(&store, &e, None, h.lease()).await;
+    let err = StoredResult::Err(b"\"declined\"".to_vec().into());
+    let _ = store
+        .complete(&e, token, err.clone(), TTL)
+        .await
+        .expect("complete");
+    let found = store.inspect(&e).await.expect("inspect").expect("stored");
+    assert!(matches!(found.record.state, RecordState::Completed { result, .. } if result == err));
+}
+
+/// A forgotten result is gone: nothing to inspect, nothing to peek at, and the next claim
+/// acquires the key. Forgetting it again deletes nothing.
+pub async fn a_forgotten_result_is_claimed_afresh<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "forget-result");
+    let first = acquire(&store, &k, None, h.lease()).await;
+    let _ = store
+        .complete(&k, first, bytes("1"), TTL)
+        .await
+        .expect("complete");
+    // A claim of the completed key (which puts it in a store's local tier, if it has one).
+    assert!(matches!(
+        store
+            .claim(&k, FencingToken::mint(), None, h.lease())
+            .await
+            .expect("claim"),
+        Claim::Completed(_)
+    ));
+    assert!(store.forget(&k).await.expect("forget"));
+    assert_eq!(store.inspect(&k).await.expect("inspect"), None);
+    assert_eq!(store.peek_completed(&k), None);
+    assert!(!store.forget(&k).await.expect("forget again"));
+    let second = acquire(&store, &k, None, h.lease()).await;
+    assert_ne!(second, first);
+    // The first holder's completion, retried, does not bring its result back.
+    assert_eq!(
+        store
+            .complete(&k, first, bytes("1"), TTL)
+            .await
+            .expect("complete"),
+        Fence::Lost
+    );
+}
+
+/// Forgetting a claim in progress frees the key, and fences its holder as a lapsed lease
+/// does: it can no longer renew, complete (its result is not written over the forgotten
+/// key, nor over the claim of the caller that took the key next) or release.
+pub async fn a_forgotten_claim_fences_its_holder<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "forget-claim");
+    let lease = h.lease();
+    let old = acquire(&store, &k, None, lease).await;
+    assert!(store.forget(&k).await.expect("forget"));
+    assert_eq!(store.inspect(&k).await.expect("inspect"), None);
+    // With nobody on the key since: not resurrected.
+    assert_eq!(
+        store.renew(&k, old, lease).await.expect("renew"),
+        Fence::Lost
+    );
+    assert_eq!(
+        store
+            .complete(&k, old, bytes("\"old\""), TTL)
+            .await
+            .expect("complete"),
+        Fence::Lost
+    );
+    assert_eq!(store.inspect(&k).await.expect("inspect"), None);
+    // With a new holder: its claim stands.
+    let new = acquire(&store, &k, None, lease).await;
+    assert_ne!(new, old);
+    assert_eq!(
+        store
+            .complete(&k, old, bytes("\"old\""), TTL)
+            .await
+            .expect("complete"),
+        Fence::Lost
+    );
+    assert_eq!(store.release(&k, old).await.expect("release"), Fence::Lost);
+    let found = store.inspect(&k).await.expect("inspect").expect("claimed");
+    assert_eq!(found.record.holder(), Some(new));
+    assert_eq!(
+        store
+            .complete(&k, new, bytes("\"new\""), TTL)
+            .await
+            .expect("complete"),
+        Fence::Held
+    );
+    let found = store.inspect(&k).await.expect("inspect").expect("stored");
+    assert!(
+        matches!(found.record.state, RecordState::Completed { result, .. } if result == bytes("\"new\""))
+    );
+}
+
+/// A claim past its lease and a result past its TTL are not shown, and forgetting them
+/// answers that nothing live was there.
+pub async fn expired_records_are_neither_inspected_nor_forgotten<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let lease = h.lease();
+    let claimed = key("conf", "expired-claim");
+    let completed = key("conf", "expired-result");
+    acquire(&store, &claimed, None, lease).await;
+    let token = acquire(&store, &completed, None, lease).await;
+    let _ = store
+        .complete(&completed, token, bytes("1"), lease)
+        .await
+        .expect("complete");
+    h.advance(lease + lease / 4).await;
+    for k in [&claimed, &completed] {
+        assert_eq!(store.inspect(k).await.expect("inspect"), None, "{k:?}");
+        assert!(!store.forget(k).await.expect("forget"), "{k:?}");
+        acquire(&store, k, None, lease).await;
+    }
+}
+
+/// Through the engine, on the store: `record` shows a call's result under the scope and key
+/// the call used, and after `forget` the next call runs the operation again.
+pub async fn an_engine_runs_a_forgotten_key_again<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let idem = Idempotency::new(store);
+    let runs = Arc::new(AtomicU32::new(0));
+    let call = || {
+        let runs = runs.clone();
+        idem.call("order-9")
+            .scope("conf.forget")
+            .run_with_outcome(move || async move {
+                Ok::<_, Error>(runs.fetch_add(1, Ordering::SeqCst) + 100)
+            })
+    };
+    assert_eq!(call().await.expect("call"), (100, Outcome::Executed));
+    assert_eq!(call().await.expect("call"), (100, Outcome::Replayed));
+    let rec = idem
+        .record("conf.forget", "order-9")
+        .await
+        .expect("record")
+        .expect("stored");
+    assert!(rec.is_completed());
+    assert_eq!(rec.value::<u32>().expect("decodes"), Some(100));
+    assert!(!rec.time_left().is_zero() && rec.time_left() <= idempotent_runtime::DEFAULT_TTL);
+    assert!(idem.forget("conf.forget", "order-9").await.expect("forget"));
+    assert!(idem
+        .record("conf.forget", "order-9")
+        .await
+        .expect("record")
+        .is_none());
+    assert_eq!(call().await.expect("call"), (101, Outcome::Executed));
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
 use async_trait::async_trait;
-use idempotent_runtime::store::{Claim, Fence, PostgresStore, Store};
+use idempotent_runtime::store::{Claim, Fence, Inspected, PostgresStore, Store};
 use idempotent_runtime::{FencingToken, Fingerprint, Record, StoreError, StoreKey, StoredResult};
 
 /// Wraps a store; while [`FaultyStore::set_down`] is on, every operation fails as an
@@ -211,6 +211,16 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<Fence, StoreError> {
         self.check("release")?;
         self.inner.release(key, token).await
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<Option<Inspected>, StoreError> {
+        self.check("inspect")?;
+        self.inner.inspect(key).await
+    }
+
+    async fn forget(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        self.check("forget")?;
+        self.inner.forget(key).await
     }
 
     fn peek_completed(&self, key: &StoreKey) -> Option<Record> {

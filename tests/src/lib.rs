@@ -113,6 +113,13 @@ macro_rules! store_conformance {
             two_engines_execute_once_under_concurrent_callers,
             a_body_three_times_its_lease_runs_once_while_duplicates_arrive,
             a_holder_that_stops_renewing_frees_its_key_within_one_lease,
+            an_absent_key_is_neither_inspected_nor_forgotten,
+            inspect_shows_a_claim_in_progress_and_its_lease,
+            inspect_shows_a_result_and_its_ttl_left,
+            a_forgotten_result_is_claimed_afresh,
+            a_forgotten_claim_fences_its_holder,
+            expired_records_are_neither_inspected_nor_forgotten,
+            an_engine_runs_a_forgotten_key_again,
         );
     };
     (@tests $harness:expr; $($check:ident),* $(,)?) => {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use idempotent_runtime::store::{Claim, Fence, MemoryStore, Store};
+use idempotent_runtime::store::{Claim, Fence, Inspected, MemoryStore, Store};
 use idempotent_runtime::{
     Error, FencingToken, Fingerprint, Idempotency, Outcome, StoreError, StoreKey, StoredResult,
 };
@@ -73,6 +73,14 @@ impl<S: Store + Clone> Store for SlowLink<S> {
 
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<Fence, StoreError> {
         self.inner.release(key, token).await
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<Option<Inspected>, StoreError> {
+        self.inner.inspect(key).await
+    }
+
+    async fn forget(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        self.inner.forget(key).await
     }
 }
 

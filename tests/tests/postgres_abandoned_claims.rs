@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use idempotent_runtime::store::{Claim, Fence, PostgresStore, Store};
+use idempotent_runtime::store::{Claim, Fence, Inspected, PostgresStore, Store};
 use idempotent_runtime::{
     Concurrency, Error, FencingToken, Fingerprint, Idempotency, Outcome, StoreError, StoreKey,
     StoredResult,
@@ -56,6 +56,12 @@ impl<S: Store + Clone> Store for Observed<S> {
         let answer = self.inner.release(k, t).await;
         self.releases.fetch_add(1, Ordering::SeqCst);
         answer
+    }
+    async fn inspect(&self, k: &StoreKey) -> Result<Option<Inspected>, StoreError> {
+        self.inner.inspect(k).await
+    }
+    async fn forget(&self, k: &StoreKey) -> Result<bool, StoreError> {
+        self.inner.forget(k).await
     }
 }
 

@@ -31,7 +31,7 @@ use moka::sync::Cache;
 use moka::Expiry;
 use tracing::warn;
 
-use super::{Claim, Fence, Store, ValueCopy};
+use super::{Claim, Fence, Inspected, Store, ValueCopy};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
@@ -434,6 +434,45 @@ impl Store for MemoryStore {
 
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<Fence, StoreError> {
         Ok(self.take_claim(key.as_str(), token, self.clock.now(), |_| {}))
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<Option<Inspected>, StoreError> {
+        let now = self.clock.now();
+        let live_claim = self
+            .claims
+            .get(key.as_str())
+            .filter(|held| now < held.lease_expires_at)
+            .map(|held| held.record());
+        let record = live_claim.or_else(|| self.live_result(key.as_str(), now));
+        Ok(record.map(|record| Inspected {
+            time_left: record.ends_at().saturating_since(now),
+            record,
+        }))
+    }
+
+    async fn forget(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let now = self.clock.now();
+        // Under the lock of the key's claim entry, which a claim, a completion and
+        // `keep_copy` of the key all hold: none of them can put back, between the two
+        // removals, what this one removes (a completion moves the claim into the cache
+        // under that lock).
+        let (claim_was_live, result_was_live) = match self.claims.entry(key.as_str().to_owned()) {
+            Entry::Occupied(held) => {
+                let result = self.results.remove(key.as_str());
+                let held = held.remove();
+                self.claim_count.fetch_sub(1, Ordering::AcqRel);
+                (
+                    now < held.lease_expires_at,
+                    result.is_some_and(|kept| kept.is_live(now)),
+                )
+            }
+            Entry::Vacant(_claim_lock) => {
+                // The copy of the value a hit kept lives in the cache entry: it goes too.
+                let result = self.results.remove(key.as_str());
+                (false, result.is_some_and(|kept| kept.is_live(now)))
+            }
+        };
+        Ok(claim_was_live || result_was_live)
     }
 
     fn peek_completed(&self, key: &StoreKey) -> Option<Record> {

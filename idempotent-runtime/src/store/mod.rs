@@ -7,6 +7,12 @@
 //! Expiry is decided by the store against its own clock: a claim whose lease has run out,
 //! and a result whose TTL has run out, count as absent in every operation.
 //!
+//! Two more operations are for people rather than for the protocol:
+//! [`inspect`](Store::inspect) shows what a key holds, and [`forget`](Store::forget) deletes
+//! it (a support engineer undoing a stuck payment); the engine's
+//! [`Idempotency::record`](crate::Idempotency::record) and
+//! [`Idempotency::forget`](crate::Idempotency::forget) call them.
+//!
 //! Every store must pass the conformance suite in the workspace's `tests` crate
 //! (`idempotent_tests::store_conformance!`).
 
@@ -72,6 +78,19 @@ pub enum Fence {
     Lost,
 }
 
+/// What [`Store::inspect`] found under a key: its live record, and how long it has left.
+///
+/// The time left comes from the store's own clock (Redis's `PTTL`, PostgreSQL's `now()`),
+/// because the record's timestamps were written by whichever process's clock made them and
+/// a reader's clock may disagree with them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspected {
+    /// The record: a claim in progress or a completed result.
+    pub record: Record,
+    /// How long until the claim's lease, or the result's TTL, runs out and the key is new.
+    pub time_left: Duration,
+}
+
 /// Storage for idempotency records.
 ///
 /// Implementations must make each method atomic for its key, across every process that
@@ -124,6 +143,20 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
     /// Deletes `token`'s claim, so the key is free at once (after an error that is not
     /// stored, a panic or a cancellation).
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<Fence, StoreError>;
+
+    /// The live record of `key` (a claim within its lease, or a result within its TTL),
+    /// and the time it has left; `None` when there is none. Reads the shared record itself,
+    /// never a copy in this process that may be older.
+    async fn inspect(&self, key: &StoreKey) -> Result<Option<Inspected>, StoreError>;
+
+    /// Deletes whatever `key` holds, whoever holds it, so the next claim acquires it; `true`
+    /// when there was a live record. Anything the store keeps of the key in this process
+    /// (a local tier, a value copy) goes too.
+    ///
+    /// Forgetting a claim in progress fences its holder as a lapsed lease does: its
+    /// renewal, completion and release are [`Fence::Lost`], so its result is never written
+    /// over a key that was forgotten or claimed again since.
+    async fn forget(&self, key: &StoreKey) -> Result<bool, StoreError>;
 
     /// A completed record the store can hand over without I/O (one held in this process's
     /// memory), or `None`. The engine asks this first on every call, so a hit on a local
@@ -203,6 +236,14 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<Fence, StoreError> {
         (**self).release(key, token).await
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<Option<Inspected>, StoreError> {
+        (**self).inspect(key).await
+    }
+
+    async fn forget(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        (**self).forget(key).await
     }
 
     fn peek_completed(&self, key: &StoreKey) -> Option<Record> {

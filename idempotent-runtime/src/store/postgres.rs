@@ -23,7 +23,7 @@ use sqlx::query::Query;
 use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::{Claim, Fence, Store};
+use super::{Claim, Fence, Inspected, Store};
 use crate::clock::Timestamp;
 use crate::error::{ConfigError, Error, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -91,6 +91,8 @@ struct Sql {
     renew: String,
     complete: String,
     release: String,
+    inspect: String,
+    forget: String,
     purge: String,
     complete_in_transaction: String,
     settle: String,
@@ -128,6 +130,20 @@ impl Sql {
             release: format!(
                 "DELETE FROM {t}
                  WHERE scope = $1 AND key = $2 AND state = 'p' AND token = $3 AND expires_at > now()"
+            ),
+            // The time left by the database's clock, which decides expiry.
+            inspect: format!(
+                "SELECT token, state, fingerprint, result,
+                        (extract(epoch FROM expires_at) * 1000)::bigint AS ends_at,
+                        ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint AS left_ms
+                 FROM {t}
+                 WHERE scope = $1 AND key = $2 AND expires_at > now()"
+            ),
+            // An expired row goes too (it counts as absent, and would be purged anyway);
+            // the answer says whether a live one was there.
+            forget: format!(
+                "DELETE FROM {t} WHERE scope = $1 AND key = $2
+                 RETURNING expires_at > now() AS live"
             ),
             purge: format!("DELETE FROM {t} WHERE expires_at <= now()"),
             // In the operation's transaction, just before its commit. No check of the
@@ -691,11 +707,22 @@ fn completion<'q>(
 /// A claim's answer row.
 fn parse_claim(row: &PgRow) -> Result<Claim, StoreError> {
     let bad = |e: sqlx::Error| StoreError::new("postgres: unexpected claim row", e);
-    let token: i64 = row.try_get("token").map_err(bad)?;
-    let token = FencingToken::new(u64::from_be_bytes(token.to_be_bytes()));
     if row.try_get::<bool, _>("acquired").map_err(bad)? {
         return Ok(Claim::Acquired);
     }
+    let record = parse_record(row)?;
+    Ok(match record.state {
+        RecordState::InProgress { .. } => Claim::InProgress(record),
+        RecordState::Completed { .. } => Claim::Completed(record),
+    })
+}
+
+/// A record from a row with its columns (`token`, `state`, `fingerprint`, `result`,
+/// `ends_at`), as the claim and the inspection read them.
+fn parse_record(row: &PgRow) -> Result<Record, StoreError> {
+    let bad = |e: sqlx::Error| StoreError::new("postgres: unexpected record row", e);
+    let token: i64 = row.try_get("token").map_err(bad)?;
+    let token = FencingToken::new(u64::from_be_bytes(token.to_be_bytes()));
     let state: String = row.try_get("state").map_err(bad)?;
     let fp: Option<Vec<u8>> = row.try_get("fingerprint").map_err(bad)?;
     let result: Option<Vec<u8>> = row.try_get("result").map_err(bad)?;
@@ -708,24 +735,24 @@ fn parse_claim(row: &PgRow) -> Result<Claim, StoreError> {
         None => None,
     };
     let stored = || Bytes::from(result.clone().unwrap_or_default());
-    let record = |state| Record { fingerprint, state };
-    Ok(match state.as_str() {
-        "p" => Claim::InProgress(record(RecordState::InProgress {
+    let state = match state.as_str() {
+        "p" => RecordState::InProgress {
             token,
             lease_expires_at: ends_at,
-        })),
-        "c" => Claim::Completed(record(RecordState::Completed {
+        },
+        "c" => RecordState::Completed {
             token,
             result: StoredResult::Ok(stored()),
             expires_at: ends_at,
-        })),
-        "e" => Claim::Completed(record(RecordState::Completed {
+        },
+        "e" => RecordState::Completed {
             token,
             result: StoredResult::Err(stored()),
             expires_at: ends_at,
-        })),
+        },
         _ => return Err(StoreError::msg("postgres: unknown record state")),
-    })
+    };
+    Ok(Record { fingerprint, state })
 }
 
 #[async_trait]
@@ -772,6 +799,34 @@ impl Store for PostgresStore {
             .bind(key.key())
             .bind(token_arg(token));
         self.fenced("postgres: release", q).await
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<Option<Inspected>, StoreError> {
+        let q = sqlx::query(&self.sql.inspect)
+            .bind(key.scope())
+            .bind(key.key());
+        let Some(row) = self.fetch_optional("postgres: inspect", q).await? else {
+            return Ok(None);
+        };
+        let record = parse_record(&row)?;
+        let left: i64 = row
+            .try_get("left_ms")
+            .map_err(store_err("postgres: unexpected record row"))?;
+        let time_left = Duration::from_millis(u64::try_from(left).unwrap_or(0));
+        Ok(Some(Inspected { record, time_left }))
+    }
+
+    async fn forget(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let q = sqlx::query(&self.sql.forget)
+            .bind(key.scope())
+            .bind(key.key());
+        let row = self.fetch_optional("postgres: forget", q).await?;
+        match row {
+            None => Ok(false),
+            Some(row) => row
+                .try_get::<bool, _>("live")
+                .map_err(store_err("postgres: unexpected forget row")),
+        }
     }
 
     fn postgres(&self) -> Option<&PostgresStore> {

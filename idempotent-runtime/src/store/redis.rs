@@ -24,6 +24,7 @@
 
 use std::cell::RefCell;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,7 +39,7 @@ use redis::{Script, Value};
 
 use super::redis_acks::ReplicaAcks;
 use super::redis_connection::{Following, RedisConnection};
-use super::{Claim, Fence, Store, ValueCopy};
+use super::{Claim, Fence, Inspected, Store, ValueCopy};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::{Error, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -160,6 +161,11 @@ pub struct RedisStore {
     acks: Option<ReplicaAcks>,
     scripts: Arc<Scripts>,
     local: Option<Cache<String, Local, KeyHasher>>,
+    // Bumped by every `forget` of this store (and its clones): a claim that read a result
+    // from Redis before a forget deleted it must not put that result into the local tier
+    // after the forget cleared it there, where it would be replayed until its TTL ends.
+    // A claim puts a result there only if no forget began since it sent its request.
+    forgets: Arc<AtomicU64>,
 }
 
 struct Scripts {
@@ -351,6 +357,7 @@ impl RedisStore {
                 release: Lua::new(RELEASE),
             }),
             local: None,
+            forgets: Arc::new(AtomicU64::new(0)),
         };
         store.lay_out_keys();
         store
@@ -792,6 +799,7 @@ impl Store for RedisStore {
             .arg(millis(lease))
             .arg("GET");
         let sent = Instant::now();
+        let forgets = self.forgets.load(Ordering::Acquire);
         let op = "redis: claim";
         // With replica acks required: whether enough replicas have what the claim wrote.
         let mut replicated = Ok(());
@@ -875,7 +883,16 @@ impl Store for RedisStore {
                             keep_for,
                             copy: None,
                         };
-                        local.entry(rkey).and_compute_with(|_| Op::Put(fresh));
+                        // A forget since the claim was sent may have deleted this record:
+                        // then it stays out (checked inside the compute, which takes turns
+                        // with the forget's own).
+                        local.entry(rkey).and_compute_with(|_| {
+                            if self.forgets.load(Ordering::Acquire) == forgets {
+                                Op::Put(fresh)
+                            } else {
+                                Op::Nop
+                            }
+                        });
                     }
                 }
                 Claim::Completed(record)
@@ -923,6 +940,72 @@ impl Store for RedisStore {
             &[&token.get().to_be_bytes()],
         )
         .await
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<Option<Inspected>, StoreError> {
+        let rkey = self.redis_key(key);
+        // Redis's record, never the local tier's copy; the time left by Redis's clock.
+        let values = self
+            .round_trip("redis: inspect", false, true, |_| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("GET").arg(&rkey).cmd("PTTL").arg(&rkey);
+                pipe
+            })
+            .await?;
+        let bad = |e| StoreError::new("redis: inspect", e);
+        let (bytes, pttl): (Option<Vec<u8>>, i64) = match values.as_slice() {
+            [v, t] => (
+                redis::from_redis_value_ref(v).map_err(bad)?,
+                redis::from_redis_value_ref(t).map_err(bad)?,
+            ),
+            _ => return Err(StoreError::msg("redis: inspect answered out of shape")),
+        };
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let record = decode(&bytes).ok_or(StoreError::msg(
+            "redis: a record under this key is not ours",
+        ))?;
+        let time_left = match pttl {
+            // Expired or deleted between the two commands (a pipeline is not atomic):
+            // gone now.
+            -2 => return Ok(None),
+            // No expiry: no record of ours is written without one; answer by its own end.
+            -1 => record.ends_at().saturating_since(SystemClock.now()),
+            ms => Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+        };
+        Ok(Some(Inspected { record, time_left }))
+    }
+
+    async fn forget(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let rkey = self.redis_key(key);
+        // Before the `DEL`, so that claims in flight keep out of the local tier even if
+        // this future is dropped before its answer; and again after it (below), because a
+        // claim sent after this bump may still have been served before the `DEL`.
+        self.forgets.fetch_add(1, Ordering::AcqRel);
+        // Waits for replicas as a completion does: a forget a failover loses would bring
+        // back the result (or the stuck claim) its caller was told is gone.
+        let values = self
+            .round_trip("redis: forget", true, true, |_| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("DEL").arg(&rkey);
+                pipe
+            })
+            .await;
+        // Cleared whether or not Redis answered: the local tier must not go on replaying
+        // a record that may be gone from Redis. A compute, to take turns with a claim's:
+        // a claim served before the `DEL` puts its result in before this removal, or
+        // sees the bump after it and puts nothing.
+        self.forgets.fetch_add(1, Ordering::AcqRel);
+        if let Some(local) = &self.local {
+            local
+                .entry_by_ref(rkey.as_str())
+                .and_compute_with(|_| Op::<Local>::Remove);
+        }
+        match values?.as_slice() {
+            [Value::Int(n)] => Ok(*n > 0),
+            _ => Err(StoreError::msg("redis: forget answered out of shape")),
+        }
     }
 
     fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
