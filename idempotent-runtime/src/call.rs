@@ -18,6 +18,7 @@ use crate::error::ConfigError;
 use crate::error::{CodecError, Error, KeyError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
+use crate::observe::{call_span, invalid_call_span, Labels, ScopeLabel};
 
 /// A call being set up: `idem.call(key)`, then any settings, then [`Call::run`].
 ///
@@ -51,6 +52,8 @@ pub struct Call<'a, K, P = DiscardErrors> {
     ttl: Option<Duration>,
     lease: Option<Duration>,
     concurrency: Option<Concurrency>,
+    /// The `scope` label of the call's metrics (empty without the feature `metrics`).
+    label: ScopeLabel,
     policy: PhantomData<P>,
 }
 
@@ -75,6 +78,7 @@ impl<'a, K: CallKey> Call<'a, K> {
             ttl: None,
             lease: None,
             concurrency: None,
+            label: ScopeLabel::default(),
             policy: PhantomData,
         }
     }
@@ -136,6 +140,38 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         self
     }
 
+    /// The `scope` label of the call's metrics (feature `metrics`; without it, this does
+    /// nothing). Calls without one are labelled
+    /// [`CALL_SCOPE`](crate::metrics::CALL_SCOPE), `"call"`.
+    ///
+    /// A `&'static str`, so that only code chooses it: a label value made from a key or a
+    /// request (as [`Call::scope`] may be) would make a time series per request, which
+    /// metric backends cannot hold. Name the operation, as a scope would:
+    /// `"billing.refund"`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_runtime::Error> {
+    /// # let idem = idempotent_runtime::Idempotency::memory();
+    /// # let tenant = "acme";
+    /// let id = idem
+    ///     .call("refund-7")
+    ///     .scope(format!("{tenant}.refunds")) // from the request: not a label
+    ///     .metrics_scope("refunds")
+    ///     .run(|| async { Ok::<_, idempotent_runtime::Error>(7u64) })
+    ///     .await?;
+    /// # assert_eq!(id, 7); Ok(()) }
+    /// ```
+    pub fn metrics_scope(mut self, scope: &'static str) -> Self {
+        self.label = ScopeLabel::new(Cow::Borrowed(scope));
+        self
+    }
+
+    /// The label the attribute gives: its scope, which code chose.
+    pub(crate) fn metrics_label(mut self, label: ScopeLabel) -> Self {
+        self.label = label;
+        self
+    }
+
     /// Store `Err` results too, so a retry gets the same error rather than running again.
     /// The error type must then be `Serialize + DeserializeOwned`.
     pub fn store_errors(self) -> Call<'a, K, StoreErrors> {
@@ -147,6 +183,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             ttl: self.ttl,
             lease: self.lease,
             concurrency: self.concurrency,
+            label: self.label,
             policy: PhantomData,
         }
     }
@@ -352,8 +389,19 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
 
     /// Like [`Call::into_request`], with the default scope given.
     pub(crate) fn into_request_named(self, default_scope: &str) -> Result<Request, Error> {
+        let store_kind = self.engine.inner.store_kind;
+        let resolved = self.resolve(default_scope);
+        if resolved.is_err() {
+            // Refused before it had a key: its span says so, and ends.
+            drop(invalid_call_span(store_kind));
+        }
+        resolved
+    }
+
+    fn resolve(self, default_scope: &str) -> Result<Request, Error> {
         let scope = self.scope.as_deref().unwrap_or(default_scope);
         let defaults = self.engine.inner.defaults;
+        let store_kind = self.engine.inner.store_kind;
         let settings = Settings {
             ttl: self.ttl.unwrap_or(defaults.ttl),
             lease: self.lease.unwrap_or(defaults.lease),
@@ -370,6 +418,8 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             .into_store_key(scope, settings.max_key_len)
             .map_err(Error::InvalidKey)?;
         Ok(Request {
+            span: call_span(&key, store_kind),
+            labels: Labels::new(self.label, store_kind),
             key,
             fingerprint,
             settings,

@@ -90,7 +90,7 @@
 //!         let __idempotent_key = &(order.id);
 //!         __private::call(
 //!             __idempotent_engine,
-//!             __private::default_scope(&|| ()),
+//!             __private::default_scope(&|| (), 0),
 //!             __idempotent_key,
 //!             (&&__private::KeyPick(__idempotent_key)).text(),
 //!         )
@@ -393,6 +393,10 @@ mod hasher;
 pub mod http;
 mod key;
 mod lease;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+mod observe;
 mod outcome;
 mod record;
 mod stats;

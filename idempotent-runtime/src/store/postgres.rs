@@ -777,6 +777,10 @@ impl Store for PostgresStore {
     fn postgres(&self) -> Option<&PostgresStore> {
         Some(self)
     }
+
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
 }
 
 #[cfg(test)]

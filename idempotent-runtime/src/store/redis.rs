@@ -958,6 +958,10 @@ impl Store for RedisStore {
                 });
         });
     }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
 }
 
 struct LocalExpiry;
