@@ -356,6 +356,8 @@
 //!   of a tonic (gRPC) server, in gRPC's status codes, metadata and trailers.
 //! - `actix::IdempotencyMiddleware` (feature `actix`): the HTTP layer's rules as an
 //!   actix-web middleware.
+//! - `metrics` (feature `metrics`): metrics through the `metrics` crate's facade; see
+//!   [Observability](#observability).
 //!
 //! Every store passes the same conformance suite; the protocol lives once, in the engine.
 //!
@@ -369,6 +371,19 @@
 //! [`Idempotency::stats`] counts executions, replays, coalesced calls, rejections,
 //! mismatches and store errors. The engine emits `tracing` events at debug level naming
 //! the scope and a hash of the key, never the key or any payload.
+//!
+//! Each call runs in a `tracing` span, `idempotent.call`, at INFO, which the operation's
+//! own spans nest under. Its fields: `scope`; `key_digest`, a hash of the key
+//! ([`KeyDigest`]), never the key; `store`, the [`Store::kind`](store::Store::kind); and
+//! `outcome`, once known: `executed`, `replayed` or `coalesced` ([`Outcome::as_str`]),
+//! `rejected`, `mismatch`, `store_error` (nothing ran) or `invalid` (a key or setting
+//! refused). The engine's events use the same words.
+//!
+//! With the feature `metrics`, the counters of [`Stats`], per scope, and histograms of
+//! store round trips and of waits for a duplicate in flight are recorded through the
+//! `metrics` crate's facade, for whatever exporter the process installs; the module
+//! `metrics` names them and their labels, whose values only code chooses
+//! ([`Call::metrics_scope`]).
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 #![deny(unreachable_pub)]
 
