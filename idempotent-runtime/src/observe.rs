@@ -6,6 +6,7 @@
 //! code calls the same functions either way, so it needs no `cfg` of its own.
 
 use std::borrow::Cow;
+use std::fmt;
 use std::future::Future;
 
 use tracing::field::Empty;
@@ -271,22 +272,46 @@ impl Drop for Waiting<'_> {
 
 /// The span of one call, `idempotent.call`, at INFO: the body's own spans nest under it.
 /// Its fields are the scope, a digest of the store key (never the key), the store's kind
-/// and, once known, the outcome. The field values are computed only when a subscriber
-/// wants the span.
+/// and, once known, the outcome.
+///
+/// No span at all while no `tracing` subscriber takes INFO: with `tracing`'s `log`
+/// feature on (a dependency turns it on), a disabled span would still be written to the
+/// `log` crate, a line per call at INFO for a process that logs through `log` alone, and
+/// each hit would pay for the checks of that on creating, entering, recording and
+/// dropping it (about a tenth of a hit).
 #[inline(always)]
 pub(crate) fn call_span(key: &StoreKey, store: &'static str) -> Span {
+    if !tracing::level_enabled!(tracing::Level::INFO) {
+        return Span::none();
+    }
     tracing::info_span!(
         "idempotent.call",
         scope = key.scope(),
-        key_digest = %key.digest(),
+        key_digest = %DigestOf(key),
         store,
         outcome = Empty,
     )
 }
 
+/// Writes a key's digest, hashing the key only when it is written. `tracing` builds a
+/// span's field values even for a disabled span when its `log` feature is on (some
+/// dependency turns it on) and no subscriber is set, to hand them to the `log` crate; a
+/// digest computed there, a SHA-256 of the key, would cost each hit more than the rest of
+/// the span.
+struct DigestOf<'a>(&'a StoreKey);
+
+impl fmt::Display for DigestOf<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0.digest(), f)
+    }
+}
+
 /// The span of a call refused before it had a key (an invalid key or setting).
 #[cold]
 pub(crate) fn invalid_call_span(store: &'static str) -> Span {
+    if !tracing::level_enabled!(tracing::Level::INFO) {
+        return Span::none();
+    }
     tracing::info_span!(
         "idempotent.call",
         scope = Empty,
