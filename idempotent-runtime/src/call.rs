@@ -70,6 +70,11 @@ impl<K, P> fmt::Debug for Call<'_, K, P> {
 
 impl<'a, K: CallKey> Call<'a, K> {
     pub(crate) fn new(engine: &'a Idempotency, key: K) -> Self {
+        Self::labelled(engine, key, ScopeLabel::default())
+    }
+
+    /// A call whose metrics carry `label`.
+    pub(crate) fn labelled(engine: &'a Idempotency, key: K, label: ScopeLabel) -> Self {
         Self {
             engine,
             key,
@@ -78,7 +83,7 @@ impl<'a, K: CallKey> Call<'a, K> {
             ttl: None,
             lease: None,
             concurrency: None,
-            label: ScopeLabel::default(),
+            label,
             policy: PhantomData,
         }
     }
@@ -163,12 +168,6 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     /// ```
     pub fn metrics_scope(mut self, scope: &'static str) -> Self {
         self.label = ScopeLabel::new(Cow::Borrowed(scope));
-        self
-    }
-
-    /// The label the attribute gives: its scope, which code chose.
-    pub(crate) fn metrics_label(mut self, label: ScopeLabel) -> Self {
-        self.label = label;
         self
     }
 
@@ -389,16 +388,6 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
 
     /// Like [`Call::into_request`], with the default scope given.
     pub(crate) fn into_request_named(self, default_scope: &str) -> Result<Request, Error> {
-        let store_kind = self.engine.inner.store_kind;
-        let resolved = self.resolve(default_scope);
-        if resolved.is_err() {
-            // Refused before it had a key: its span says so, and ends.
-            drop(invalid_call_span(store_kind));
-        }
-        resolved
-    }
-
-    fn resolve(self, default_scope: &str) -> Result<Request, Error> {
         let scope = self.scope.as_deref().unwrap_or(default_scope);
         let defaults = self.engine.inner.defaults;
         let store_kind = self.engine.inner.store_kind;
@@ -410,13 +399,18 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         };
         // The engine's own settings were checked when it was built.
         if self.ttl.is_some() || self.lease.is_some() {
-            settings.check().map_err(Error::Config)?;
+            settings
+                .check()
+                .map_err(|e| refused(store_kind, Error::Config(e)))?;
         }
-        let fingerprint = self.fingerprint.transpose().map_err(Error::Codec)?;
+        let fingerprint = self
+            .fingerprint
+            .transpose()
+            .map_err(|e| refused(store_kind, Error::Codec(e)))?;
         let key = self
             .key
             .into_store_key(scope, settings.max_key_len)
-            .map_err(Error::InvalidKey)?;
+            .map_err(|e| refused(store_kind, Error::InvalidKey(e)))?;
         Ok(Request {
             span: call_span(&key, store_kind),
             labels: Labels::new(self.label, store_kind),
@@ -426,6 +420,13 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             transactional: false,
         })
     }
+}
+
+/// A call refused before it had a key: its span says so, and ends.
+#[cold]
+fn refused(store_kind: &'static str, e: Error) -> Error {
+    drop(invalid_call_span(store_kind));
+    e
 }
 
 /// A call run to completion, once started: answered at once, or running on its task.

@@ -1,6 +1,7 @@
 //! The protocol, written once for every store: check, claim, run (renewing the claim),
 //! complete or release, and wait for duplicates, in this process and across processes.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::panic::{resume_unwind, AssertUnwindSafe};
@@ -22,8 +23,8 @@ use crate::flight::{Flight, FlightGuard, Flights, Following, Joined, Landing, Wa
 use crate::key::StoreKey;
 use crate::lease::{Completion, HeldClaim, RENEWALS_PER_LEASE};
 use crate::observe::{
-    self, invalid_call_span, timed, Event, Labels, StoreOp, Via, Waiting, OUTCOME_MISMATCH,
-    OUTCOME_REJECTED, OUTCOME_STORE_ERROR,
+    self, invalid_call_span, timed, Event, Labels, ScopeLabel, StoreOp, Via, Waiting,
+    OUTCOME_MISMATCH, OUTCOME_REJECTED, OUTCOME_STORE_ERROR,
 };
 use crate::record::{FencingToken, Record, RecordState, StoredResult};
 use crate::stats::{Counters, Stats};
@@ -304,18 +305,23 @@ impl Idempotency {
     }
 
     /// A call on a key formatted beforehand, for the attribute's generated code.
+    ///
+    /// `scope`, which code chose, is also the `scope` label of the call's metrics.
     pub(crate) fn call_prepared(
         &self,
-        scope: &str,
+        scope: Cow<'static, str>,
         key: &(impl fmt::Display + ?Sized),
         text: Option<&str>,
     ) -> Call<'_, crate::call::PreparedKey> {
         let max = self.inner.defaults.max_key_len;
         let key = match text {
-            Some(text) => StoreKey::from_text(scope, text, max),
-            None => StoreKey::new(scope, key, max),
+            Some(text) => StoreKey::from_text(&scope, text, max),
+            None => StoreKey::new(&scope, key, max),
         };
-        Call::new(self, crate::call::PreparedKey { key, direct: false })
+        // Made with its label rather than given it after: the hit path would move the
+        // whole call once more.
+        let key = crate::call::PreparedKey { key, direct: false };
+        Call::labelled(self, key, ScopeLabel::new(scope))
     }
 
     /// The counters since the engine was built.

@@ -16,7 +16,6 @@ use crate::copy::Copier;
 use crate::engine::Idempotency;
 use crate::error::{CodecError, Error};
 use crate::fingerprint::Fingerprint;
-use crate::observe::ScopeLabel;
 use crate::outcome::Report;
 #[cfg(feature = "postgres")]
 use futures_util::future::BoxFuture;
@@ -151,10 +150,7 @@ pub fn call<'a, K: KeyText + ?Sized>(
     key: &K,
     text: Option<&str>,
 ) -> Call<'a, PreparedKey> {
-    let scope = scope.into();
-    engine
-        .call_prepared(&scope, key, text)
-        .metrics_label(ScopeLabel::new(scope))
+    engine.call_prepared(scope.into(), key, text)
 }
 
 /// What a key must be: `Display`, which writes it into the store key.
