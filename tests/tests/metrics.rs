@@ -526,3 +526,40 @@ fn describe_gives_every_metric_a_unit_and_a_description() {
         assert!(description.is_some_and(|d| !d.is_empty()), "{name}");
     }
 }
+
+#[test]
+fn the_http_layer_labels_its_calls_http_and_never_with_the_request_path() {
+    use bytes::Bytes;
+    use http::{header, Method, Request, Response, StatusCode};
+    use http_body_util::Full;
+    use idempotent_runtime::http::IdempotencyLayer;
+    use tower::{Layer as _, ServiceExt as _};
+
+    with_recorder(|metrics| async move {
+        let svc = IdempotencyLayer::new(Idempotency::memory()).layer(tower::service_fn(
+            |_req: Request<Full<Bytes>>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+                    b"{\"paid\":true}",
+                ))))
+            },
+        ));
+        for _ in 0..2 {
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri("/payments/customer-42")
+                .header("idempotency-key", "pay-1")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap();
+            let resp = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+        assert_eq!(
+            metrics.counters(),
+            vec![
+                moved(m::EXECUTIONS, m::HTTP_SCOPE, 1),
+                moved(m::REPLAYS, m::HTTP_SCOPE, 1)
+            ]
+        );
+    });
+}
