@@ -327,7 +327,7 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) 
         // which operation runs.
         None => {
             let anonymous = impl_trait_arguments(item);
-            quote!(&#krate::__private::default_scope(&|| (), #anonymous))
+            quote!(#krate::__private::default_scope(&|| (), #anonymous))
         }
     };
     let mut settings = TokenStream::new();

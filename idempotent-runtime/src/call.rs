@@ -18,6 +18,7 @@ use crate::error::ConfigError;
 use crate::error::{CodecError, Error, KeyError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
+use crate::observe::{call_span, invalid_call_span, Labels, ScopeLabel};
 
 /// A call being set up: `idem.call(key)`, then any settings, then [`Call::run`].
 ///
@@ -51,6 +52,8 @@ pub struct Call<'a, K, P = DiscardErrors> {
     ttl: Option<Duration>,
     lease: Option<Duration>,
     concurrency: Option<Concurrency>,
+    /// The `scope` label of the call's metrics (empty without the feature `metrics`).
+    label: ScopeLabel,
     policy: PhantomData<P>,
 }
 
@@ -67,6 +70,11 @@ impl<K, P> fmt::Debug for Call<'_, K, P> {
 
 impl<'a, K: CallKey> Call<'a, K> {
     pub(crate) fn new(engine: &'a Idempotency, key: K) -> Self {
+        Self::labelled(engine, key, ScopeLabel::default())
+    }
+
+    /// A call whose metrics carry `label`.
+    pub(crate) fn labelled(engine: &'a Idempotency, key: K, label: ScopeLabel) -> Self {
         Self {
             engine,
             key,
@@ -75,6 +83,7 @@ impl<'a, K: CallKey> Call<'a, K> {
             ttl: None,
             lease: None,
             concurrency: None,
+            label,
             policy: PhantomData,
         }
     }
@@ -136,6 +145,32 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         self
     }
 
+    /// The `scope` label of the call's metrics (feature `metrics`; without it, this does
+    /// nothing). Calls without one are labelled
+    /// [`CALL_SCOPE`](crate::metrics::CALL_SCOPE), `"call"`.
+    ///
+    /// A `&'static str`, so that only code chooses it: a label value made from a key or a
+    /// request (as [`Call::scope`] may be) would make a time series per request, which
+    /// metric backends cannot hold. Name the operation, as a scope would:
+    /// `"billing.refund"`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_runtime::Error> {
+    /// # let idem = idempotent_runtime::Idempotency::memory();
+    /// # let tenant = "acme";
+    /// let id = idem
+    ///     .call("refund-7")
+    ///     .scope(format!("{tenant}.refunds")) // from the request: not a label
+    ///     .metrics_scope("refunds")
+    ///     .run(|| async { Ok::<_, idempotent_runtime::Error>(7u64) })
+    ///     .await?;
+    /// # assert_eq!(id, 7); Ok(()) }
+    /// ```
+    pub fn metrics_scope(mut self, scope: &'static str) -> Self {
+        self.label = ScopeLabel::new(Cow::Borrowed(scope));
+        self
+    }
+
     /// Store `Err` results too, so a retry gets the same error rather than running again.
     /// The error type must then be `Serialize + DeserializeOwned`.
     pub fn store_errors(self) -> Call<'a, K, StoreErrors> {
@@ -147,6 +182,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             ttl: self.ttl,
             lease: self.lease,
             concurrency: self.concurrency,
+            label: self.label,
             policy: PhantomData,
         }
     }
@@ -354,6 +390,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     pub(crate) fn into_request_named(self, default_scope: &str) -> Result<Request, Error> {
         let scope = self.scope.as_deref().unwrap_or(default_scope);
         let defaults = self.engine.inner.defaults;
+        let store_kind = self.engine.inner.store_kind;
         let settings = Settings {
             ttl: self.ttl.unwrap_or(defaults.ttl),
             lease: self.lease.unwrap_or(defaults.lease),
@@ -362,20 +399,34 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         };
         // The engine's own settings were checked when it was built.
         if self.ttl.is_some() || self.lease.is_some() {
-            settings.check().map_err(Error::Config)?;
+            settings
+                .check()
+                .map_err(|e| refused(store_kind, Error::Config(e)))?;
         }
-        let fingerprint = self.fingerprint.transpose().map_err(Error::Codec)?;
+        let fingerprint = self
+            .fingerprint
+            .transpose()
+            .map_err(|e| refused(store_kind, Error::Codec(e)))?;
         let key = self
             .key
             .into_store_key(scope, settings.max_key_len)
-            .map_err(Error::InvalidKey)?;
+            .map_err(|e| refused(store_kind, Error::InvalidKey(e)))?;
         Ok(Request {
+            span: call_span(&key, store_kind),
+            labels: Labels::new(self.label, store_kind),
             key,
             fingerprint,
             settings,
             transactional: false,
         })
     }
+}
+
+/// A call refused before it had a key: its span says so, and ends.
+#[cold]
+fn refused(store_kind: &'static str, e: Error) -> Error {
+    drop(invalid_call_span(store_kind));
+    e
 }
 
 /// A call run to completion, once started: answered at once, or running on its task.

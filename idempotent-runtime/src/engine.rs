@@ -1,6 +1,7 @@
 //! The protocol, written once for every store: check, claim, run (renewing the claim),
 //! complete or release, and wait for duplicates, in this process and across processes.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::panic::{resume_unwind, AssertUnwindSafe};
@@ -11,7 +12,7 @@ use bytes::Bytes;
 use futures_util::FutureExt as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tracing::debug;
+use tracing::{debug, Instrument as _, Span};
 
 use crate::call::{Call, CallKey, ErrorPolicy};
 use crate::codec::Codec;
@@ -21,8 +22,12 @@ use crate::fingerprint::Fingerprint;
 use crate::flight::{Flight, FlightGuard, Flights, Following, Joined, Landing, Waited};
 use crate::key::StoreKey;
 use crate::lease::{Completion, HeldClaim, RENEWALS_PER_LEASE};
+use crate::observe::{
+    self, invalid_call_span, timed, Event, Labels, ScopeLabel, StoreOp, Via, Waiting,
+    OUTCOME_MISMATCH, OUTCOME_REJECTED, OUTCOME_STORE_ERROR,
+};
 use crate::record::{FencingToken, Record, RecordState, StoredResult};
-use crate::stats::{bump, Counters, Stats};
+use crate::stats::{Counters, Stats};
 use crate::store::{Claim, Fence, MemoryStore, Store};
 
 /// How long results are replayed unless set otherwise: 24 hours.
@@ -70,6 +75,24 @@ pub enum Outcome {
     Coalesced,
 }
 
+impl Outcome {
+    /// The outcome as the `outcome` field of the `idempotent.call` span and of the engine's
+    /// events writes it: `"executed"`, `"replayed"` or `"coalesced"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Executed => "executed",
+            Outcome::Replayed => "replayed",
+            Outcome::Coalesced => "coalesced",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The engine: runs each operation at most once per key, replays stored results, and
 /// makes duplicates wait for (or be refused by) the call in flight.
 ///
@@ -81,6 +104,8 @@ pub struct Idempotency {
 
 pub(crate) struct Inner {
     pub(crate) store: Arc<dyn Store>,
+    /// [`Store::kind`], read once: the `store` field of spans and label of metrics.
+    pub(crate) store_kind: &'static str,
     pub(crate) codec: Codec,
     pub(crate) flights: Flights,
     pub(crate) defaults: Settings,
@@ -215,6 +240,7 @@ impl IdempotencyBuilder {
         };
         Idempotency {
             inner: Arc::new(Inner {
+                store_kind: store.kind(),
                 store,
                 codec: self.codec,
                 flights: Flights::default(),
@@ -279,18 +305,23 @@ impl Idempotency {
     }
 
     /// A call on a key formatted beforehand, for the attribute's generated code.
+    ///
+    /// `scope`, which code chose, is also the `scope` label of the call's metrics.
     pub(crate) fn call_prepared(
         &self,
-        scope: &str,
+        scope: Cow<'static, str>,
         key: &(impl fmt::Display + ?Sized),
         text: Option<&str>,
     ) -> Call<'_, crate::call::PreparedKey> {
         let max = self.inner.defaults.max_key_len;
         let key = match text {
-            Some(text) => StoreKey::from_text(scope, text, max),
-            None => StoreKey::new(scope, key, max),
+            Some(text) => StoreKey::from_text(&scope, text, max),
+            None => StoreKey::new(&scope, key, max),
         };
-        Call::new(self, crate::call::PreparedKey { key, direct: false })
+        // Made with its label rather than given it after: the hit path would move the
+        // whole call once more.
+        let key = crate::call::PreparedKey { key, direct: false };
+        Call::labelled(self, key, ScopeLabel::new(scope))
     }
 
     /// The counters since the engine was built.
@@ -317,6 +348,10 @@ pub(crate) struct Request {
     /// The operation runs in a transaction of the store's database, whose commit makes
     /// its claim durable too (see `PostgresStore::claim_for_transaction`).
     pub(crate) transactional: bool,
+    /// The call's `idempotent.call` span, which its outcome is recorded on.
+    pub(crate) span: Span,
+    /// The labels of the call's metrics (empty without the feature `metrics`).
+    pub(crate) labels: Labels,
 }
 
 pub(crate) type Answer<T, E> = Result<(T, Outcome), E>;
@@ -338,10 +373,18 @@ impl Inner {
         P: ErrorPolicy<E>,
         O: Operation<T, E>,
     {
-        op.check(self)?;
+        if let Err(e) = op.check(self) {
+            drop(invalid_call_span(self.store_kind));
+            return Err(e.into());
+        }
         let mut req = call.into_request_named(op.name())?;
         req.transactional = op.transactional();
-        if let Some(answer) = self.replay_local::<T, E, P>(&req, op.copier()) {
+        // Entered for the hit's own event, which then names the call's span.
+        let hit = {
+            let _in_span = req.span.enter();
+            self.replay_local::<T, E, P>(&req, op.copier())
+        };
+        if let Some(answer) = hit {
             req.key.recycle();
             return answer;
         }
@@ -353,12 +396,27 @@ impl Inner {
         rest.await
     }
 
-    /// Everything after the check for a local hit: coalesce, claim, run or wait.
-    pub(crate) async fn join_or_lead<T, E, P, O>(
-        self: &Arc<Self>,
+    /// Everything after the check for a local hit: coalesce, claim, run or wait, inside
+    /// the call's span, so that the operation's own spans nest under it (also on the task
+    /// of [`Call::run_to_completion`], which this runs on).
+    pub(crate) fn join_or_lead<'s, T, E, P, O>(
+        self: &'s Arc<Self>,
         req: Request,
         op: O,
-    ) -> Answer<T, E>
+    ) -> impl Future<Output = Answer<T, E>> + 's
+    where
+        T: DeserializeOwned + 's,
+        E: From<Error> + 's,
+        P: ErrorPolicy<E> + 's,
+        O: Operation<T, E> + 's,
+    {
+        let span = req.span.clone();
+        self.coalesce_or_lead::<T, E, P, O>(req, op)
+            .instrument(span)
+    }
+
+    /// [`Inner::join_or_lead`], in its span.
+    async fn coalesce_or_lead<T, E, P, O>(self: &Arc<Self>, req: Request, op: O) -> Answer<T, E>
     where
         T: DeserializeOwned,
         E: From<Error>,
@@ -382,6 +440,7 @@ impl Inner {
                                 let held = HeldClaim::new(
                                     self.clone(),
                                     req.key.clone(),
+                                    req.labels.clone(),
                                     token,
                                     req.settings.lease,
                                     sent,
@@ -412,6 +471,8 @@ impl Inner {
         O: Operation<T, E>,
     {
         let mut pause = FIRST_POLL;
+        // Started when the key is found held elsewhere; stopped when that wait ends.
+        let mut waiting = Waiting::new(&req.labels, Via::Store);
         loop {
             flight.flight().beat();
             let (claim, token, sent) = self
@@ -420,10 +481,12 @@ impl Inner {
                 .map_err(|e| self.store_failed(req, e))?;
             match claim {
                 Claim::Acquired => {
+                    waiting.stop();
                     debug!(scope = req.key.scope(), key = %req.key.digest(), token = token.get(), "idempotency key claimed");
                     let held = HeldClaim::new(
                         self.clone(),
                         req.key.clone(),
+                        req.labels.clone(),
                         token,
                         req.settings.lease,
                         sent,
@@ -432,6 +495,7 @@ impl Inner {
                     return op.execute::<P>(self, req, held).await;
                 }
                 Claim::Completed(rec) => {
+                    waiting.stop();
                     let (fingerprint, result) = completed(rec)?;
                     flight.land(Landing::Result {
                         result: result.clone(),
@@ -446,6 +510,7 @@ impl Inner {
                     }
                     // Held in another process (or by an engine beside this one): look again
                     // until it completes, is released, or its lease runs out.
+                    waiting.start();
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(MAX_POLL).min(req.settings.lease / 4);
                 }
@@ -470,6 +535,9 @@ impl Inner {
         if req.settings.concurrency == Concurrency::Reject {
             return Some(Followed::Answer(Err(self.reject(req).into())));
         }
+        // Recorded when this function returns, whatever it returns with.
+        let mut waiting = Waiting::new(&req.labels, Via::InProcess);
+        waiting.start();
         // One follower at a time times the leader (a timer for each of a thousand
         // followers costs more than the rest of their wait); the others wait for the
         // landing, or for the timing follower to leave, and then one of them takes over.
@@ -571,9 +639,11 @@ impl Inner {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        bump(&self.stats.executed);
+        self.count(&req.labels, Event::Executed);
         let body = AssertUnwindSafe(op()).catch_unwind();
         let ran = held.renewing(body).await;
+        // The body ran, whatever it ended with.
+        observe::answered(&req.span, Outcome::Executed);
         match ran {
             Err(panic) => {
                 held.release().await;
@@ -581,13 +651,13 @@ impl Inner {
             }
             Ok(Ok(value)) => {
                 held.complete(self.value_completion(req, &value)).await;
-                debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed", "idempotent call");
+                debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = true, "idempotent call");
                 Ok((value, Outcome::Executed))
             }
             Ok(Err(err)) => {
                 self.finish_error(req, held, P::encode(&err, self.codec))
                     .await;
-                debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed_err", "idempotent call");
+                debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = false, "idempotent call");
                 Err(err)
             }
         }
@@ -634,7 +704,7 @@ impl Inner {
                 // The operation ran: releasing would run it again on every retry, and
                 // storing what does not decode back would replay an error or another
                 // value. A marker stands in, refused on replay.
-                bump(&self.stats.unstored);
+                self.count(&req.labels, Event::Unstored);
                 tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
                     "the operation's value cannot be stored faithfully; retries of this key get Error::Codec (Unstorable)");
                 (Codec::unstorable(), true)
@@ -669,6 +739,7 @@ impl Inner {
             let mut unanswered = Unanswered {
                 engine: self,
                 key: &req.key,
+                labels: &req.labels,
                 token: Some(token),
                 answered_with_error: false,
             };
@@ -695,7 +766,12 @@ impl Inner {
             for _ in 0..3 {
                 let renewed = tokio::time::Instant::now();
                 let renewal = self.store.renew(&req.key, token, lease);
-                match tokio::time::timeout(prompt, renewal).await {
+                let renewal = timed(
+                    &req.labels,
+                    StoreOp::Renew,
+                    tokio::time::timeout(prompt, renewal),
+                );
+                match renewal.await {
                     Ok(Ok(Fence::Held)) if renewed.elapsed() < prompt => {
                         unanswered.token = None;
                         return Ok((claim, token, renewed));
@@ -724,12 +800,12 @@ impl Inner {
         #[cfg(feature = "postgres")]
         if req.transactional {
             if let Some(pg) = self.store.postgres() {
-                return pg
-                    .claim_for_transaction(key, token, fingerprint, lease)
-                    .await;
+                let claim = pg.claim_for_transaction(key, token, fingerprint, lease);
+                return timed(&req.labels, StoreOp::Claim, claim).await;
             }
         }
-        self.store.claim(key, token, fingerprint, lease).await
+        let claim = self.store.claim(key, token, fingerprint, lease);
+        timed(&req.labels, StoreOp::Claim, claim).await
     }
 
     /// Answers from a completed record the store holds in this process, if it holds one:
@@ -838,12 +914,13 @@ impl Inner {
     /// Counts (and logs) a call answered with a stored or shared value.
     #[inline(always)]
     fn count_replay(&self, req: &Request, outcome: Outcome) {
-        let counter = match outcome {
-            Outcome::Coalesced => &self.stats.coalesced,
-            _ => &self.stats.replayed,
+        let event = match outcome {
+            Outcome::Coalesced => Event::Coalesced,
+            _ => Event::Replayed,
         };
-        bump(counter);
-        debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = ?outcome, "idempotent call");
+        self.count(&req.labels, event);
+        observe::answered(&req.span, outcome);
+        debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = outcome.as_str(), "idempotent call");
     }
 
     /// Refuses a call whose fingerprint differs from the one the key was claimed with.
@@ -852,8 +929,9 @@ impl Inner {
     fn check_fingerprint(&self, req: &Request, stored: Option<Fingerprint>) -> Result<(), Error> {
         match (req.fingerprint, stored) {
             (Some(mine), Some(theirs)) if mine != theirs => {
-                bump(&self.stats.mismatched);
-                debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "mismatch", "idempotent call");
+                self.count(&req.labels, Event::Mismatched);
+                observe::outcome(&req.span, OUTCOME_MISMATCH);
+                debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = OUTCOME_MISMATCH, "idempotent call");
                 Err(Error::Mismatch)
             }
             _ => Ok(()),
@@ -861,14 +939,17 @@ impl Inner {
     }
 
     fn reject(&self, req: &Request) -> Error {
-        bump(&self.stats.rejected);
-        debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "rejected", "idempotent call");
+        self.count(&req.labels, Event::Rejected);
+        observe::outcome(&req.span, OUTCOME_REJECTED);
+        debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = OUTCOME_REJECTED, "idempotent call");
         Error::InProgress
     }
 
+    /// A claim the store failed: nothing ran.
     fn store_failed(&self, req: &Request, err: StoreError) -> Error {
-        bump(&self.stats.store_errors);
-        debug!(scope = req.key.scope(), key = %req.key.digest(), error = %err, "idempotency store failed; not running");
+        self.count(&req.labels, Event::StoreError(StoreOp::Claim));
+        observe::outcome(&req.span, OUTCOME_STORE_ERROR);
+        debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = OUTCOME_STORE_ERROR, error = %err, "idempotency store failed; not running");
         Error::Store(err)
     }
 }
@@ -897,6 +978,7 @@ enum Followed<T, E> {
 struct Unanswered<'a> {
     engine: &'a Arc<Inner>,
     key: &'a StoreKey,
+    labels: &'a Labels,
     // `None` once the store answered.
     token: Option<FencingToken>,
     // The store answered with an error: its request is done with, and one release
@@ -921,6 +1003,7 @@ impl Drop for Unanswered<'_> {
             rt.spawn(release_unanswered(
                 self.engine.clone(),
                 self.key.clone(),
+                self.labels.clone(),
                 token,
                 pauses,
             ));
@@ -935,12 +1018,14 @@ impl Drop for Unanswered<'_> {
 async fn release_unanswered(
     engine: Arc<Inner>,
     key: StoreKey,
+    labels: Labels,
     token: FencingToken,
     pauses: &'static [u64],
 ) {
     for &pause in pauses {
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        match engine.store.release(&key, token).await {
+        let release = engine.store.release(&key, token);
+        match timed(&labels, StoreOp::Release, release).await {
             Ok(Fence::Held) => {
                 debug!(scope = key.scope(), key = %key.digest(), "unanswered claim released");
                 return;

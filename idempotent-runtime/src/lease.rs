@@ -17,8 +17,8 @@ use crate::engine::Inner;
 use crate::error::StoreError;
 use crate::flight::{FlightGuard, Landing};
 use crate::key::StoreKey;
+use crate::observe::{timed, Event, Labels, StoreOp};
 use crate::record::{FencingToken, StoredResult};
-use crate::stats::bump;
 use crate::store::Fence;
 
 /// How often a lease is renewed, as a fraction of it: two renewals may fail in a row (a
@@ -72,6 +72,7 @@ pub(crate) async fn bounded<T>(
 pub(crate) struct HeldClaim {
     engine: Arc<Inner>,
     key: StoreKey,
+    labels: Labels,
     token: FencingToken,
     lease: Duration,
     // When the store last confirmed the claim: the sending of the claim or of the last
@@ -89,6 +90,7 @@ impl HeldClaim {
     pub(crate) fn new(
         engine: Arc<Inner>,
         key: StoreKey,
+        labels: Labels,
         token: FencingToken,
         lease: Duration,
         claimed_at: Instant,
@@ -97,6 +99,7 @@ impl HeldClaim {
         Self {
             engine,
             key,
+            labels,
             token,
             lease,
             since: claimed_at,
@@ -145,7 +148,8 @@ impl HeldClaim {
             let sent = Instant::now();
             let renewal = self.engine.store.renew(&self.key, self.token, self.lease);
             wait = every / 4;
-            match bounded(every / 2, renewal).await {
+            let renewal = timed(&self.labels, StoreOp::Renew, bounded(every / 2, renewal));
+            match renewal.await {
                 Ok(Fence::Held) => {
                     self.confirm(sent);
                     wait = every;
@@ -158,7 +162,8 @@ impl HeldClaim {
                     break;
                 }
                 Err(err) => {
-                    bump(&self.engine.stats.store_errors);
+                    self.engine
+                        .count(&self.labels, Event::StoreError(StoreOp::Renew));
                     warn!(scope = self.key.scope(), key = %self.key.digest(), error = %err,
                         "could not renew idempotency claim; retrying");
                 }
@@ -183,12 +188,14 @@ impl HeldClaim {
             .engine
             .store
             .complete(&self.key, self.token, result.clone(), ttl);
-        let answer = bounded(self.lease / RENEWALS_PER_LEASE, attempt).await;
+        let within = self.lease / RENEWALS_PER_LEASE;
+        let answer = timed(&self.labels, StoreOp::Complete, bounded(within, attempt)).await;
         match answer {
             Ok(Fence::Held) => self.stored(result),
             Ok(Fence::Lost) => self.lost(),
             Err(err) => {
-                bump(&self.engine.stats.store_errors);
+                self.engine
+                    .count(&self.labels, Event::StoreError(StoreOp::Complete));
                 warn!(scope = self.key.scope(), key = %self.key.digest(), error = %err,
                     "could not store idempotency result; retrying in the background");
                 // `Drop` retries the completion on a task of its own and lands the
@@ -219,7 +226,7 @@ impl HeldClaim {
     /// followers to the key's new holder, whose result is the key's.
     pub(crate) fn lost(mut self) {
         self.pending = Pending::Nothing;
-        lost_before_completion(&self.engine, &self.key, self.token);
+        lost_before_completion(&self.engine, &self.labels, &self.key, self.token);
         if let Some(flight) = self.flight.take() {
             flight.land(Landing::Retry);
         }
@@ -240,23 +247,24 @@ impl HeldClaim {
     /// Gives the claim up now, then wakes the followers to start over. Dropped before the
     /// store answers, it releases in the background.
     pub(crate) async fn release(mut self) {
-        release(&self.engine, &self.key, self.token).await;
+        release(&self.engine, &self.labels, &self.key, self.token).await;
         self.pending = Pending::Nothing;
     }
 }
 
 /// Counts and logs a completion refused because another caller holds the key now.
-fn lost_before_completion(engine: &Inner, key: &StoreKey, token: FencingToken) {
-    bump(&engine.stats.lease_lost);
+fn lost_before_completion(engine: &Inner, labels: &Labels, key: &StoreKey, token: FencingToken) {
+    engine.count(labels, Event::LeaseLost);
     warn!(scope = key.scope(), key = %key.digest(), token = token.get(),
         "idempotency claim was taken over before completion; result not stored");
 }
 
-async fn release(engine: &Inner, key: &StoreKey, token: FencingToken) {
-    match engine.store.release(key, token).await {
+async fn release(engine: &Inner, labels: &Labels, key: &StoreKey, token: FencingToken) {
+    let released = timed(labels, StoreOp::Release, engine.store.release(key, token)).await;
+    match released {
         Ok(_) => debug!(scope = key.scope(), key = %key.digest(), "idempotency claim released"),
         Err(err) => {
-            bump(&engine.stats.store_errors);
+            engine.count(labels, Event::StoreError(StoreOp::Release));
             warn!(scope = key.scope(), key = %key.digest(), error = %err,
                 "could not release idempotency claim; it lapses with its lease");
         }
@@ -268,6 +276,7 @@ async fn release(engine: &Inner, key: &StoreKey, token: FencingToken) {
 struct Retry {
     engine: Arc<Inner>,
     key: StoreKey,
+    labels: Labels,
     token: FencingToken,
     completion: Completion,
     lease: Duration,
@@ -287,31 +296,35 @@ impl Retry {
         loop {
             let store = &self.engine.store;
             let attempt = store.complete(&self.key, self.token, result.clone(), ttl);
-            match bounded(within, attempt).await {
+            let attempt = timed(&self.labels, StoreOp::Complete, bounded(within, attempt));
+            match attempt.await {
                 Ok(Fence::Held) => {
                     debug!(scope = self.key.scope(), key = %self.key.digest(),
                         "idempotency result stored after a retry");
                     return;
                 }
                 Ok(Fence::Lost) => {
-                    lost_before_completion(&self.engine, &self.key, self.token);
+                    lost_before_completion(&self.engine, &self.labels, &self.key, self.token);
                     return;
                 }
-                Err(_) => bump(&self.engine.stats.store_errors),
+                Err(_) => self
+                    .engine
+                    .count(&self.labels, Event::StoreError(StoreOp::Complete)),
             }
             // A store that answers renewals but fails completions keeps the claim ours;
             // a renewal it refuses proves nothing (the failed completion may have landed,
             // and the next completion says which).
             let sent = Instant::now();
             let renewal = store.renew(&self.key, self.token, self.lease);
-            if let Ok(Fence::Held) = bounded(within, renewal).await {
+            let renewal = timed(&self.labels, StoreOp::Renew, bounded(within, renewal));
+            if let Ok(Fence::Held) = renewal.await {
                 self.confirmed_at = sent;
             }
             let deadline = (self.confirmed_at + self.lease).min(started + COMPLETION_PATIENCE);
             let now = Instant::now();
             if now >= deadline {
                 if !counted_unstored {
-                    bump(&self.engine.stats.unstored);
+                    self.engine.count(&self.labels, Event::Unstored);
                 }
                 warn!(scope = self.key.scope(), key = %self.key.digest(),
                     "could not store idempotency result before its claim could lapse; \
@@ -338,9 +351,10 @@ impl Drop for HeldClaim {
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     let engine = self.engine.clone();
                     let key = self.key.clone();
+                    let labels = self.labels.clone();
                     let token = self.token;
                     rt.spawn(async move {
-                        release(&engine, &key, token).await;
+                        release(&engine, &labels, &key, token).await;
                         drop(flight);
                     });
                 }
@@ -359,6 +373,7 @@ impl Drop for HeldClaim {
                 let retry = Retry {
                     engine: self.engine.clone(),
                     key: self.key.clone(),
+                    labels: self.labels.clone(),
                     token: self.token,
                     completion,
                     lease: self.lease,
@@ -370,7 +385,7 @@ impl Drop for HeldClaim {
                     }
                     Err(_) => {
                         if !counted {
-                            bump(&self.engine.stats.unstored);
+                            self.engine.count(&self.labels, Event::Unstored);
                         }
                         warn!(scope = self.key.scope(), key = %self.key.digest(),
                             "no runtime to store the idempotency result on; it is lost");

@@ -92,7 +92,7 @@
 //!         let __idempotent_key = &(order.id);
 //!         __private::call(
 //!             __idempotent_engine,
-//!             __private::default_scope(&|| ()),
+//!             __private::default_scope(&|| (), 0),
 //!             __idempotent_key,
 //!             (&&__private::KeyPick(__idempotent_key)).text(),
 //!         )
@@ -390,6 +390,8 @@
 //!   of a tonic (gRPC) server, in gRPC's status codes, metadata and trailers.
 //! - `actix::IdempotencyMiddleware` (feature `actix`): the HTTP layer's rules as an
 //!   actix-web middleware.
+//! - `metrics` (feature `metrics`): metrics through the `metrics` crate's facade; see
+//!   [Observability](#observability).
 //!
 //! Every store passes the same conformance suite; the protocol lives once, in the engine.
 //!
@@ -432,6 +434,19 @@
 //! [`Idempotency::stats`] counts executions, replays, coalesced calls, rejections,
 //! mismatches and store errors. The engine emits `tracing` events at debug level naming
 //! the scope and a hash of the key, never the key or any payload.
+//!
+//! Each call runs in a `tracing` span, `idempotent.call`, at INFO, which the operation's
+//! own spans nest under. Its fields: `scope`; `key_digest`, a hash of the key
+//! ([`KeyDigest`]), never the key; `store`, the [`Store::kind`](store::Store::kind); and
+//! `outcome`, once known: `executed`, `replayed` or `coalesced` ([`Outcome::as_str`]),
+//! `rejected`, `mismatch`, `store_error` (nothing ran) or `invalid` (a key or setting
+//! refused). The engine's events use the same words.
+//!
+//! With the feature `metrics`, the counters of [`Stats`], per scope, and histograms of
+//! store round trips and of waits for a duplicate in flight are recorded through the
+//! `metrics` crate's facade, for whatever exporter the process installs; the module
+//! `metrics` names them and their labels, whose values only code chooses
+//! ([`Call::metrics_scope`]).
 // On docs.rs (nightly), each item gated on a feature says which one it needs.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
@@ -459,6 +474,10 @@ pub mod http;
 mod inspect;
 mod key;
 mod lease;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+mod observe;
 mod outcome;
 mod record;
 mod stats;

@@ -140,13 +140,17 @@ fn generic_arguments(name: &str) -> Option<(&str, Vec<&str>)> {
 
 /// A call on the key, formatted into its scope before the body moves the arguments.
 /// `text` is what [`KeyPick`] found: the key itself where it is a string.
+///
+/// `scope` is the attribute's `scope = "..."` (a `&'static str`) or [`default_scope`]'s
+/// (a `Cow<'static, str>`): chosen by code, never by a request, so it is also the `scope`
+/// label of the call's metrics (feature `metrics`).
 pub fn call<'a, K: KeyText + ?Sized>(
     engine: &'a Idempotency,
-    scope: &str,
+    scope: impl Into<Cow<'static, str>>,
     key: &K,
     text: Option<&str>,
 ) -> Call<'a, PreparedKey> {
-    engine.call_prepared(scope, key, text)
+    engine.call_prepared(scope.into(), key, text)
 }
 
 /// What a key must be: `Display`, which writes it into the store key.

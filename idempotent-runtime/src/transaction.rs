@@ -25,8 +25,8 @@ use crate::codec::Codec;
 use crate::engine::{Answer, Inner, Operation, Outcome, Request};
 use crate::error::{ConfigError, Error, StoreError};
 use crate::lease::{bounded, Completion, HeldClaim};
+use crate::observe::{self, timed, Event, StoreOp, OUTCOME_STORE_ERROR};
 use crate::record::StoredResult;
-use crate::stats::bump;
 use crate::store::{Ended, PostgresStore, Settled};
 
 impl<'a, K: CallKey, P> Call<'a, K, P> {
@@ -239,13 +239,16 @@ where
     let (_permit, mut tx): (_, Transaction<'a, Postgres>) = match begun {
         Ok(begun) => begun,
         Err(e) => {
+            observe::outcome(&req.span, OUTCOME_STORE_ERROR);
             held.release().await;
             return Err(Error::Store(e).into());
         }
     };
-    bump(&engine.stats.executed);
+    engine.count(&req.labels, Event::Executed);
     let body = IN_OPERATION.scope((), AssertUnwindSafe(op(&mut tx)).catch_unwind());
     let ran = held.renewing(body).await;
+    // The body ran, whatever it ended with (and whatever its commit does).
+    observe::answered(&req.span, Outcome::Executed);
     match ran {
         Err(panic) => {
             drop(tx);
@@ -265,21 +268,20 @@ where
             engine
                 .finish_error(req, held, P::encode(&err, engine.codec))
                 .await;
-            debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed_err", "idempotent call in a transaction");
+            debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = false, "idempotent call in a transaction");
             Err(err)
         }
         Ok(Ok(value)) => {
             let completion = engine.value_completion(req, &value);
-            let ended = pg
-                .complete_and_commit(
-                    tx,
-                    &req.key,
-                    held.token(),
-                    &completion.result,
-                    completion.ttl,
-                    held.lease(),
-                )
-                .await;
+            let commit = pg.complete_and_commit(
+                tx,
+                &req.key,
+                held.token(),
+                &completion.result,
+                completion.ttl,
+                held.lease(),
+            );
+            let ended = timed(&req.labels, StoreOp::Commit, commit).await;
             match ended {
                 Ended::Committed => held.stored(completion.result),
                 Ended::Lost => {
@@ -291,7 +293,7 @@ where
                 }
                 Ended::NotCommitted(e) => {
                     // Nothing of the operation took effect; the key is free for a retry.
-                    bump(&engine.stats.store_errors);
+                    engine.count(&req.labels, Event::StoreError(StoreOp::Commit));
                     held.release().await;
                     return Err(Error::Store(e).into());
                 }
@@ -299,7 +301,7 @@ where
                     settle(engine, pg, req, held, completion, e, xid).await?;
                 }
             }
-            debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = "executed", "idempotent call in a transaction");
+            debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = true, "idempotent call in a transaction");
             Ok((value, Outcome::Executed))
         }
     }
@@ -317,7 +319,7 @@ async fn rollback(tx: Transaction<'_, Postgres>) -> Result<(), StoreError> {
 async fn ended_by_operation(engine: &Arc<Inner>, req: &Request, held: HeldClaim) -> Error {
     warn!(scope = req.key.scope(), key = %req.key.digest(),
         "the operation committed or rolled back its own transaction; its key is marked, and retries get Error::TransactionEnded");
-    bump(&engine.stats.unstored);
+    engine.count(&req.labels, Event::Unstored);
     held.complete(Completion {
         result: StoredResult::Ok(Codec::transaction_ended()),
         ttl: req.settings.ttl,
@@ -346,12 +348,12 @@ async fn settle<E: From<Error>>(
         }
         Ok(Settled::RolledBack) => {
             // Nothing of the operation took effect; the key is free for a retry.
-            bump(&engine.stats.store_errors);
+            engine.count(&req.labels, Event::StoreError(StoreOp::Commit));
             held.release().await;
             Err(Error::Store(failed).into())
         }
         Err(e) => {
-            bump(&engine.stats.store_errors);
+            engine.count(&req.labels, Event::StoreError(StoreOp::Commit));
             warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
                 "could not learn whether the idempotent transaction committed; a retry will");
             held.release().await;

@@ -236,4 +236,8 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
     fn postgres(&self) -> Option<&PostgresStore> {
         self.inner.postgres()
     }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
 }

@@ -117,9 +117,17 @@ async fn stats_count_every_outcome_and_events_never_show_keys_or_payloads() {
         "{log}"
     );
     assert!(log.contains(&digest), "events name the key's hash: {log}");
-    for outcome in ["executed", "Replayed", "mismatch", "rejected", "Coalesced"] {
-        assert!(log.contains(outcome), "no {outcome} event in {log}");
+    // One word per outcome, the same in events and in the `idempotent.call` span.
+    for outcome in ["executed", "replayed", "mismatch", "rejected", "coalesced"] {
+        assert!(
+            log.contains(&format!("outcome=\"{outcome}\"")),
+            "no {outcome} event in {log}"
+        );
     }
+    assert!(
+        !log.contains("Replayed") && !log.contains("Coalesced") && !log.contains("executed_err"),
+        "an outcome written another way: {log}"
+    );
     assert!(
         !log.contains("jane.doe"),
         "a key leaked into the log: {log}"

@@ -168,6 +168,8 @@ where
         .engine
         .call(key)
         .scope(scope)
+        // The scope comes from the request; the label must not.
+        .metrics_scope(crate::observe::HTTP_LABEL)
         .with_fingerprint(fp)
         .concurrency(config.concurrency);
     if let Some(ttl) = config.ttl {

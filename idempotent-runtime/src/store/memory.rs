@@ -196,6 +196,7 @@ impl MemoryStoreBuilder {
                 // Only a result dropped within its TTL (by the store's clock) is lost early.
                 if cause == RemovalCause::Size && kept.is_live(clock.now()) {
                     counter.fetch_add(1, Ordering::Relaxed);
+                    crate::observe::evicted_before_ttl("memory");
                     let scope = key.split(SCOPE_SEPARATOR).next().unwrap_or_default();
                     warn!(scope, key = %KeyDigest::of_joined(&key),
                         "memory store full: a result was evicted before its TTL; a retry of its key runs again");
@@ -517,6 +518,10 @@ impl Store for MemoryStore {
 
     fn evicted(&self) -> u64 {
         self.evicted.load(Ordering::Relaxed)
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
     }
 }
 

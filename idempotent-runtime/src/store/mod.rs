@@ -191,6 +191,15 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
         0
     }
 
+    /// What kind of store this is, for the `store` field of the `idempotent.call` span
+    /// and the `store` label of metrics: `"memory"`, `"redis"` or `"postgres"` for this
+    /// crate's stores. Other stores keep the default, `"custom"`, or name themselves with
+    /// a short constant (one value per kind of store, not per instance); wrappers forward
+    /// their inner store's.
+    fn kind(&self) -> &'static str {
+        "custom"
+    }
+
     /// The [`PostgresStore`] this store keeps its records in, whose transactions
     /// [`Call::run_in_transaction`](crate::Call::run_in_transaction) runs operations in:
     /// itself, for a `PostgresStore`, or the one a wrapper forwards to. Other stores keep
@@ -260,6 +269,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn evicted(&self) -> u64 {
         (**self).evicted()
+    }
+
+    fn kind(&self) -> &'static str {
+        (**self).kind()
     }
 
     #[cfg(feature = "postgres")]

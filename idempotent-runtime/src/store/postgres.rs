@@ -832,6 +832,10 @@ impl Store for PostgresStore {
     fn postgres(&self) -> Option<&PostgresStore> {
         Some(self)
     }
+
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
 }
 
 #[cfg(test)]

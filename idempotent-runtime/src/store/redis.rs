@@ -1041,6 +1041,10 @@ impl Store for RedisStore {
                 });
         });
     }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
 }
 
 struct LocalExpiry;
