@@ -11,6 +11,7 @@
 //! ```
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use idempotent_runtime::idempotent;
@@ -39,6 +40,14 @@ pub enum OrderError {
     UnknownOrder(u64),
     #[error(transparent)]
     Idempotency(#[from] idempotent_runtime::Error),
+}
+
+/// Order ids unique in the process, as a database sequence would give: `cancel` is keyed
+/// by order id on the default engine, which every `Orders` in the process shares, so a
+/// per-service counter would let one service's `cancel(1)` replay another's.
+fn next_order_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The service: its own state; idempotency comes from the default engine.
@@ -75,7 +84,7 @@ impl Orders {
         stock.insert(req.sku.clone(), available - req.qty);
         let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
         let confirmation = Confirmation {
-            order_id: placed.len() as u64 + 1,
+            order_id: next_order_id(),
             sku: req.sku,
             qty: req.qty,
         };
@@ -230,6 +239,20 @@ mod tests {
         assert_eq!((stats.executed, stats.replayed), (1, 1));
     }
 
+    // Two services in one test share its default engine: their order ids must not meet.
+    #[tokio::test]
+    async fn two_services_cancel_their_own_orders() {
+        let (a, b) = (service(5), service(5));
+        let ca = a.place(req("a-1", 2)).await.unwrap();
+        let cb = b.place(req("b-1", 1)).await.unwrap();
+        assert_ne!(ca.order_id, cb.order_id);
+        assert_eq!(a.cancel(ca.order_id).await.unwrap(), 5);
+        let (left, how) = outcome_of(b.cancel(cb.order_id)).await;
+        assert_eq!(how, Some(Outcome::Executed), "b's cancel replayed a's");
+        assert_eq!(left.unwrap(), 5);
+        assert_eq!(b.stock("book"), 5);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_duplicates_place_one_order() {
         let orders = Arc::new(service(100));
@@ -239,9 +262,12 @@ mod tests {
                 tokio::spawn(async move { orders.place(req("r1", 1)).await })
             })
             .collect();
+        let mut ids = Vec::new();
         for t in tasks {
-            assert_eq!(t.await.unwrap().unwrap().order_id, 1);
+            ids.push(t.await.unwrap().unwrap().order_id);
         }
+        ids.dedup();
+        assert_eq!(ids.len(), 1, "one order, one id: {ids:?}");
         assert_eq!(orders.orders_placed(), 1);
         assert_eq!(orders.stock("book"), 99);
     }

@@ -140,16 +140,32 @@ fn pattern_names(pat: &syn::Pat, names: &mut Vec<String>) {
 }
 
 /// Whether `tokens` name one of `names`: as an identifier at any depth (inside macro
-/// calls too), or as an inline argument of a format string (`format!("{id}")`). A name
-/// that is also a field or a method (`x.id`) counts too: this check errs towards letting
-/// a key through, never towards refusing one that reads an argument.
+/// calls too), or as an inline argument of a format string in a macro call
+/// (`format!("{id}")`). A name that is also a field or a method (`x.id`) counts too: this
+/// check errs towards letting a key through, never towards refusing one that reads an
+/// argument.
 fn mentions(tokens: TokenStream, names: &[String]) -> bool {
-    tokens.into_iter().any(|tt| match tt {
+    mentions_in(tokens, names, false)
+}
+
+/// `in_macro`: whether `tokens` are a macro call's, where a string may be a format string.
+/// Outside one, `"order-{id}"` is plain text, the same for every call.
+fn mentions_in(tokens: TokenStream, names: &[String], in_macro: bool) -> bool {
+    let tokens: Vec<TokenTree> = tokens.into_iter().collect();
+    tokens.iter().enumerate().any(|(at, tt)| match tt {
         TokenTree::Ident(i) => names.iter().any(|n| i == n),
-        TokenTree::Group(g) => mentions(g.stream(), names),
-        TokenTree::Literal(l) => format_arguments(&l.to_string())
-            .iter()
-            .any(|arg| names.iter().any(|n| n == arg)),
+        TokenTree::Group(g) => {
+            let called = at >= 2
+                && matches!(&tokens[at - 1], TokenTree::Punct(p) if p.as_char() == '!')
+                && matches!(&tokens[at - 2], TokenTree::Ident(_));
+            mentions_in(g.stream(), names, in_macro || called)
+        }
+        TokenTree::Literal(l) => {
+            in_macro
+                && format_arguments(&l.to_string())
+                    .iter()
+                    .any(|arg| names.iter().any(|n| n == arg))
+        }
         TokenTree::Punct(_) => false,
     })
 }
@@ -221,6 +237,8 @@ mod tests {
             "format!(\"{order:?}\")",
             "(order.id)",
             "Key::new(&order)",
+            "format!(\"{}\", (b))",
+            "String::from(format!(\"x-{order:?}\"))",
         ] {
             assert!(key_uses_arguments(&key(k), &f).is_ok(), "{k}");
         }
@@ -238,6 +256,9 @@ mod tests {
             "ORDER",
             "uuid::Uuid::new_v4()",
             "format!(\"{{order}}\")",
+            // A placeholder outside a macro call is plain text.
+            "\"order-{order}\".to_owned()",
+            "String::from(\"{order}\")",
         ] {
             assert!(key_uses_arguments(&key(k), &f).is_err(), "{k}");
         }

@@ -3,7 +3,7 @@
 //! the function's signature.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use crate::engine::Outcome;
@@ -20,6 +20,10 @@ struct Slot {
     taken: AtomicBool,
     /// 0 while nothing is known, else [`code`] of the outcome.
     outcome: AtomicU8,
+    /// Bumped when a call that took the slot is dropped before its answer, which frees
+    /// the slot for a retry in the same block: what the dropped call's body (still running
+    /// on a task of its own under `on_cancel = "finish"`) says later is then not heard.
+    generation: AtomicU32,
 }
 
 fn code(outcome: Outcome) -> u8 {
@@ -55,7 +59,11 @@ impl Slot {
 /// ran (its `Err` says why: `Error::Mismatch`, `Error::InProgress`, a store error), the
 /// attribute is switched off ([`DISABLED_ENV`](crate::DISABLED_ENV)), or an `Option`
 /// key was `None` under `on_missing_key = "run"`. A body that ran and returned an error
-/// that is not stored reports [`Outcome::Executed`].
+/// reports [`Outcome::Executed`]. Two limits: a stored error replayed (`cache_errors`)
+/// reports `None`, as the engine's answer does not say whether an `Err` was replayed; and
+/// blocks do not nest: an `outcome_of` inside another takes the call for itself, and the
+/// outer block reports `None`. A call of the block dropped before its answer (a timeout)
+/// gives way: a retry in the same block reports.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -82,35 +90,90 @@ pub async fn outcome_of<F: Future>(call: F) -> (F::Output, Option<Outcome>) {
 }
 
 /// Where one attributed call reports its outcome: the [`outcome_of`] block's slot, if the
-/// call is the block's first, else nowhere.
-#[derive(Clone)]
-pub(crate) struct Report(Option<Arc<Slot>>);
+/// call is the block's first, else nowhere. A call dropped before its answer (a timeout, a
+/// `select!`) gives the slot back, so a retry in the same block reports.
+pub(crate) struct Report {
+    slot: Option<(Arc<Slot>, u32)>,
+    settled: bool,
+}
+
+/// What the call's body says when it starts: that the call executed.
+pub(crate) struct Ran(Option<(Arc<Slot>, u32)>);
 
 impl Report {
     /// Takes the current block's slot if no call took it yet. Outside a block this is one
     /// look at a task-local: no allocation.
     pub(crate) fn claim() -> Self {
         let slot = SLOT
-            .try_with(|slot| (!slot.taken.swap(true, Ordering::AcqRel)).then(|| Arc::clone(slot)))
+            .try_with(|slot| {
+                (!slot.taken.swap(true, Ordering::AcqRel))
+                    .then(|| (Arc::clone(slot), slot.generation.load(Ordering::Acquire)))
+            })
             .ok()
             .flatten();
-        Self(slot)
-    }
-
-    /// The call's body started.
-    pub(crate) fn ran(&self) {
-        if let Some(slot) = &self.0 {
-            slot.set(Outcome::Executed);
+        Self {
+            slot,
+            settled: false,
         }
     }
 
-    /// The call's answer, with its outcome reported.
-    pub(crate) fn answered<T, E>(&self, answer: Result<(T, Outcome), E>) -> Result<T, E> {
+    /// For the body, which reports that it started.
+    pub(crate) fn started(&self) -> Ran {
+        Ran(self.slot.clone())
+    }
+
+    /// The call ended without an outcome of the engine's (a body run directly): the slot
+    /// stays taken and empty, so calls nested in the body do not speak for it.
+    pub(crate) fn settle(mut self) {
+        self.settled = true;
+    }
+
+    /// The call's answer, with its outcome reported. An `Err` reports nothing beyond what
+    /// the body said: refusals have no outcome, and the engine does not say whether an
+    /// error it returns was replayed.
+    pub(crate) fn answered<T, E>(mut self, answer: Result<(T, Outcome), E>) -> Result<T, E> {
+        self.settled = true;
         answer.map(|(value, outcome)| {
-            if let Some(slot) = &self.0 {
-                slot.set(outcome);
+            if let Some((slot, generation)) = &self.slot {
+                if slot.generation.load(Ordering::Acquire) == *generation {
+                    slot.set(outcome);
+                }
             }
             value
         })
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        if let Some((slot, generation)) = &self.slot {
+            if slot
+                .generation
+                .compare_exchange(
+                    *generation,
+                    generation.wrapping_add(1),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+            {
+                slot.outcome.store(0, Ordering::Release);
+                slot.taken.store(false, Ordering::Release);
+            }
+        }
+    }
+}
+
+impl Ran {
+    /// The call's body started.
+    pub(crate) fn ran(&self) {
+        if let Some((slot, generation)) = &self.0 {
+            if slot.generation.load(Ordering::Acquire) == *generation {
+                slot.set(Outcome::Executed);
+            }
+        }
     }
 }

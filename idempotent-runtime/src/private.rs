@@ -445,11 +445,18 @@ where
     Fut: Future<Output = R> + 'a,
 {
     if crate::switch::disabled() || call.runs_directly() {
-        return Either::Left(body());
+        // No engine answers this call, so it has no outcome; its nested calls must not
+        // report one for it either.
+        let quiet = Report::claim();
+        return Either::Left(async move {
+            let output = body().await;
+            quiet.settle();
+            output
+        });
     }
     let copier = copies.into_copier().0;
     let report = Report::claim();
-    let started = report.clone();
+    let started = report.started();
     Either::Right(
         call.run_copying(
             move || {
@@ -479,11 +486,29 @@ where
     Fut: Future<Output = R> + Send + 'static,
 {
     if crate::switch::disabled() || call.runs_directly() {
-        return Either::Left(body());
+        // Without the engine, still on a task of its own: `on_cancel = "finish"` promises
+        // the body its end whether or not the call has a key.
+        let quiet = Report::claim();
+        let task = tokio::runtime::Handle::try_current()
+            .map(|rt| rt.spawn(crate::default_engine::carry(body())));
+        return Either::Left(async move {
+            let output = match task {
+                Ok(task) => match task.await {
+                    Ok(output) => output,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => R::from_result(Err(Error::Cancelled.into())),
+                },
+                Err(_) => R::from_result(Err(
+                    Error::Config(crate::error::ConfigError::NoRuntime).into()
+                )),
+            };
+            quiet.settle();
+            output
+        });
     }
     let copier = copies.into_copier().0;
     let report = Report::claim();
-    let started = report.clone();
+    let started = report.started();
     Either::Right(
         call.run_to_completion_copying(
             move || {
@@ -511,7 +536,7 @@ where
     F: for<'c> FnOnce(&'c mut Transaction<'a, Postgres>) -> BoxFuture<'c, R> + Send + 'a,
 {
     let report = Report::claim();
-    let started = report.clone();
+    let started = report.started();
     call.run_in_transaction_with_outcome(move |tx| {
         started.ran();
         Box::pin(body(tx).map(R::into_result))
