@@ -900,14 +900,25 @@ impl Inner {
         P: ErrorPolicy<E>,
     {
         self.check_fingerprint(req, fingerprint)?;
-        self.count_replay(req, outcome);
         let scoped = |e: CodecError| match e.kind() {
             CodecErrorKind::TransactionEnded => Error::TransactionEnded,
             _ => Error::Codec(e.in_scope(req.key.scope())),
         };
-        match result {
-            StoredResult::Ok(bytes) => Ok((self.codec.decode(bytes).map_err(scoped)?, outcome)),
-            StoredResult::Err(bytes) => Err(P::decode(bytes, self.codec).map_err(scoped)?),
+        let decoded = match result {
+            StoredResult::Ok(bytes) => self.codec.decode(bytes).map(Ok),
+            StoredResult::Err(bytes) => P::decode(bytes, self.codec).map(Err),
+        };
+        // Counted once decoded: a stored result this call cannot read (another type, another
+        // codec, a marker) answers with an error, and is no replay on a dashboard.
+        match decoded {
+            Ok(answer) => {
+                self.count_replay(req, outcome);
+                answer.map(|value| (value, outcome))
+            }
+            Err(e) => {
+                observe::outcome(&req.span, observe::OUTCOME_UNDECODABLE);
+                Err(scoped(e).into())
+            }
         }
     }
 

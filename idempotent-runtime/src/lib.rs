@@ -439,7 +439,7 @@
 //! own spans nest under. Its fields: `scope`; `key_digest`, a hash of the key
 //! ([`KeyDigest`]), never the key; `store`, the [`Store::kind`](store::Store::kind); and
 //! `outcome`, once known: `executed`, `replayed` or `coalesced` ([`Outcome::as_str`]),
-//! `rejected`, `mismatch`, `store_error` (nothing ran) or `invalid` (a key or setting
+//! `rejected`, `mismatch`, `store_error` (nothing ran), `undecodable` (a stored result this call cannot decode) or `invalid` (a key or setting
 //! refused). The engine's events use the same words.
 //!
 //! With the feature `metrics`, the counters of [`Stats`], per scope, and histograms of

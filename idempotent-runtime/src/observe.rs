@@ -327,6 +327,9 @@ pub(crate) const OUTCOME_INVALID: &str = "invalid";
 pub(crate) const OUTCOME_REJECTED: &str = "rejected";
 /// The `outcome` of a call refused with `Error::Mismatch`.
 pub(crate) const OUTCOME_MISMATCH: &str = "mismatch";
+/// The `outcome` of a call whose stored result it could not decode (another type or
+/// codec, or the marker of a result that was never stored).
+pub(crate) const OUTCOME_UNDECODABLE: &str = "undecodable";
 /// The `outcome` of a call the store failed before anything ran.
 pub(crate) const OUTCOME_STORE_ERROR: &str = "store_error";
 

@@ -135,6 +135,29 @@ async fn settle() {
 }
 
 #[test]
+fn a_stored_result_that_does_not_decode_is_no_replay() {
+    with_recorder(|metrics| async move {
+        let idem = Idempotency::memory();
+        let call = || idem.call("order-7").scope("orders").metrics_scope("orders");
+        call().run(ok(7)).await.unwrap();
+        assert_eq!(metrics.counters(), vec![moved(m::EXECUTIONS, "orders", 1)]);
+
+        // The same key read as another type: the caller gets a codec error, and neither
+        // the counter nor the engine's figures say it was replayed.
+        let wrong = call()
+            .run(|| std::future::ready(Ok::<String, Error>("never runs".into())))
+            .await;
+        assert!(matches!(wrong, Err(Error::Codec(_))), "{wrong:?}");
+        assert_eq!(metrics.counters(), Vec::<Moved>::new());
+        assert_eq!(idem.stats().replayed, 0);
+
+        // Read as its own type it replays, and counts.
+        assert_eq!(call().run(ok(8)).await.unwrap(), 7);
+        assert_eq!(metrics.counters(), vec![moved(m::REPLAYS, "orders", 1)]);
+    });
+}
+
+#[test]
 fn executions_replays_and_mismatches_move_their_counters_once_each() {
     with_recorder(|metrics| async move {
         let idem = Idempotency::memory();
