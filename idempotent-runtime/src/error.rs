@@ -163,6 +163,11 @@ pub enum ConfigError {
     /// tokio runtime, so there is nowhere to run the operation's own task.
     #[error("running to completion needs a tokio runtime")]
     NoRuntime,
+    /// [`KeyDigest::set_secret`](crate::KeyDigest::set_secret) was called after the
+    /// digest secret was fixed (by a digest made before, or an earlier call): digests
+    /// would not match across the change. Set it at start-up, before any call.
+    #[error("the key digest secret is already fixed; set it before the first call")]
+    DigestSecretFixed,
     /// [`Call::run_in_transaction`](crate::Call::run_in_transaction) was called on an
     /// engine whose store keeps no transactions of the operation's database (only a
     /// [`PostgresStore`](crate::store::PostgresStore) does). Nothing ran.

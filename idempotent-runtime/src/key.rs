@@ -2,10 +2,11 @@
 
 use std::cell::Cell;
 use std::fmt::{self, Write as _};
+use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 
-use crate::error::KeyError;
+use crate::error::{ConfigError, KeyError};
 
 /// Separates scope from key in [`StoreKey::as_str`]; scopes may not contain it, which
 /// keeps the joined form unambiguous.
@@ -98,8 +99,9 @@ impl StoreKey {
         &self.joined
     }
 
-    /// A short, stable hash of scope and key for logs, so keys (which may carry customer
-    /// data) never appear in them.
+    /// A short hash of scope and key for logs and spans, so keys (which may carry
+    /// customer data) never appear in them; keyed with the process's digest secret (see
+    /// [`KeyDigest`]), so a key that can be guessed cannot be found from its digest.
     pub fn digest(&self) -> KeyDigest {
         KeyDigest::of_joined(&self.joined)
     }
@@ -123,19 +125,93 @@ fn recycle(mut buffer: String) {
     }
 }
 
-/// The first 64 bits of a key's SHA-256, printed as hex.
+/// What the crate's logs and spans show of a key: the first 64 bits of the SHA-256 of
+/// a secret and the key in its scope, printed as hex.
+///
+/// Keys are often guessable (an order number, a message id, an e-mail address), and an
+/// unkeyed hash of one can be reversed by hashing guesses; the secret prevents that.
+/// It is, in order:
+/// - the one given to [`KeyDigest::set_secret`] before the first digest;
+/// - else the value of the environment variable [`DIGEST_SECRET_ENV`]
+///   (`IDEMPOTENT_KEY_DIGEST_SECRET`), read at the first digest;
+/// - else one drawn at random for the process.
+///
+/// Set the same secret on every replica of a service to find one key's lines across
+/// them, and to compute a key's digest elsewhere ([`StoreKey::digest`]) when a customer's
+/// key must be looked up in the logs. With the random one, digests agree within one
+/// process only. Keep the secret as secret as the keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyDigest(u64);
 
+/// The environment variable the digest secret is read from: see [`KeyDigest`].
+pub const DIGEST_SECRET_ENV: &str = "IDEMPOTENT_KEY_DIGEST_SECRET";
+
+/// The process's digest secret, fixed at the first digest (or by `set_secret`).
+static DIGEST_SECRET: OnceLock<[u8; 32]> = OnceLock::new();
+
 impl KeyDigest {
+    /// Sets the secret digests are keyed with (any bytes; hashed to 32), for the whole
+    /// process. Call it at start-up, before any call, as digests made before would not
+    /// match those made after: it fails with
+    /// [`ConfigError::DigestSecretFixed`] once a digest was made or a secret set.
+    ///
+    /// ```
+    /// use idempotent_runtime::{KeyDigest, StoreKey};
+    ///
+    /// KeyDigest::set_secret(b"shared by every replica")?;
+    /// let key = StoreKey::new("payments", "order-7", 255)?;
+    /// // The same on every process given this secret; not reversible without it.
+    /// println!("grep the logs for key={}", key.digest());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_secret(secret: impl AsRef<[u8]>) -> Result<(), ConfigError> {
+        let mut fixed = false;
+        DIGEST_SECRET.get_or_init(|| {
+            fixed = true;
+            Sha256::digest(secret.as_ref()).into()
+        });
+        if fixed {
+            Ok(())
+        } else {
+            Err(ConfigError::DigestSecretFixed)
+        }
+    }
+
     /// The digest of a key in its joined form, `scope|key` (what [`StoreKey::as_str`]
     /// gives), for stores that hold only that form.
     pub(crate) fn of_joined(joined: &str) -> Self {
-        let hash = Sha256::digest(joined.as_bytes());
+        let hash = Sha256::new()
+            .chain_update(digest_secret())
+            .chain_update(joined.as_bytes())
+            .finalize();
         let mut short = [0u8; 8];
         short.copy_from_slice(&hash[..8]);
         KeyDigest(u64::from_be_bytes(short))
     }
+}
+
+/// The secret of [`KeyDigest`], fixed on first use.
+fn digest_secret() -> &'static [u8; 32] {
+    DIGEST_SECRET.get_or_init(|| match std::env::var_os(DIGEST_SECRET_ENV) {
+        Some(secret) if !secret.is_empty() => Sha256::digest(secret.as_encoded_bytes()).into(),
+        _ => random_secret(),
+    })
+}
+
+/// 32 bytes from the operating system's randomness, through `RandomState` (whose keys
+/// it seeds from there): no extra dependency for a secret drawn once per process.
+fn random_secret() -> [u8; 32] {
+    use std::hash::{BuildHasher, Hasher};
+    let state = std::collections::hash_map::RandomState::new();
+    let mut secret = [0u8; 32];
+    for (i, chunk) in secret.chunks_exact_mut(8).enumerate() {
+        let mut h = state.build_hasher();
+        h.write_usize(i);
+        h.write_u32(std::process::id());
+        chunk.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    // Spread over the whole digest input, not four related words.
+    Sha256::digest(secret).into()
 }
 
 impl fmt::Display for KeyDigest {
@@ -213,5 +289,20 @@ mod tests {
         let n = StoreKey::new("s", 42, 255).unwrap();
         assert_eq!(n.digest(), StoreKey::new("s", "42", 255).unwrap().digest());
         assert_ne!(n.digest(), StoreKey::new("t", "42", 255).unwrap().digest());
+    }
+
+    #[test]
+    fn the_digest_is_keyed() {
+        let k = StoreKey::new("s", "order-7", 255).unwrap();
+        // Not the unkeyed hash a guess at the key would reproduce.
+        let unkeyed = Sha256::digest(k.as_str().as_bytes());
+        let mut short = [0u8; 8];
+        short.copy_from_slice(&unkeyed[..8]);
+        assert_ne!(k.digest(), KeyDigest(u64::from_be_bytes(short)));
+        // The secret is fixed by the first digest: a later one is refused.
+        assert_eq!(
+            KeyDigest::set_secret(b"late"),
+            Err(ConfigError::DigestSecretFixed)
+        );
     }
 }
