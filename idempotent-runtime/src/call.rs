@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use crate::codec::Codec;
 use crate::copy::Copier;
+use crate::detached::{spawn_to_end, Detached};
 use crate::engine::{Concurrency, Idempotency, Outcome, Plain, Request, Settings};
-use crate::error::ConfigError;
 use crate::error::{CodecError, Error, KeyError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -280,7 +280,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     /// already stored locally is returned without a task. A panic in `op` continues in
     /// the caller; a task cancelled because its runtime shut down is
     /// [`Error::Cancelled`], and a call made outside a tokio runtime is
-    /// [`Error::Config`] ([`ConfigError::NoRuntime`]).
+    /// [`Error::Config`] ([`ConfigError::NoRuntime`](crate::ConfigError::NoRuntime)).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_runtime::Error> {
@@ -353,29 +353,21 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             if let Some(answer) = inner.replay_local::<T, E, P>(&req, copier) {
                 return Ok(Started::Done(answer));
             }
-            let rt = tokio::runtime::Handle::try_current()
-                .map_err(|_| Error::Config(ConfigError::NoRuntime))?;
-            // The body's own calls keep the caller's default engine (an `as_default`
-            // block's), which a task-local would not carry to the task by itself.
-            Ok(Started::Running(rt.spawn(crate::default_engine::carry(
-                async move {
-                    inner
-                        .join_or_lead::<T, E, P, Plain<F, Option<Copier<T>>>>(
-                            req,
-                            Plain(op, copier),
-                        )
-                        .await
-                },
-            ))))
+            let span = req.span.clone();
+            let task = spawn_to_end(async move {
+                inner
+                    .join_or_lead::<T, E, P, Plain<F, Option<Copier<T>>>>(req, Plain(op, copier))
+                    .await
+            });
+            task.map(Started::Running).inspect_err(|_| {
+                // No runtime: the call is refused before anything ran.
+                crate::observe::outcome(&span, crate::observe::OUTCOME_INVALID);
+            })
         });
         async move {
             match started.map_err(E::from)? {
                 Started::Done(answer) => answer,
-                Started::Running(task) => match task.await {
-                    Ok(answer) => answer,
-                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                    Err(_) => Err(Error::Cancelled.into()),
-                },
+                Started::Running(task) => task.join().await.map_err(E::from)?,
             }
         }
     }
@@ -432,7 +424,7 @@ fn refused(store_kind: &'static str, e: Error) -> Error {
 /// A call run to completion, once started: answered at once, or running on its task.
 enum Started<T, E> {
     Done(Result<(T, Outcome), E>),
-    Running(tokio::task::JoinHandle<Result<(T, Outcome), E>>),
+    Running(Detached<Result<(T, Outcome), E>>),
 }
 
 /// What a call's key can be: anything `Display`, formatted into its scope when the call

@@ -423,17 +423,37 @@ impl Inner {
         P: ErrorPolicy<E>,
         O: Operation<T, E>,
     {
+        // Answered or not, the span says how the call ended: a call dropped on its way
+        // (cancelled, timed out around it) says so rather than nothing.
+        let unanswered = Unfinished(&req.span);
+        let answer = self.coalesce_or_lead_inner::<T, E, P, O>(&req, op).await;
+        unanswered.answered();
+        answer
+    }
+
+    /// [`Inner::coalesce_or_lead`], once its span's guard is set.
+    async fn coalesce_or_lead_inner<T, E, P, O>(
+        self: &Arc<Self>,
+        req: &Request,
+        op: O,
+    ) -> Answer<T, E>
+    where
+        T: DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+        O: Operation<T, E>,
+    {
         loop {
             match self.flights.join(&req.key, req.fingerprint) {
                 // Claiming, waiting on another process, running and renewing make a future
                 // of over a kilobyte: boxed apart, only the caller that talks to the store
                 // pays for it, not each of a thousand followers.
                 Joined::Leader(flight) => {
-                    let lead = Box::pin(self.lead::<T, E, P, O>(&req, flight, op));
+                    let lead = Box::pin(self.lead::<T, E, P, O>(req, flight, op));
                     return lead.await;
                 }
                 Joined::Follower(flight) => {
-                    if let Some(answer) = self.follow::<T, E, P>(&req, &flight).await {
+                    if let Some(answer) = self.follow::<T, E, P>(req, &flight).await {
                         return match answer {
                             Followed::Answer(a) => a,
                             Followed::TookOver(guard, token, sent) => {
@@ -446,7 +466,7 @@ impl Inner {
                                     sent,
                                     guard,
                                 );
-                                let run = Box::pin(op.execute::<P>(self, &req, held));
+                                let run = Box::pin(op.execute::<P>(self, req, held));
                                 run.await
                             }
                         };
@@ -496,7 +516,7 @@ impl Inner {
                 }
                 Claim::Completed(rec) => {
                     waiting.stop();
-                    let (fingerprint, result) = completed(rec)?;
+                    let (fingerprint, result) = self.completed(req, StoreOp::Claim, rec)?;
                     flight.land(Landing::Result {
                         result: result.clone(),
                         fingerprint,
@@ -642,21 +662,25 @@ impl Inner {
         self.count(&req.labels, Event::Executed);
         let body = AssertUnwindSafe(op()).catch_unwind();
         let ran = held.renewing(body).await;
-        // The body ran, whatever it ended with.
-        observe::answered(&req.span, Outcome::Executed);
+        // The span's outcome is recorded once the claim is finished, as the call is
+        // answered: dropped before, the call is `cancelled` (see `Unfinished`), although
+        // its operation ran (counted above).
         match ran {
             Err(panic) => {
                 held.release().await;
+                observe::answered(&req.span, Outcome::Executed);
                 resume_unwind(panic)
             }
             Ok(Ok(value)) => {
                 held.complete(self.value_completion(req, &value)).await;
+                observe::answered(&req.span, Outcome::Executed);
                 debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = true, "idempotent call");
                 Ok((value, Outcome::Executed))
             }
             Ok(Err(err)) => {
                 self.finish_error(req, held, P::encode(&err, self.codec))
                     .await;
+                observe::answered(&req.span, Outcome::Executed);
                 debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = false, "idempotent call");
                 Err(err)
             }
@@ -728,6 +752,9 @@ impl Inner {
     /// An answer that took longer than a renewal interval may come after the lease it
     /// granted ran out, and another caller may hold the key by then: such a claim is
     /// renewed before it is used, and claimed afresh if the renewal finds it lost.
+    ///
+    /// Counts its own failures, by the operation that failed (a claim, or the renewal of
+    /// a claim answered late).
     async fn claim(
         self: &Arc<Self>,
         req: &Request,
@@ -746,6 +773,7 @@ impl Inner {
             let claim = match self.claim_once(req, token).await {
                 Ok(claim) => claim,
                 Err(e) => {
+                    self.count(&req.labels, Event::StoreError(StoreOp::Claim));
                     // A full store refused before it kept anything; any other failure may
                     // have come after the claim landed (a timeout).
                     if e.kind() == StoreErrorKind::Full {
@@ -781,13 +809,20 @@ impl Inner {
                         unanswered.token = None;
                         break;
                     }
-                    Ok(Err(e)) => return Err(e),
-                    Ok(Ok(Fence::Held)) | Err(_) => {}
+                    Ok(Err(e)) => {
+                        self.count(&req.labels, Event::StoreError(StoreOp::Renew));
+                        return Err(e);
+                    }
+                    // Cut off by the engine's time limit: a failed round trip, as the
+                    // heartbeat counts one.
+                    Err(_) => self.count(&req.labels, Event::StoreError(StoreOp::Renew)),
+                    Ok(Ok(Fence::Held)) => {}
                 }
             }
             // Lost, or never confirmed in time (then, if it is ours still, released).
             drop(unanswered);
         }
+        self.count(&req.labels, Event::StoreError(StoreOp::Claim));
         Err(StoreError::msg(
             "the store answers claims slower than a third of the lease",
         ))
@@ -827,7 +862,9 @@ impl Inner {
         // than the rest of a hit's bookkeeping.
         let (token, result) = match &rec.state {
             RecordState::Completed { token, result, .. } => (*token, result),
-            RecordState::InProgress { .. } => return Some(Err(not_completed().into())),
+            RecordState::InProgress { .. } => {
+                return Some(Err(self.not_completed(req, StoreOp::Lookup).into()))
+            }
         };
         let Some(copier) = copier else {
             return Some(self.replay_ref::<T, E, P>(
@@ -865,7 +902,7 @@ impl Inner {
         E: From<Error>,
         P: ErrorPolicy<E>,
     {
-        let (fingerprint, result) = completed(rec)?;
+        let (fingerprint, result) = self.completed(req, StoreOp::Claim, rec)?;
         self.replay::<T, E, P>(req, fingerprint, result, Outcome::Replayed)
     }
 
@@ -956,28 +993,56 @@ impl Inner {
         Error::InProgress
     }
 
-    /// A claim the store failed: nothing ran.
+    /// A claim the store failed (counted where it failed, by [`Inner::claim`]): nothing ran.
     fn store_failed(&self, req: &Request, err: StoreError) -> Error {
-        self.count(&req.labels, Event::StoreError(StoreOp::Claim));
         observe::outcome(&req.span, OUTCOME_STORE_ERROR);
         debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = OUTCOME_STORE_ERROR, error = %err, "idempotency store failed; not running");
         Error::Store(err)
     }
-}
 
-/// The fingerprint and result of a record a store answered as completed.
-fn completed(rec: Record) -> Result<(Option<Fingerprint>, StoredResult), Error> {
-    match rec.state {
-        RecordState::Completed { result, .. } => Ok((rec.fingerprint, result)),
-        RecordState::InProgress { .. } => Err(not_completed()),
+    /// The fingerprint and result of a record the store answered `op` with as completed.
+    fn completed(
+        &self,
+        req: &Request,
+        op: StoreOp,
+        rec: Record,
+    ) -> Result<(Option<Fingerprint>, StoredResult), Error> {
+        match rec.state {
+            RecordState::Completed { result, .. } => Ok((rec.fingerprint, result)),
+            RecordState::InProgress { .. } => Err(self.not_completed(req, op)),
+        }
+    }
+
+    /// The store answered `op` with a record in progress where it said it was completed:
+    /// a store error like any other, on the dashboards and on the call's span.
+    #[cold]
+    fn not_completed(&self, req: &Request, op: StoreOp) -> Error {
+        self.count(&req.labels, Event::StoreError(op));
+        self.store_failed(
+            req,
+            StoreError::msg("store answered a claim as completed with a record in progress"),
+        )
     }
 }
 
-/// A store answered with a record in progress where it said it was completed.
-fn not_completed() -> Error {
-    Error::Store(StoreError::msg(
-        "store answered a claim as completed with a record in progress",
-    ))
+/// Marks a call's span `cancelled` when dropped before [`Unfinished::answered`]. Every
+/// outcome is recorded just as its call is answered, with no await between, so the span
+/// gets one outcome. A panic that unwinds through it leaves the span as it was
+/// (`executed`, if the panic was the operation's).
+struct Unfinished<'a>(&'a Span);
+
+impl Unfinished<'_> {
+    fn answered(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            observe::outcome(self.0, observe::OUTCOME_CANCELLED);
+        }
+    }
 }
 
 enum Followed<T, E> {
@@ -1043,7 +1108,10 @@ async fn release_unanswered(
             }
             Ok(Fence::Lost) => {}
             // The store is failing: a claim that did land lapses with its lease.
-            Err(_) => return,
+            Err(_) => {
+                engine.count(&labels, Event::StoreError(StoreOp::Release));
+                return;
+            }
         }
     }
 }

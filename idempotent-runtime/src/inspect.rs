@@ -17,6 +17,7 @@ use crate::engine::Idempotency;
 use crate::error::{CodecError, CodecErrorKind, Error};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
+use crate::observe::StoreOp;
 use crate::record::{FencingToken, RecordState, StoredResult};
 use crate::store::Inspected;
 
@@ -169,7 +170,10 @@ impl Idempotency {
         key: K,
     ) -> Result<Option<KeyRecord>, Error> {
         let key = self.store_key(scope, key)?;
-        let inspected = self.inner.store.inspect(&key).await?;
+        let inspected = self
+            .inner
+            .round_trip(StoreOp::Inspect, self.inner.store.inspect(&key))
+            .await?;
         debug!(scope = key.scope(), key = %key.digest(), found = inspected.is_some(), "idempotency key inspected");
         Ok(inspected.map(|i| KeyRecord::new(i, self.inner.codec, key.scope())))
     }
@@ -217,7 +221,10 @@ impl Idempotency {
     /// ```
     pub async fn forget<K: fmt::Display>(&self, scope: &str, key: K) -> Result<bool, Error> {
         let key = self.store_key(scope, key)?;
-        let existed = self.inner.store.forget(&key).await?;
+        let existed = self
+            .inner
+            .round_trip(StoreOp::Forget, self.inner.store.forget(&key))
+            .await?;
         // After the store: a follower that starts over now claims a key that is free.
         let detached = self.inner.flights.detach(&key);
         // At info, not debug: an operator's deliberate deletion, which lets the operation run

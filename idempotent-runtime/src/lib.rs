@@ -436,11 +436,24 @@
 //! the scope and a hash of the key, never the key or any payload.
 //!
 //! Each call runs in a `tracing` span, `idempotent.call`, at INFO, which the operation's
-//! own spans nest under. Its fields: `scope`; `key_digest`, a hash of the key
-//! ([`KeyDigest`]), never the key; `store`, the [`Store::kind`](store::Store::kind); and
-//! `outcome`, once known: `executed`, `replayed` or `coalesced` ([`Outcome::as_str`]),
-//! `rejected`, `mismatch`, `store_error` (nothing ran), `undecodable` (a stored result this call cannot decode) or `invalid` (a key or setting
-//! refused). The engine's events use the same words.
+//! own spans nest under. Its fields: `scope`; `key_digest`, a keyed hash of the key
+//! ([`KeyDigest`], whose secret replicas share to match their lines), never the key;
+//! `store`, the [`Store::kind`](store::Store::kind); and `outcome`, recorded once, as
+//! the call is answered:
+//!
+//! | `outcome` | the call |
+//! |---|---|
+//! | `executed`, `replayed`, `coalesced` | got a value or error that way ([`Outcome::as_str`]) |
+//! | `rejected` | was a duplicate refused with [`Error::InProgress`] |
+//! | `mismatch` | was refused with [`Error::Mismatch`] |
+//! | `store_error` | failed in the store before anything took effect |
+//! | `undecodable` | found a stored result it cannot decode (another type or codec) |
+//! | `invalid` | had a key or setting refused |
+//! | `lease_lost` | ran in a transaction rolled back because its claim was taken over |
+//! | `commit_unknown` | ran in a transaction whose commit could not be confirmed |
+//! | `cancelled` | was dropped before its answer (its operation may have run) |
+//!
+//! The engine's events use the same words.
 //!
 //! With the feature `metrics`, the counters of [`Stats`], per scope, and histograms of
 //! store round trips and of waits for a duplicate in flight are recorded through the
@@ -462,6 +475,7 @@ pub mod clock;
 pub mod codec;
 mod copy;
 mod default_engine;
+mod detached;
 mod engine;
 mod error;
 mod fidelity;
@@ -500,7 +514,7 @@ pub use error::{
 };
 pub use fingerprint::Fingerprint;
 pub use inspect::{KeyRecord, KeyState};
-pub use key::{KeyDigest, StoreKey, SCOPE_SEPARATOR};
+pub use key::{KeyDigest, StoreKey, DIGEST_SECRET_ENV, SCOPE_SEPARATOR};
 pub use outcome::outcome_of;
 pub use record::{FencingToken, Record, RecordState, StoredResult};
 pub use stats::Stats;

@@ -14,7 +14,7 @@
 //! | [`LEASES_LOST`] | counter | `scope`, `store` | executions whose claim was taken over before their result was stored |
 //! | [`UNSTORED`] | counter | `scope`, `store` | executions whose result was not stored although their claim held |
 //! | [`EVICTIONS_BEFORE_TTL`] | counter | `store` | results a bounded store dropped before their TTL to make room |
-//! | [`STORE_SECONDS`] | histogram | `store`, `operation` | one store round trip, failed ones included |
+//! | [`STORE_SECONDS`] | histogram | `store`, `operation` | one store round trip, failed ones and ones cut short included |
 //! | [`WAIT_SECONDS`] | histogram | `scope`, `store`, `via` | one wait of a duplicate for the call in flight |
 //!
 //! The counters are those of [`Stats`](crate::Stats), per scope. Label values:
@@ -26,9 +26,15 @@
 //!   request: label values must be few, and only code chooses these.
 //! - `store`: [`Store::kind`](crate::store::Store::kind): `memory`, `redis`, `postgres`,
 //!   or `custom`.
-//! - `operation`: `claim`, `renew`, `complete`, `release`, or `commit` (the commit of
-//!   [`Call::run_in_transaction`](crate::Call::run_in_transaction), which also completes
-//!   the claim).
+//! - `operation`: `claim`, `renew`, `complete`, `release`;
+//!   `inspect` and `forget` ([`Idempotency::record`](crate::Idempotency::record) and
+//!   [`Idempotency::forget`](crate::Idempotency::forget), whose scope label is
+//!   [`CALL_SCOPE`]); for [`Call::run_in_transaction`](crate::Call::run_in_transaction),
+//!   `begin`, `verify` (the check, after an error, that the operation left its
+//!   transaction open), `rollback`, `commit` (which also completes the claim) and
+//!   `settle` (asking whether a commit whose answer was lost committed). Store errors
+//!   also count `lookup`: a record the store keeps in this process answered in a state
+//!   it should not have been (no round trip, so never timed).
 //! - `via`: [`VIA_IN_PROCESS`] (coalesced behind a call of this process) or
 //!   [`VIA_STORE`] (polling a key another process, or another engine, holds).
 //!
@@ -67,8 +73,10 @@ pub const UNSTORED: &str = "idempotent_unstored_total";
 /// can let a retry run again ([`Stats::evicted`](crate::Stats::evicted)). Labelled by
 /// `store` only.
 pub const EVICTIONS_BEFORE_TTL: &str = "idempotent_evictions_before_ttl_total";
-/// Histogram, in seconds: one store round trip, by `operation` and `store` (failed ones
-/// and ones cut off by the engine's time limit included).
+/// Histogram, in seconds: one store round trip, by `operation` and `store`. Failed ones
+/// are included, and so are ones cut short (by the engine's time limit, a cancelled
+/// caller, or a renewal in flight when the operation returned), with the time they ran:
+/// left out, the slowest would be the ones missing.
 pub const STORE_SECONDS: &str = "idempotent_store_seconds";
 /// Histogram, in seconds: one wait of a duplicate for the call in flight with its key,
 /// by `via`, until it was answered, took over, or gave up.
@@ -78,7 +86,7 @@ pub const WAIT_SECONDS: &str = "idempotent_wait_seconds";
 pub const SCOPE_LABEL: &str = "scope";
 /// The label naming the store's kind, [`Store::kind`](crate::store::Store::kind).
 pub const STORE_LABEL: &str = "store";
-/// The label naming a store operation: `claim`, `renew`, `complete`, `release`, `commit`.
+/// The label naming a store operation: see the [module's](self) list.
 pub const OPERATION_LABEL: &str = "operation";
 /// The label saying what a duplicate waited on: [`VIA_IN_PROCESS`] or [`VIA_STORE`].
 pub const VIA_LABEL: &str = "via";

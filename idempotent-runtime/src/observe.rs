@@ -13,6 +13,7 @@ use tracing::field::Empty;
 use tracing::Span;
 
 use crate::engine::{Inner, Outcome};
+use crate::error::StoreError;
 use crate::key::StoreKey;
 use crate::stats::bump;
 
@@ -38,9 +39,26 @@ pub(crate) enum StoreOp {
     Renew,
     Complete,
     Release,
-    /// The commit of a transactional call, which completes its claim too.
+    /// A look at the completed records the store keeps in this process (no round trip:
+    /// never timed, counted only when the store answers wrongly).
+    Lookup,
+    /// [`Idempotency::record`](crate::Idempotency::record).
+    Inspect,
+    /// [`Idempotency::forget`](crate::Idempotency::forget).
+    Forget,
+    /// The steps of a transactional call: its transaction's start, the check that the
+    /// operation left it open, its rollback after an error, its commit (which completes
+    /// the claim too), and the look that settles a commit whose answer was lost.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Begin,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Verify,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Rollback,
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     Commit,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Settle,
 }
 
 impl StoreOp {
@@ -51,7 +69,14 @@ impl StoreOp {
             StoreOp::Renew => "renew",
             StoreOp::Complete => "complete",
             StoreOp::Release => "release",
+            StoreOp::Lookup => "lookup",
+            StoreOp::Inspect => "inspect",
+            StoreOp::Forget => "forget",
+            StoreOp::Begin => "begin",
+            StoreOp::Verify => "verify",
+            StoreOp::Rollback => "rollback",
             StoreOp::Commit => "commit",
+            StoreOp::Settle => "settle",
         }
     }
 }
@@ -144,6 +169,24 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// `round_trip`, an operation of the engine's own API outside any call (inspecting or
+    /// forgetting a key): timed, and counted if it fails, with the scope label of calls
+    /// made without one.
+    pub(crate) async fn round_trip<T>(
+        &self,
+        op: StoreOp,
+        round_trip: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let labels = Labels::new(ScopeLabel::default(), self.store_kind);
+        let answer = timed(&labels, op, round_trip).await;
+        if answer.is_err() {
+            self.count(&labels, Event::StoreError(op));
+        }
+        answer
+    }
+}
+
 #[cfg(feature = "metrics")]
 fn record(labels: &Labels, event: Event) {
     use crate::metrics::*;
@@ -178,30 +221,50 @@ pub(crate) fn evicted_before_ttl(store: &'static str) {
     let _ = store;
 }
 
-/// `round_trip`, a store operation, timed into [`STORE_SECONDS`](crate::metrics::STORE_SECONDS)
-/// when it ends; without the feature, `round_trip` itself. A round trip dropped before it
-/// ends (its caller cancelled) is not recorded.
+/// `round_trip`, a store operation, timed into [`STORE_SECONDS`](crate::metrics::STORE_SECONDS);
+/// without the feature, `round_trip` itself.
 #[cfg(not(feature = "metrics"))]
 #[inline(always)]
 pub(crate) fn timed<F: Future>(_: &Labels, _: StoreOp, round_trip: F) -> F {
     round_trip
 }
 
-/// `round_trip`, a store operation, timed into [`STORE_SECONDS`](crate::metrics::STORE_SECONDS)
-/// when it ends; without the feature, `round_trip` itself. A round trip dropped before it
-/// ends (its caller cancelled) is not recorded.
+/// `round_trip`, a store operation, timed into [`STORE_SECONDS`](crate::metrics::STORE_SECONDS);
+/// without the feature, `round_trip` itself.
+///
+/// A round trip dropped before it ends (its caller cancelled, a renewal in flight when
+/// the operation returned) is recorded too, with the time it had run: left out, the
+/// slowest round trips, the ones most often cut short, would be the ones missing.
 #[cfg(feature = "metrics")]
 pub(crate) async fn timed<F: Future>(labels: &Labels, op: StoreOp, round_trip: F) -> F::Output {
-    // Wall time, not tokio's clock: a test that pauses time still sees real round trips,
-    // and the scope is left out: a round trip does not depend on it, and every label
-    // multiplies a histogram's buckets.
-    let started = std::time::Instant::now();
-    let out = round_trip.await;
-    ::metrics::histogram!(crate::metrics::STORE_SECONDS,
-        crate::metrics::STORE_LABEL => labels.store,
-        crate::metrics::OPERATION_LABEL => op.as_str())
-    .record(started.elapsed());
-    out
+    let _timing = Timing {
+        store: labels.store,
+        op,
+        // Wall time, not tokio's clock: a test that pauses time still sees real round
+        // trips.
+        started: std::time::Instant::now(),
+    };
+    round_trip.await
+}
+
+/// One round trip's time, recorded when it is dropped, however the round trip ended.
+#[cfg(feature = "metrics")]
+struct Timing {
+    store: &'static str,
+    op: StoreOp,
+    started: std::time::Instant,
+}
+
+#[cfg(feature = "metrics")]
+impl Drop for Timing {
+    fn drop(&mut self) {
+        // The scope is left out: a round trip does not depend on it, and every label
+        // multiplies a histogram's buckets.
+        ::metrics::histogram!(crate::metrics::STORE_SECONDS,
+            crate::metrics::STORE_LABEL => self.store,
+            crate::metrics::OPERATION_LABEL => self.op.as_str())
+        .record(self.started.elapsed());
+    }
 }
 
 /// A duplicate's wait for the call in flight with its key, recorded into
@@ -330,8 +393,19 @@ pub(crate) const OUTCOME_MISMATCH: &str = "mismatch";
 /// The `outcome` of a call whose stored result it could not decode (another type or
 /// codec, or the marker of a result that was never stored).
 pub(crate) const OUTCOME_UNDECODABLE: &str = "undecodable";
-/// The `outcome` of a call the store failed before anything ran.
+/// The `outcome` of a call the store failed before anything took effect.
 pub(crate) const OUTCOME_STORE_ERROR: &str = "store_error";
+/// The `outcome` of a call run in a transaction whose claim was taken over before it
+/// committed: rolled back, nothing of it took effect.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) const OUTCOME_LEASE_LOST: &str = "lease_lost";
+/// The `outcome` of a call run in a transaction whose commit's answer was lost and
+/// could not be settled: whether it took effect is unknown.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) const OUTCOME_COMMIT_UNKNOWN: &str = "commit_unknown";
+/// The `outcome` of a call dropped before it was answered (its caller cancelled, or
+/// timed out around it).
+pub(crate) const OUTCOME_CANCELLED: &str = "cancelled";
 
 /// Records the call's outcome on its span.
 #[inline(always)]

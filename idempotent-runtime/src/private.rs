@@ -489,21 +489,14 @@ where
         // Without the engine, still on a task of its own: `on_cancel = "finish"` promises
         // the body its end whether or not the call has a key.
         let quiet = Report::claim();
-        let task = tokio::runtime::Handle::try_current()
-            .map(|rt| rt.spawn(crate::default_engine::carry(body())));
+        let task = crate::detached::spawn_to_end(body());
         return Either::Left(async move {
-            let output = match task {
-                Ok(task) => match task.await {
-                    Ok(output) => output,
-                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                    Err(_) => R::from_result(Err(Error::Cancelled.into())),
-                },
-                Err(_) => R::from_result(Err(
-                    Error::Config(crate::error::ConfigError::NoRuntime).into()
-                )),
+            let joined = match task {
+                Ok(task) => task.join().await,
+                Err(e) => Err(e),
             };
             quiet.settle();
-            output
+            joined.unwrap_or_else(|e| R::from_result(Err(e.into())))
         });
     }
     let copier = copies.into_copier().0;

@@ -25,7 +25,10 @@ use crate::codec::Codec;
 use crate::engine::{Answer, Inner, Operation, Outcome, Request};
 use crate::error::{ConfigError, Error, StoreError};
 use crate::lease::{bounded, Completion, HeldClaim};
-use crate::observe::{self, timed, Event, StoreOp, OUTCOME_STORE_ERROR};
+use crate::observe::{
+    self, timed, Event, StoreOp, OUTCOME_COMMIT_UNKNOWN, OUTCOME_INVALID, OUTCOME_LEASE_LOST,
+    OUTCOME_STORE_ERROR,
+};
 use crate::record::StoredResult;
 use crate::store::{Ended, PostgresStore, Settled};
 
@@ -221,7 +224,10 @@ where
     P: ErrorPolicy<E>,
 {
     let Some(pg) = engine.store.postgres() else {
+        // Checked before the call was resolved; a store whose answer changed is a setting
+        // refused all the same.
         held.release().await;
+        observe::outcome(&req.span, OUTCOME_INVALID);
         return Err(Error::Config(ConfigError::NotTransactional).into());
     };
     // Dropped half-way (a panic, a cancelled caller), the transaction queues its rollback
@@ -232,42 +238,73 @@ where
     // connection of the pool taken, the wait may be long.
     let begun = held
         .renewing(async {
+            // The wait for a permit is the store's own queue, not a round trip: not timed.
             let permit = pg.transaction_permit().await?;
-            Ok::<_, StoreError>((permit, pg.begin(held.token(), held.lease()).await?))
+            let begin = timed(
+                &req.labels,
+                StoreOp::Begin,
+                pg.begin(held.token(), held.lease()),
+            );
+            Ok::<_, StoreError>((permit, begin.await?))
         })
         .await;
     let (_permit, mut tx): (_, Transaction<'a, Postgres>) = match begun {
         Ok(begun) => begun,
         Err(e) => {
-            observe::outcome(&req.span, OUTCOME_STORE_ERROR);
+            engine.count(&req.labels, Event::StoreError(StoreOp::Begin));
             held.release().await;
+            observe::outcome(&req.span, OUTCOME_STORE_ERROR);
             return Err(Error::Store(e).into());
         }
     };
     engine.count(&req.labels, Event::Executed);
     let body = IN_OPERATION.scope((), AssertUnwindSafe(op(&mut tx)).catch_unwind());
     let ran = held.renewing(body).await;
-    // The body ran, whatever it ended with (and whatever its commit does).
-    observe::answered(&req.span, Outcome::Executed);
+    // The body ran. Its outcome is `executed` unless its transaction was rolled back
+    // under it at the commit: then nothing of it took effect, and the span says why. It
+    // is recorded as the call is answered (see `engine::Unfinished`).
     match ran {
         Err(panic) => {
             drop(tx);
             held.release().await;
+            observe::answered(&req.span, Outcome::Executed);
             resume_unwind(panic)
         }
         Ok(Err(err)) => {
             // An operation that committed its transaction itself, then failed, must not
             // have its key released: its writes may be there.
-            if let Ok(false) = pg.still_ours(&mut tx, held.token()).await {
-                drop(tx);
-                return Err(ended_by_operation(engine, req, held).await.into());
+            let verified = timed(
+                &req.labels,
+                StoreOp::Verify,
+                pg.still_ours(&mut tx, held.token()),
+            );
+            match verified.await {
+                Ok(false) => {
+                    drop(tx);
+                    let ended = ended_by_operation(engine, req, held).await;
+                    observe::answered(&req.span, Outcome::Executed);
+                    return Err(ended.into());
+                }
+                Ok(true) => {}
+                // Unknown: rolled back as if open (the rollback of a transaction already
+                // ended does nothing), and the key released.
+                Err(_) => engine.count(&req.labels, Event::StoreError(StoreOp::Verify)),
             }
             // Rolled back before the key is given up: a retry that takes it over then
             // meets none of this transaction's locks.
-            let _ = bounded(pg.statement_timeout(), rollback(tx)).await;
+            let rolled_back = timed(
+                &req.labels,
+                StoreOp::Rollback,
+                bounded(pg.statement_timeout(), rollback(tx)),
+            );
+            if rolled_back.await.is_err() {
+                // The connection goes back to the pool, which rolls it back or closes it.
+                engine.count(&req.labels, Event::StoreError(StoreOp::Rollback));
+            }
             engine
                 .finish_error(req, held, P::encode(&err, engine.codec))
                 .await;
+            observe::answered(&req.span, Outcome::Executed);
             debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = false, "idempotent call in a transaction");
             Err(err)
         }
@@ -283,21 +320,31 @@ where
             );
             let ended = timed(&req.labels, StoreOp::Commit, commit).await;
             match ended {
-                Ended::Committed => held.stored(completion.result),
+                Ended::Committed => {
+                    observe::answered(&req.span, Outcome::Executed);
+                    held.stored(completion.result)
+                }
                 Ended::Lost => {
+                    // Rolled back: the key's new holder runs the operation.
                     held.lost();
+                    observe::outcome(&req.span, OUTCOME_LEASE_LOST);
                     return Err(Error::LeaseLost.into());
                 }
                 Ended::ByOperation => {
-                    return Err(ended_by_operation(engine, req, held).await.into());
+                    let ended = ended_by_operation(engine, req, held).await;
+                    observe::answered(&req.span, Outcome::Executed);
+                    return Err(ended.into());
                 }
                 Ended::NotCommitted(e) => {
                     // Nothing of the operation took effect; the key is free for a retry.
                     engine.count(&req.labels, Event::StoreError(StoreOp::Commit));
                     held.release().await;
+                    observe::outcome(&req.span, OUTCOME_STORE_ERROR);
                     return Err(Error::Store(e).into());
                 }
                 Ended::CommitSent(e, xid) => {
+                    // The commit's round trip failed, whatever the settling finds.
+                    engine.count(&req.labels, Event::StoreError(StoreOp::Commit));
                     settle(engine, pg, req, held, completion, e, xid).await?;
                 }
             }
@@ -340,23 +387,27 @@ async fn settle<E: From<Error>>(
     failed: StoreError,
     xid: i64,
 ) -> Result<(), E> {
-    match pg.settle(&req.key, xid).await {
+    let settled = timed(&req.labels, StoreOp::Settle, pg.settle(&req.key, xid));
+    match settled.await {
         Ok(Settled::Committed) => {
+            observe::answered(&req.span, Outcome::Executed);
             debug!(scope = req.key.scope(), key = %req.key.digest(), "commit answer lost; the transaction committed");
             held.stored(completion.result);
             Ok(())
         }
         Ok(Settled::RolledBack) => {
             // Nothing of the operation took effect; the key is free for a retry.
-            engine.count(&req.labels, Event::StoreError(StoreOp::Commit));
             held.release().await;
+            observe::outcome(&req.span, OUTCOME_STORE_ERROR);
             Err(Error::Store(failed).into())
         }
         Err(e) => {
-            engine.count(&req.labels, Event::StoreError(StoreOp::Commit));
+            engine.count(&req.labels, Event::StoreError(StoreOp::Settle));
             warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
                 "could not learn whether the idempotent transaction committed; a retry will");
             held.release().await;
+            // Whether the operation took effect is unknown: its own outcome word.
+            observe::outcome(&req.span, OUTCOME_COMMIT_UNKNOWN);
             Err(Error::Store(StoreError::commit_unknown("postgres: commit", failed)).into())
         }
     }

@@ -8,8 +8,11 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
 use async_trait::async_trait;
+use idempotent_runtime::clock::Timestamp;
 use idempotent_runtime::store::{Claim, Fence, Inspected, PostgresStore, Store};
-use idempotent_runtime::{FencingToken, Fingerprint, Record, StoreError, StoreKey, StoredResult};
+use idempotent_runtime::{
+    FencingToken, Fingerprint, Record, RecordState, StoreError, StoreKey, StoredResult,
+};
 
 /// Wraps a store; while [`FaultyStore::set_down`] is on, every operation fails as an
 /// unreachable server would. It can also hide the inner store's local tier, so the engine
@@ -23,6 +26,7 @@ pub struct FaultyStore<S> {
     completions: Arc<AtomicU64>,
     holds: Arc<Mutex<Vec<Hold>>>,
     peek: bool,
+    misanswer: Arc<AtomicBool>,
 }
 
 /// Which operation a [`FaultyStore::hold`] stops, and where.
@@ -35,6 +39,8 @@ pub enum Stop {
     /// A completion, after the inner store applied it: its answer is lost on the way and
     /// the caller sees an error.
     CompletionAnswerLost,
+    /// A renewal, before it reaches the inner store.
+    Renewal,
 }
 
 #[derive(Debug)]
@@ -88,7 +94,24 @@ impl<S: Store + Clone> FaultyStore<S> {
             completions: Arc::new(AtomicU64::new(0)),
             holds: Arc::new(Mutex::new(Vec::new())),
             peek: true,
+            misanswer: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// While on, claims and local looks answer as a broken store would: a record said to
+    /// be completed, whose state is in progress.
+    pub fn set_misanswer(&self, on: bool) {
+        self.misanswer.store(on, Ordering::SeqCst);
+    }
+
+    fn misanswered(&self, fingerprint: Option<Fingerprint>) -> Option<Record> {
+        self.misanswer.load(Ordering::SeqCst).then(|| Record {
+            fingerprint,
+            state: RecordState::InProgress {
+                token: FencingToken::mint(),
+                lease_expires_at: Timestamp::from_millis(u64::MAX / 2),
+            },
+        })
     }
 
     /// Stops the next operation of the kind `at` names at that point, until the returned
@@ -165,6 +188,9 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
     ) -> Result<Claim, StoreError> {
         self.claims.fetch_add(1, Ordering::SeqCst);
         self.check("claim")?;
+        if let Some(rec) = self.misanswered(fp) {
+            return Ok(Claim::Completed(rec));
+        }
         let claim = self.inner.claim(key, token, fp, lease).await;
         self.stop(Stop::ClaimAnswer).await;
         claim
@@ -177,6 +203,7 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         lease: Duration,
     ) -> Result<Fence, StoreError> {
         self.renewals.fetch_add(1, Ordering::SeqCst);
+        self.stop(Stop::Renewal).await;
         self.check("renew")?;
         self.inner.renew(key, token, lease).await
     }
@@ -224,6 +251,9 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
     }
 
     fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
+        if let Some(rec) = self.misanswered(None) {
+            return Some(rec);
+        }
         if self.peek && !self.down.load(Ordering::SeqCst) {
             self.inner.peek_completed(key)
         } else {
