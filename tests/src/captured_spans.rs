@@ -30,12 +30,24 @@ pub struct SpanSeen {
     pub fields: BTreeMap<String, String>,
     /// Its parent's index among the recorded spans.
     pub parent: Option<usize>,
+    /// The values recorded after the span was made, field by field, in order: a field
+    /// recorded twice shows twice here (and once, as recorded last, in `fields`).
+    pub recorded: Vec<(String, String)>,
 }
 
 impl SpanSeen {
     /// The value of the field `name`, if it was recorded.
     pub fn field(&self, name: &str) -> Option<&str> {
         self.fields.get(name).map(String::as_str)
+    }
+
+    /// Every value the field `name` was given after the span was made, in order.
+    pub fn recorded(&self, name: &str) -> Vec<&str> {
+        self.recorded
+            .iter()
+            .filter(|(field, _)| field == name)
+            .map(|(_, value)| value.as_str())
+            .collect()
     }
 }
 
@@ -70,6 +82,7 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Spans {
             name: attrs.metadata().name(),
             fields,
             parent,
+            recorded: Vec::new(),
         });
         span.extensions_mut().insert(Index(spans.len() - 1));
     }
@@ -79,7 +92,14 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Spans {
         let Some(i) = span.extensions().get::<Index>().map(|i| i.0) else {
             return;
         };
-        values.record(&mut Fields(&mut self.0.lock().unwrap()[i].fields));
+        let mut spans = self.0.lock().unwrap();
+        let mut now = BTreeMap::new();
+        values.record(&mut Fields(&mut now));
+        let seen = &mut spans[i];
+        for (field, value) in now {
+            seen.fields.insert(field.clone(), value.clone());
+            seen.recorded.push((field, value));
+        }
     }
 }
 

@@ -251,6 +251,9 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
     }
 
     fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
+        if !self.peek {
+            return None;
+        }
         if let Some(rec) = self.misanswered(None) {
             return Some(rec);
         }
