@@ -8,12 +8,15 @@
 //! idempotent_tests::store_conformance!(idempotent_tests::MemoryHarness::new());
 //! ```
 
+pub mod captured_spans;
 pub mod conformance;
 pub mod crash;
 mod faulty;
 pub mod postgres;
+pub mod recorded_metrics;
 pub mod redis_server;
 pub mod redis_topology;
+mod runs;
 pub mod service_build;
 pub mod transactions;
 
@@ -21,6 +24,7 @@ pub use faulty::{FaultyStore, Held, Stop};
 pub use postgres::{PostgresHarness, TcpProxy};
 pub use redis_server::{RedisHarness, RedisServer};
 pub use redis_topology::{cluster_seeds, sentinel_spec, PrivateCluster, PrivateSentinelSet};
+pub use runs::Runs;
 
 use std::time::Duration;
 

@@ -6,26 +6,12 @@
 
 use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
 use idempotent_runtime::{idempotent, outcome_of, Error, Idempotency, KeyError, Outcome};
+use idempotent_tests::Runs;
 use tokio::sync::{oneshot, Notify};
-
-/// Counts the bodies that ran, per test (each test passes its own).
-#[derive(Clone, Default)]
-struct Runs(Arc<AtomicU32>);
-
-impl Runs {
-    fn next(&self) -> u32 {
-        self.0.fetch_add(1, Ordering::SeqCst) + 1
-    }
-
-    fn count(&self) -> u32 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
 
 #[idempotent(key = request_key, on_missing_key = "run", scope = "keys.charge")]
 async fn charge(request_key: Option<String>, runs: Runs) -> Result<u32, Error> {

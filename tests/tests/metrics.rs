@@ -1,13 +1,13 @@
 //! The engine's metrics through the `metrics` facade (feature `metrics`), read back from
 //! `metrics-util`'s debugging recorder.
 //!
-//! Each test installs its own recorder for its own thread (`with_local_recorder`) and runs
-//! on a current-thread runtime inside it, so tests of this binary that run at once never
-//! see each other's metrics, and every task a test spawns records into its recorder.
+//! Each test installs its own recorder for its own thread
+//! ([`with_recorder`](idempotent_tests::recorded_metrics::with_recorder)) and runs on a
+//! current-thread runtime inside it, so tests of this binary that run at once never see
+//! each other's metrics, and every task a test spawns records into its recorder.
 //! A snapshot takes the counters' values and resets them, so each step below checks what
 //! it moved, and that nothing else moved.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,111 +16,12 @@ use idempotent_runtime::clock::ManualClock;
 use idempotent_runtime::metrics as m;
 use idempotent_runtime::store::MemoryStore;
 use idempotent_runtime::{idempotent, Concurrency, Error, Idempotency, Outcome};
+use idempotent_tests::recorded_metrics::{
+    labels, moved, recorded, with_recorder, Moved, Sample, Value,
+};
 use idempotent_tests::FaultyStore;
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::DebuggingRecorder;
 use tokio::sync::oneshot;
-
-/// Runs `test` on a current-thread runtime with a recorder of its own, and hands it the
-/// recorder's snapshotter.
-fn with_recorder<F, Fut>(test: F)
-where
-    F: FnOnce(Metrics) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let recorder = DebuggingRecorder::new();
-    let metrics = Metrics(recorder.snapshotter());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    metrics::with_local_recorder(&recorder, || rt.block_on(test(metrics)));
-}
-
-/// One metric's value in a snapshot: its name, its labels sorted, and its value.
-#[derive(Debug, Clone, PartialEq)]
-struct Sample {
-    name: String,
-    labels: Vec<(String, String)>,
-    value: Value,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum Value {
-    Counter(u64),
-    Histogram(Vec<f64>),
-}
-
-/// A counter moved: its name, its labels sorted, and by how much.
-type Moved = (String, Vec<(String, String)>, u64);
-
-struct Metrics(Snapshotter);
-
-impl Metrics {
-    /// What was recorded since the last call; counters read as moved since then.
-    fn take(&self) -> Vec<Sample> {
-        let mut samples: Vec<Sample> = self
-            .0
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter_map(|(key, _, _, value)| {
-                let key = key.key();
-                let mut labels: Vec<(String, String)> = key
-                    .labels()
-                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                    .collect();
-                labels.sort();
-                let value = match value {
-                    // A counter not moved since the last snapshot still shows, as 0.
-                    DebugValue::Counter(0) => return None,
-                    DebugValue::Counter(n) => Value::Counter(n),
-                    DebugValue::Histogram(xs) if xs.is_empty() => return None,
-                    DebugValue::Histogram(xs) => {
-                        Value::Histogram(xs.into_iter().map(|x| x.into_inner()).collect())
-                    }
-                    DebugValue::Gauge(_) => return None,
-                };
-                Some(Sample {
-                    name: key.name().to_owned(),
-                    labels,
-                    value,
-                })
-            })
-            .collect();
-        samples.sort_by(|a, b| (&a.name, &a.labels).cmp(&(&b.name, &b.labels)));
-        samples
-    }
-
-    /// The counters moved since the last snapshot, as (name, labels, by how much); the
-    /// histograms recorded meanwhile are dropped.
-    fn counters(&self) -> Vec<Moved> {
-        self.take()
-            .into_iter()
-            .filter_map(|s| match s.value {
-                Value::Counter(n) => Some((s.name, s.labels, n)),
-                Value::Histogram(_) => None,
-            })
-            .collect()
-    }
-}
-
-fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    v.sort();
-    v
-}
-
-/// A counter of `scope` on the memory store, moved by `n`.
-fn moved(name: &str, scope: &str, n: u64) -> Moved {
-    (
-        name.to_owned(),
-        labels(&[("scope", scope), ("store", "memory")]),
-        n,
-    )
-}
 
 fn ok(v: u32) -> impl FnOnce() -> std::future::Ready<Result<u32, Error>> {
     move || std::future::ready(Ok(v))
@@ -362,17 +263,12 @@ fn store_round_trips_are_timed_by_operation() {
 
         let samples = metrics.take();
         let timed = |op: &str| -> usize {
-            samples
-                .iter()
-                .filter(|s| {
-                    s.name == m::STORE_SECONDS
-                        && s.labels == labels(&[("operation", op), ("store", "memory")])
-                })
-                .map(|s| match &s.value {
-                    Value::Histogram(xs) => xs.len(),
-                    Value::Counter(_) => 0,
-                })
-                .sum()
+            recorded(
+                &samples,
+                m::STORE_SECONDS,
+                &labels(&[("operation", op), ("store", "memory")]),
+            )
+            .len()
         };
         // Two claims; the value completed, the error released.
         assert_eq!(

@@ -2,24 +2,12 @@
 //! forget), by an outside reviewer. Its compile-time cases are in `ui/`. The two tests
 //! marked `#[ignore = "known limit ..."]` show limits that `outcome_of` documents.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use idempotent_runtime::{idempotent, outcome_of, Error, Idempotency, Outcome};
+use idempotent_tests::Runs;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
-
-#[derive(Clone, Default)]
-struct Runs(Arc<AtomicU32>);
-
-impl Runs {
-    fn next(&self) -> u32 {
-        self.0.fetch_add(1, Ordering::SeqCst) + 1
-    }
-    fn count(&self) -> u32 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // outcome_of and a stored error (cache_errors = true)

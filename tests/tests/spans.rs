@@ -2,109 +2,13 @@
 //! its outcome; the body's own spans nest under it.
 //!
 //! Each test sets its own subscriber for its thread (`set_default`) and runs on a
-//! current-thread runtime, so tests of this binary that run at once never see each
-//! other's spans.
-
-use std::collections::BTreeMap;
-use std::fmt;
-use std::future::Future;
-use std::sync::{Arc, Mutex};
+//! current-thread runtime ([`with_spans`]), so tests of this binary that run at once
+//! never see each other's spans.
 
 use idempotent_runtime::{idempotent, Concurrency, Error, Idempotency, Outcome, StoreKey};
+use idempotent_tests::captured_spans::with_spans;
 use tokio::sync::oneshot;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Instrument as _, Subscriber};
-use tracing_subscriber::layer::{Context, Layer, SubscriberExt as _};
-use tracing_subscriber::registry::LookupSpan;
-
-/// A span as the recorder saw it: its name, its fields (all of them, as recorded last),
-/// and the index of its parent among the recorded spans.
-#[derive(Debug, Clone)]
-struct SpanSeen {
-    name: &'static str,
-    fields: BTreeMap<String, String>,
-    parent: Option<usize>,
-}
-
-/// Records every span, in order of creation. Span ids are reused once a span closes, so
-/// each span carries its index in its extensions.
-#[derive(Clone, Default)]
-struct Spans(Arc<Mutex<Vec<SpanSeen>>>);
-
-struct Index(usize);
-
-struct Fields<'a>(&'a mut BTreeMap<String, String>);
-
-impl Visit for Fields<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
-    }
-}
-
-impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Spans {
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        let span = ctx.span(id).expect("a new span is registered");
-        let parent = span
-            .parent()
-            .and_then(|p| p.extensions().get::<Index>().map(|i| i.0));
-        let mut fields = BTreeMap::new();
-        attrs.record(&mut Fields(&mut fields));
-        let mut spans = self.0.lock().unwrap();
-        spans.push(SpanSeen {
-            name: attrs.metadata().name(),
-            fields,
-            parent,
-        });
-        span.extensions_mut().insert(Index(spans.len() - 1));
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        let span = ctx.span(id).expect("a recorded span is registered");
-        let Some(i) = span.extensions().get::<Index>().map(|i| i.0) else {
-            return;
-        };
-        values.record(&mut Fields(&mut self.0.lock().unwrap()[i].fields));
-    }
-}
-
-impl Spans {
-    fn all(&self) -> Vec<SpanSeen> {
-        self.0.lock().unwrap().clone()
-    }
-
-    /// The `idempotent.call` spans, in order of creation.
-    fn calls(&self) -> Vec<SpanSeen> {
-        self.all()
-            .into_iter()
-            .filter(|s| s.name == "idempotent.call")
-            .collect()
-    }
-}
-
-/// Runs `test` on a current-thread runtime under a subscriber that records spans.
-fn with_spans<F, Fut>(test: F) -> Spans
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let spans = Spans::default();
-    let subscriber = tracing_subscriber::registry().with(spans.clone());
-    let _default = tracing::subscriber::set_default(subscriber);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(test());
-    spans
-}
-
-fn field<'a>(span: &'a SpanSeen, name: &str) -> Option<&'a str> {
-    span.fields.get(name).map(String::as_str)
-}
+use tracing::Instrument as _;
 
 #[test]
 fn each_call_has_a_span_with_its_scope_key_digest_store_and_outcome() {
@@ -126,10 +30,10 @@ fn each_call_has_a_span_with_its_scope_key_digest_store_and_outcome() {
         .digest()
         .to_string();
     for (span, outcome) in calls.iter().zip(["executed", "replayed"]) {
-        assert_eq!(field(span, "scope"), Some("payments"), "{span:?}");
-        assert_eq!(field(span, "key_digest"), Some(digest.as_str()), "{span:?}");
-        assert_eq!(field(span, "store"), Some("memory"), "{span:?}");
-        assert_eq!(field(span, "outcome"), Some(outcome), "{span:?}");
+        assert_eq!(span.field("scope"), Some("payments"), "{span:?}");
+        assert_eq!(span.field("key_digest"), Some(digest.as_str()), "{span:?}");
+        assert_eq!(span.field("store"), Some("memory"), "{span:?}");
+        assert_eq!(span.field("outcome"), Some(outcome), "{span:?}");
     }
     // The digest stands for the key, which appears nowhere.
     for span in spans.all() {
@@ -176,7 +80,7 @@ fn the_bodys_spans_nest_under_the_call_span() {
     let detached = index("detached_work");
     let parent = all[detached].parent.expect("nested");
     assert_eq!(all[parent].name, "idempotent.call", "{all:?}");
-    assert_eq!(field(&all[parent], "outcome"), Some("executed"));
+    assert_eq!(all[parent].field("outcome"), Some("executed"));
 }
 
 #[idempotent(key = id, scope = "spans.attributed")]
@@ -203,8 +107,8 @@ fn an_attributed_function_has_a_call_span_its_body_nests_under() {
     );
     assert_eq!(all[call].parent, Some(handler), "{all:?}");
     assert_eq!(all[body].parent, Some(call), "{all:?}");
-    assert_eq!(field(&all[call], "scope"), Some("spans.attributed"));
-    assert_eq!(field(&all[call], "outcome"), Some("executed"));
+    assert_eq!(all[call].field("scope"), Some("spans.attributed"));
+    assert_eq!(all[call].field("outcome"), Some("executed"));
 }
 
 #[test]
@@ -305,6 +209,6 @@ fn a_store_that_fails_the_claim_marks_the_span() {
     });
     let calls = spans.calls();
     assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!(field(&calls[0], "outcome"), Some("store_error"));
-    assert_eq!(field(&calls[0], "store"), Some("memory"));
+    assert_eq!(calls[0].field("outcome"), Some("store_error"));
+    assert_eq!(calls[0].field("store"), Some("memory"));
 }

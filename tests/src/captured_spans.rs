@@ -1,0 +1,116 @@
+//! The spans a test's code made, as a `tracing` subscriber saw them: for the tests of
+//! the `idempotent.call` span.
+//!
+//! [`with_spans`] sets a subscriber for the test's own thread (`set_default`) and runs
+//! the test on a current-thread runtime, so tests of one binary that run at once never
+//! see each other's spans. [`Spans`] is the layer that records them, for a test that
+//! builds its subscriber itself (behind a filter, say).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::Subscriber;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt as _};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The name of the span of each call.
+pub const CALL_SPAN: &str = "idempotent.call";
+
+/// A span as the recorder saw it: its name, its fields (all of them, as recorded last),
+/// and the index of its parent among the recorded spans.
+#[derive(Debug, Clone)]
+pub struct SpanSeen {
+    /// The span's name.
+    pub name: &'static str,
+    /// Its fields, as recorded last.
+    pub fields: BTreeMap<String, String>,
+    /// Its parent's index among the recorded spans.
+    pub parent: Option<usize>,
+}
+
+impl SpanSeen {
+    /// The value of the field `name`, if it was recorded.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).map(String::as_str)
+    }
+}
+
+/// Records every span, in order of creation. Span ids are reused once a span closes, so
+/// each span carries its index in its extensions.
+#[derive(Clone, Default)]
+pub struct Spans(Arc<Mutex<Vec<SpanSeen>>>);
+
+struct Index(usize);
+
+struct Fields<'a>(&'a mut BTreeMap<String, String>);
+
+impl Visit for Fields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+}
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Spans {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let span = ctx.span(id).expect("a new span is registered");
+        let parent = span
+            .parent()
+            .and_then(|p| p.extensions().get::<Index>().map(|i| i.0));
+        let mut fields = BTreeMap::new();
+        attrs.record(&mut Fields(&mut fields));
+        let mut spans = self.0.lock().unwrap();
+        spans.push(SpanSeen {
+            name: attrs.metadata().name(),
+            fields,
+            parent,
+        });
+        span.extensions_mut().insert(Index(spans.len() - 1));
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let span = ctx.span(id).expect("a recorded span is registered");
+        let Some(i) = span.extensions().get::<Index>().map(|i| i.0) else {
+            return;
+        };
+        values.record(&mut Fields(&mut self.0.lock().unwrap()[i].fields));
+    }
+}
+
+impl Spans {
+    /// Every span recorded, in order of creation.
+    pub fn all(&self) -> Vec<SpanSeen> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The `idempotent.call` spans, in order of creation.
+    pub fn calls(&self) -> Vec<SpanSeen> {
+        self.all()
+            .into_iter()
+            .filter(|s| s.name == CALL_SPAN)
+            .collect()
+    }
+}
+
+/// Runs `test` on a current-thread runtime under a subscriber that records spans.
+pub fn with_spans<F, Fut>(test: F) -> Spans
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let spans = Spans::default();
+    let subscriber = tracing_subscriber::registry().with(spans.clone());
+    let _default = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(test());
+    spans
+}
