@@ -153,6 +153,17 @@ pub async fn each_store() -> Vec<(&'static str, std::sync::Arc<dyn Store>)> {
     ]
 }
 
+/// Runs `f` to its end on a current-thread runtime of its own, timers and IO on: every
+/// task it spawns runs on this thread, under what this thread has set (a `tracing`
+/// subscriber, a `metrics` recorder).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
 /// Waits until `check` is true, looking every 10 ms, and fails the test if it is still
 /// false after `within`: for effects that land in the background, such as a release or a
 /// completion finished by a task of its own.

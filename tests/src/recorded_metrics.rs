@@ -21,11 +21,7 @@ where
 {
     let recorder = DebuggingRecorder::new();
     let metrics = Metrics(recorder.snapshotter());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    metrics::with_local_recorder(&recorder, || rt.block_on(test(metrics)));
+    metrics::with_local_recorder(&recorder, || crate::block_on(test(metrics)));
 }
 
 /// One metric's value in a snapshot: its name, its labels sorted, and its value.

@@ -6,9 +6,11 @@
 //! never see each other's spans.
 
 use idempotent_runtime::{idempotent, Concurrency, Error, Idempotency, Outcome, StoreKey};
-use idempotent_tests::captured_spans::with_spans;
+use idempotent_tests::captured_spans::{with_spans, Spans};
 use tokio::sync::oneshot;
 use tracing::Instrument as _;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::{Layer as _, SubscriberExt as _};
 
 #[test]
 fn each_call_has_a_span_with_its_scope_key_digest_store_and_outcome() {
@@ -211,4 +213,63 @@ fn a_store_that_fails_the_claim_marks_the_span() {
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!(calls[0].field("outcome"), Some("store_error"));
     assert_eq!(calls[0].field("store"), Some("memory"));
+}
+
+#[test]
+fn a_body_that_panics_leaves_its_span_marked_executed() {
+    let spans = with_spans(|| async {
+        let idem = Idempotency::memory();
+        let call = |panics: bool| {
+            let idem = idem.clone();
+            async move {
+                idem.call("k")
+                    .scope("panics")
+                    .run(move || async move {
+                        assert!(!panics, "the body panics");
+                        Ok::<_, Error>(1u32)
+                    })
+                    .await
+            }
+        };
+        let panicked = tokio::spawn(call(true)).await;
+        assert!(panicked.unwrap_err().is_panic());
+        // Its key was released: the retry runs.
+        assert_eq!(call(false).await.unwrap(), 1);
+    });
+    let outcomes: Vec<_> = spans
+        .calls()
+        .iter()
+        .map(|s| s.field("outcome").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [Some("executed".to_owned()), Some("executed".to_owned())],
+        "the panicked call, then its retry"
+    );
+}
+
+/// The `idempotent.call` spans a subscriber whose capture takes spans up to `level` saw
+/// of one call (and its replay), run on a current-thread runtime under it.
+fn call_spans_up_to(level: LevelFilter) -> usize {
+    let spans = Spans::default();
+    let subscriber = tracing_subscriber::registry().with(spans.clone().with_filter(level));
+    let _default = tracing::subscriber::set_default(subscriber);
+    idempotent_tests::block_on(async {
+        let idem = Idempotency::memory();
+        idem.call("k")
+            .scope("levels")
+            .run(|| async { Ok::<_, Error>(1u32) })
+            .await
+            .unwrap();
+    });
+    spans.calls().len()
+}
+
+#[test]
+fn a_call_makes_its_span_at_info_and_none_for_a_subscriber_that_takes_warn_only() {
+    assert_eq!(call_spans_up_to(LevelFilter::WARN), 0);
+    assert_eq!(call_spans_up_to(LevelFilter::ERROR), 0);
+    assert_eq!(call_spans_up_to(LevelFilter::OFF), 0);
+    assert_eq!(call_spans_up_to(LevelFilter::INFO), 1);
+    assert_eq!(call_spans_up_to(LevelFilter::TRACE), 1);
 }
