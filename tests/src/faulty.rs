@@ -9,7 +9,7 @@ use tokio::sync::{oneshot, Notify};
 
 use async_trait::async_trait;
 use idempotent_runtime::clock::Timestamp;
-use idempotent_runtime::store::{Claim, Fence, Inspected, PostgresStore, Store};
+use idempotent_runtime::store::{Claim, Fence, Inspected, PostgresStore, Store, ValueCopy};
 use idempotent_runtime::{
     FencingToken, Fingerprint, Record, RecordState, StoreError, StoreKey, StoredResult,
 };
@@ -262,6 +262,29 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         } else {
             None
         }
+    }
+
+    // The inner store's copies of values answer as its records do: not while it is down,
+    // nor with its local tier hidden.
+    fn peek_completed_copy(&self, key: &StoreKey) -> Option<(Record, Option<ValueCopy>)> {
+        if !self.peek {
+            return None;
+        }
+        if let Some(rec) = self.misanswered(None) {
+            return Some((rec, None));
+        }
+        if self.down.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.inner.peek_completed_copy(key)
+    }
+
+    fn keep_copy(&self, key: &StoreKey, token: FencingToken, copy: ValueCopy) {
+        self.inner.keep_copy(key, token, copy)
+    }
+
+    fn evicted(&self) -> u64 {
+        self.inner.evicted()
     }
 
     // The transactions run on the inner store's pool, past the faults: a test of a
