@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::FutureExt as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tracing::{debug, Instrument as _, Span};
+use tracing::{debug, Instrument as _};
 
 use crate::call::{Call, CallKey, ErrorPolicy};
 use crate::codec::Codec;
@@ -23,7 +23,7 @@ use crate::flight::{Flight, FlightGuard, Flights, Following, Joined, Landing, Wa
 use crate::key::StoreKey;
 use crate::lease::{Completion, HeldClaim, RENEWALS_PER_LEASE};
 use crate::observe::{
-    self, invalid_call_span, timed, Event, Labels, ScopeLabel, StoreOp, Via, Waiting,
+    self, invalid_call_span, timed, CallSpan, Event, Labels, ScopeLabel, StoreOp, Via, Waiting,
     OUTCOME_MISMATCH, OUTCOME_REJECTED, OUTCOME_STORE_ERROR,
 };
 use crate::record::{FencingToken, Record, RecordState, StoredResult};
@@ -349,7 +349,7 @@ pub(crate) struct Request {
     /// its claim durable too (see `PostgresStore::claim_for_transaction`).
     pub(crate) transactional: bool,
     /// The call's `idempotent.call` span, which its outcome is recorded on.
-    pub(crate) span: Span,
+    pub(crate) span: CallSpan,
     /// The labels of the call's metrics (empty without the feature `metrics`).
     pub(crate) labels: Labels,
 }
@@ -410,7 +410,7 @@ impl Inner {
         P: ErrorPolicy<E> + 's,
         O: Operation<T, E> + 's,
     {
-        let span = req.span.clone();
+        let span = req.span.span();
         self.coalesce_or_lead::<T, E, P, O>(req, op)
             .instrument(span)
     }
