@@ -18,7 +18,7 @@ use crate::engine::{Concurrency, Idempotency, Outcome, Plain, Request, Settings}
 use crate::error::{CodecError, Error, KeyError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
-use crate::observe::{call_span, invalid_call_span, Labels, ScopeLabel};
+use crate::observe::{invalid_call_span, CallSpan, Labels, ScopeLabel};
 
 /// A call being set up: `idem.call(key)`, then any settings, then [`Call::run`].
 ///
@@ -404,7 +404,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             .into_store_key(scope, settings.max_key_len)
             .map_err(|e| refused(store_kind, Error::InvalidKey(e)))?;
         Ok(Request {
-            span: call_span(&key, store_kind),
+            span: CallSpan::new(&key, store_kind),
             labels: Labels::new(self.label, store_kind),
             key,
             fingerprint,

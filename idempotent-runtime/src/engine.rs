@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::FutureExt as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tracing::{debug, Instrument as _, Span};
+use tracing::{debug, Instrument as _};
 
 use crate::call::{Call, CallKey, ErrorPolicy};
 use crate::codec::Codec;
@@ -23,7 +23,7 @@ use crate::flight::{Flight, FlightGuard, Flights, Following, Joined, Landing, Wa
 use crate::key::StoreKey;
 use crate::lease::{Completion, HeldClaim, RENEWALS_PER_LEASE};
 use crate::observe::{
-    self, invalid_call_span, timed, Event, Labels, ScopeLabel, StoreOp, Via, Waiting,
+    self, invalid_call_span, timed, CallSpan, Event, Labels, ScopeLabel, StoreOp, Via, Waiting,
     OUTCOME_MISMATCH, OUTCOME_REJECTED, OUTCOME_STORE_ERROR,
 };
 use crate::record::{FencingToken, Record, RecordState, StoredResult};
@@ -349,7 +349,7 @@ pub(crate) struct Request {
     /// its claim durable too (see `PostgresStore::claim_for_transaction`).
     pub(crate) transactional: bool,
     /// The call's `idempotent.call` span, which its outcome is recorded on.
-    pub(crate) span: Span,
+    pub(crate) span: CallSpan,
     /// The labels of the call's metrics (empty without the feature `metrics`).
     pub(crate) labels: Labels,
 }
@@ -373,27 +373,57 @@ impl Inner {
         P: ErrorPolicy<E>,
         O: Operation<T, E>,
     {
-        if let Err(e) = op.check(self) {
-            drop(invalid_call_span(self.store_kind));
-            return Err(e.into());
-        }
-        let mut req = call.into_request_named(op.name())?;
-        req.transactional = op.transactional();
-        // Entered for the hit's own event, which then names the call's span.
-        let hit = {
-            let _in_span = req.span.enter();
-            self.replay_local::<T, E, P>(&req, op.copier())
+        let req = match self.hit_or_request::<K, T, E, P, O>(call, &op) {
+            Ok(req) => req,
+            Err(answer) => return answer,
         };
-        if let Some(answer) = hit {
-            req.key.recycle();
-            return answer;
-        }
         // Boxed, so a hit does not carry (and move) the futures of the slower paths.
         // Each boxed future below is made in a statement of its own: made in the
         // `.await`'s own statement, the unboxed future would be kept, moved-from, in this
         // future's state too.
         let rest = Box::pin(self.join_or_lead::<T, E, P, O>(req, op));
         rest.await
+    }
+
+    /// The call resolved into its request, or answered already: refused, or a local hit.
+    ///
+    /// Not written in [`Inner::run`]: a local borrowed there (as the request is, by the
+    /// hit's check) stays in that future's state across its `.await`, and every call's
+    /// future, moved whole on each hit, would be as much larger.
+    #[inline(always)]
+    fn hit_or_request<K, T, E, P, O>(
+        &self,
+        call: Call<'_, K, P>,
+        op: &O,
+    ) -> Result<Request, Answer<T, E>>
+    where
+        K: CallKey,
+        T: DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+        O: Operation<T, E>,
+    {
+        if let Err(e) = op.check(self) {
+            drop(invalid_call_span(self.store_kind));
+            return Err(Err(e.into()));
+        }
+        let mut req = match call.into_request_named(op.name()) {
+            Ok(req) => req,
+            Err(e) => return Err(Err(e.into())),
+        };
+        req.transactional = op.transactional();
+        // Entered for the hit's own event, which then names the call's span.
+        let hit = {
+            let _in_span = req.span.enter();
+            self.replay_local::<T, E, P>(&req, op.copier())
+        };
+        match hit {
+            Some(answer) => {
+                req.key.recycle();
+                Err(answer)
+            }
+            None => Ok(req),
+        }
     }
 
     /// Everything after the check for a local hit: coalesce, claim, run or wait, inside
@@ -410,7 +440,7 @@ impl Inner {
         P: ErrorPolicy<E> + 's,
         O: Operation<T, E> + 's,
     {
-        let span = req.span.clone();
+        let span = req.span.span();
         self.coalesce_or_lead::<T, E, P, O>(req, op)
             .instrument(span)
     }
