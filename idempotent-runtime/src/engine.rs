@@ -1059,7 +1059,7 @@ impl Inner {
 /// outcome is recorded just as its call is answered, with no await between, so the span
 /// gets one outcome. A panic that unwinds through it leaves the span as it was
 /// (`executed`, if the panic was the operation's).
-struct Unfinished<'a>(&'a Span);
+struct Unfinished<'a>(&'a observe::CallSpan);
 
 impl Unfinished<'_> {
     fn answered(self) {

@@ -347,6 +347,7 @@ impl Drop for Waiting<'_> {
 /// `None` then, rather than `Span::none()`: a `Span::none()` is still entered, recorded on
 /// and dropped through calls into `tracing`, out of line (each also looks for a `log`
 /// logger), about 100 instructions of a hit's 3,200 under callgrind; `None` is a compare.
+#[derive(Clone)]
 pub(crate) struct CallSpan(Option<Span>);
 
 impl CallSpan {
