@@ -353,8 +353,12 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) 
     let store_errors = args
         .cache_errors
         .then(|| quote!(let #call = #call.store_errors();));
+    let call_fn = match &args.on_missing_key {
+        None => quote!(call),
+        Some(_) => quote!(call_present),
+    };
     let keyed_call = quote! {
-        #krate::__private::call(#engine, #scope, #key_arg, {
+        #krate::__private::#call_fn(#engine, #scope, #key_arg, {
             #[allow(unused_imports)]
             use #krate::__private::{ViaDisplay as _, ViaStr as _};
             (&&#krate::__private::KeyPick(#key_name)).text()

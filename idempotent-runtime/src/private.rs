@@ -153,6 +153,28 @@ pub fn call<'a, K: KeyText + ?Sized>(
     engine.call_prepared(scope.into(), key, text)
 }
 
+/// [`call`], for the key inside an `Option` key (`on_missing_key = ...`), whose
+/// compile error names the `Option`'s content rather than suggesting `on_missing_key`,
+/// which is given already.
+pub fn call_present<'a, K: PresentKeyText + ?Sized>(
+    engine: &'a Idempotency,
+    scope: impl Into<Cow<'static, str>>,
+    key: &K,
+    text: Option<&str>,
+) -> Call<'a, PreparedKey> {
+    engine.call_prepared(scope.into(), key, text)
+}
+
+/// What the key inside an `Option` key must be: `Display`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}`, inside the `Option` key, cannot be an idempotency key: it does not implement `Display`",
+    label = "the key present is written into the store key through `Display`",
+    note = "with `on_missing_key`, the key is the content of `Some`; it must implement `Display`"
+)]
+pub trait PresentKeyText: fmt::Display {}
+#[diagnostic::do_not_recommend]
+impl<K: fmt::Display + ?Sized> PresentKeyText for K {}
+
 /// What a key must be: `Display`, which writes it into the store key.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be an idempotency key: it does not implement `Display`",
