@@ -97,13 +97,24 @@ fn key_uses_arguments(key: &Expr, item: &ItemFn) -> syn::Result<()> {
         let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
         format!("it has {}", quoted.join(", "))
     };
+    // `#[async_trait]` runs first on a trait impl and renames each pattern argument
+    // `__argN`, so the names the key was written over are gone by now.
+    let renamed = names.iter().any(|n| n.starts_with("__arg"));
+    let hint = if renamed {
+        " `__arg1` and the like are `#[async_trait]`'s names for arguments written as \
+         patterns (`Order { id, .. }: Order`): its rewrite hides the names they bind, so \
+         bind such an argument to a name (`order: Order`) and write the key over it \
+         (`key = order.id`)."
+    } else {
+        ""
+    };
     Err(syn::Error::new(
         key.span(),
         format!(
             "this key uses none of the function's arguments ({listed}), so calls with \
              different arguments could share one key and one stored result. Derive it from \
              the arguments, or write `key = const ...` if that is meant (a key read from a \
-             task-local, say)"
+             task-local, say).{hint}"
         ),
     ))
 }

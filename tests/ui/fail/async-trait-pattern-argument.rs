@@ -1,6 +1,6 @@
 // A pattern argument of an `#[async_trait]` method: `#[async_trait]` renames it `__arg1`
-// before this attribute runs. A key over `id` is refused with a message that lists
-// `__arg1`, a name the user never wrote.
+// before this attribute runs. A key over `id` is refused, with a message that says where
+// `__arg1` comes from and what to write instead.
 use async_trait::async_trait;
 use idempotent_runtime::{idempotent, Error};
 
