@@ -42,7 +42,12 @@ fn outcomes(spans: &Spans) -> Vec<Vec<String>> {
         .calls()
         .iter()
         .filter(|c| c.field("scope") == Some(SCOPE))
-        .map(|c| c.recorded("outcome").into_iter().map(str::to_owned).collect())
+        .map(|c| {
+            c.recorded("outcome")
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
+        })
         .collect()
 }
 
@@ -168,7 +173,6 @@ fn a_panic_while_storing_the_value_does_not_run_the_body_again() {
                     .await
             })
             .await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(runs.count(), 1, "the body ran to its end once already");
     });
@@ -276,7 +280,8 @@ fn run_to_completion_with_its_caller_dropped_says_executed_once() {
     let spans = Spans::default();
     let seen = spans.clone();
     with_recorder(move |_| async move {
-        let _spans = tracing::subscriber::set_default(tracing_subscriber::registry().with(seen.clone()));
+        let _spans =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(seen.clone()));
         let idem = Idempotency::memory();
         let (started, body_started) = oneshot::channel();
         let (go, gate) = oneshot::channel::<()>();
@@ -300,4 +305,108 @@ fn run_to_completion_with_its_caller_dropped_says_executed_once() {
         assert_eq!(idem.stats().executed, 1);
     });
     assert_eq!(outcomes(&spans), [["executed"]]);
+}
+
+/// A transactional call dropped while its body runs: `cancelled`, once; the key is free
+/// for a retry, which runs and says `executed`.
+#[test]
+fn a_transactional_call_dropped_in_its_body_is_cancelled_and_its_key_freed() {
+    use idempotent_tests::transactions::{effects, insert, store_with_effects};
+    let spans = observed(|_| async move {
+        let store = store_with_effects().await;
+        let idem = Idempotency::new(store.clone());
+        let table = store.table().to_owned();
+        let (started, body_started) = oneshot::channel();
+        let call = {
+            let table = table.clone();
+            let mut started = Some(started);
+            idem.call("msg").scope(SCOPE).run_in_transaction(move |tx| {
+                Box::pin(async move {
+                    insert(&table, "first", tx).await?;
+                    if let Some(s) = started.take() {
+                        let _ = s.send(());
+                    }
+                    std::future::pending::<Result<u32, Error>>().await
+                })
+            })
+        };
+        tokio::select! {
+            _ = call => panic!("the body never ends"),
+            _ = body_started => {}
+        }
+        let retry = tokio::time::timeout(
+            BOUND,
+            idem.call("msg").scope(SCOPE).run_in_transaction(move |tx| {
+                Box::pin(async move {
+                    insert(&table, "retry", tx).await?;
+                    Ok::<_, Error>(2u32)
+                })
+            }),
+        )
+        .await
+        .expect("the key is freed");
+        assert_eq!(retry.expect("ran"), 2);
+        assert_eq!(effects(&store).await, ["retry"]);
+        assert_eq!(idem.stats().executed, 2);
+    });
+    assert_eq!(outcomes(&spans), [vec!["cancelled"], vec!["executed"]]);
+}
+
+/// A leader cancelled in its body (or, `stalled`, held but no longer polled, with a short
+/// lease), with a coalesced follower: the leader says `cancelled`, the follower (which
+/// then leads, or takes the stalled leader's claim over, and runs) `executed`.
+fn a_followers_leader_ends_without_answer(stalled: bool) {
+    let spans = observed(|_| async move {
+        let idem = Idempotency::memory();
+        let (started, body_started) = oneshot::channel();
+        let mut leader = Box::pin(
+            idem.call("k")
+                .scope(SCOPE)
+                .lease(Duration::from_millis(300))
+                .run(move || async move {
+                    let _ = started.send(());
+                    std::future::pending::<Result<u32, Error>>().await
+                }),
+        );
+        tokio::select! {
+            _ = &mut leader => unreachable!(),
+            _ = body_started => {}
+        }
+        let follower = {
+            let idem = idem.clone();
+            tokio::spawn(async move {
+                idem.call("k")
+                    .scope(SCOPE)
+                    .lease(Duration::from_millis(300))
+                    .run_with_outcome(|| async { Ok::<_, Error>(2u32) })
+                    .await
+            })
+        };
+        // Let the follower join the leader's flight (it waits on it: nothing to signal).
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let kept = if stalled { Some(leader) } else { None };
+        let (value, how) = tokio::time::timeout(BOUND, follower)
+            .await
+            .expect("the follower ends")
+            .expect("task")
+            .expect("answered");
+        assert_eq!((value, how), (2, idempotent_runtime::Outcome::Executed));
+        assert_eq!(idem.stats().executed, 2);
+        drop(kept);
+    });
+    let mut got = outcomes(&spans);
+    got.sort();
+    assert_eq!(got, [vec!["cancelled"], vec!["executed"]]);
+}
+
+#[test]
+fn a_followers_leader_cancelled_gives_one_outcome_each() {
+    a_followers_leader_ends_without_answer(false);
+}
+
+#[test]
+fn a_followers_stalled_leader_taken_over_gives_one_outcome_each() {
+    a_followers_leader_ends_without_answer(true);
 }
