@@ -4,6 +4,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -410,6 +411,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             fingerprint,
             settings,
             transactional: false,
+            body_ended: AtomicBool::new(false),
         })
     }
 }

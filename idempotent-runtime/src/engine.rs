@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::panic::{resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -352,6 +353,16 @@ pub(crate) struct Request {
     pub(crate) span: CallSpan,
     /// The labels of the call's metrics (empty without the feature `metrics`).
     pub(crate) labels: Labels,
+    /// Set once the operation's body has ended (returned or panicked): a call that
+    /// unwinds after it, a panic of the body or of storing its value, ran it.
+    pub(crate) body_ended: AtomicBool,
+}
+
+impl Request {
+    /// The operation's body ended, whatever it ended with.
+    pub(crate) fn end_body(&self) {
+        self.body_ended.store(true, Ordering::Relaxed);
+    }
 }
 
 pub(crate) type Answer<T, E> = Result<(T, Outcome), E>;
@@ -455,7 +466,7 @@ impl Inner {
     {
         // Answered or not, the span says how the call ended: a call dropped on its way
         // (cancelled, timed out around it) says so rather than nothing.
-        let unanswered = Unfinished(&req.span);
+        let unanswered = Unfinished(&req);
         let answer = self.coalesce_or_lead_inner::<T, E, P, O>(&req, op).await;
         unanswered.answered();
         answer
@@ -692,17 +703,30 @@ impl Inner {
         self.count(&req.labels, Event::Executed);
         let body = AssertUnwindSafe(op()).catch_unwind();
         let ran = held.renewing(body).await;
+        req.end_body();
         // The span's outcome is recorded once the claim is finished, as the call is
         // answered: dropped before, the call is `cancelled` (see `Unfinished`), although
-        // its operation ran (counted above).
+        // its operation ran (counted above); unwinding, it is `executed`.
         match ran {
             Err(panic) => {
                 held.release().await;
-                observe::answered(&req.span, Outcome::Executed);
                 resume_unwind(panic)
             }
             Ok(Ok(value)) => {
-                held.complete(self.value_completion(req, &value)).await;
+                // A value whose `Serialize` panics: the operation ran, so its key keeps
+                // the marker of a value that cannot be stored (releasing it would run the
+                // operation again on the next retry), and the panic goes on to the caller.
+                let completion = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    self.value_completion(req, &value)
+                }));
+                let completion = match completion {
+                    Ok(completion) => completion,
+                    Err(panic) => {
+                        held.complete(self.unstorable_completion(req)).await;
+                        resume_unwind(panic)
+                    }
+                };
+                held.complete(completion).await;
                 observe::answered(&req.span, Outcome::Executed);
                 debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = true, "idempotent call");
                 Ok((value, Outcome::Executed))
@@ -752,22 +776,31 @@ impl Inner {
         req: &Request,
         value: &T,
     ) -> Completion {
-        let (result, counted_unstored) = match self.codec.encode_checked(value) {
-            Ok(bytes) => (bytes, false),
+        match self.codec.encode_checked(value) {
+            Ok(bytes) => Completion {
+                result: StoredResult::Ok(bytes),
+                ttl: req.settings.ttl,
+                counted_unstored: false,
+            },
             Err(e) => {
-                // The operation ran: releasing would run it again on every retry, and
-                // storing what does not decode back would replay an error or another
-                // value. A marker stands in, refused on replay.
-                self.count(&req.labels, Event::Unstored);
                 tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
                     "the operation's value cannot be stored faithfully; retries of this key get Error::Codec (Unstorable)");
-                (Codec::unstorable(), true)
+                self.unstorable_completion(req)
             }
-        };
+        }
+    }
+
+    /// The completion that stores the marker of a value that cannot be stored (it does
+    /// not encode, or not back to itself): the operation ran, so releasing would run it
+    /// again on every retry, and storing what does not decode back would replay an error
+    /// or another value. The marker is refused on replay.
+    #[cold]
+    pub(crate) fn unstorable_completion(&self, req: &Request) -> Completion {
+        self.count(&req.labels, Event::Unstored);
         Completion {
-            result: StoredResult::Ok(result),
+            result: StoredResult::Ok(Codec::unstorable()),
             ttl: req.settings.ttl,
-            counted_unstored,
+            counted_unstored: true,
         }
     }
 
@@ -1055,11 +1088,11 @@ impl Inner {
     }
 }
 
-/// Marks a call's span `cancelled` when dropped before [`Unfinished::answered`]. Every
-/// outcome is recorded just as its call is answered, with no await between, so the span
-/// gets one outcome. A panic that unwinds through it leaves the span as it was
-/// (`executed`, if the panic was the operation's).
-struct Unfinished<'a>(&'a observe::CallSpan);
+/// Marks a call's span when dropped before [`Unfinished::answered`]: `cancelled`, or
+/// `executed` when a panic unwinds through it after the operation's body ended (the
+/// body's own panic, or one while storing its value). Every other outcome is recorded
+/// just as its call is answered, with no await between, so the span gets one outcome.
+struct Unfinished<'a>(&'a Request);
 
 impl Unfinished<'_> {
     fn answered(self) {
@@ -1069,8 +1102,13 @@ impl Unfinished<'_> {
 
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
-            observe::outcome(self.0, observe::OUTCOME_CANCELLED);
+        let req = self.0;
+        if std::thread::panicking() && req.body_ended.load(Ordering::Relaxed) {
+            observe::answered(&req.span, Outcome::Executed);
+        } else {
+            // Dropped, or unwound by a panic that is not the operation's (a sibling's in
+            // a `select!`): the call was never answered.
+            observe::outcome(&req.span, observe::OUTCOME_CANCELLED);
         }
     }
 }

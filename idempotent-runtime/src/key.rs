@@ -133,7 +133,8 @@ fn recycle(mut buffer: String) {
 /// It is, in order:
 /// - the one given to [`KeyDigest::set_secret`] before the first digest;
 /// - else the value of the environment variable [`DIGEST_SECRET_ENV`]
-///   (`IDEMPOTENT_KEY_DIGEST_SECRET`), read at the first digest;
+///   (`IDEMPOTENT_KEY_DIGEST_SECRET`), read at the first digest, if it is not empty (an
+///   empty one counts as unset: one shared by every replica would key nothing);
 /// - else one drawn at random for the process.
 ///
 /// Set the same secret on every replica of a service to find one key's lines across

@@ -317,8 +317,12 @@ impl Retry {
             let sent = Instant::now();
             let renewal = store.renew(&self.key, self.token, self.lease);
             let renewal = timed(&self.labels, StoreOp::Renew, bounded(within, renewal));
-            if let Ok(Fence::Held) = renewal.await {
-                self.confirmed_at = sent;
+            match renewal.await {
+                Ok(Fence::Held) => self.confirmed_at = sent,
+                Ok(Fence::Lost) => {}
+                Err(_) => self
+                    .engine
+                    .count(&self.labels, Event::StoreError(StoreOp::Renew)),
             }
             let deadline = (self.confirmed_at + self.lease).min(started + COMPLETION_PATIENCE);
             let now = Instant::now();

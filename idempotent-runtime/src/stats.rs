@@ -16,7 +16,11 @@ pub struct Stats {
     pub rejected: u64,
     /// Calls refused with [`Error::Mismatch`](crate::Error::Mismatch).
     pub mismatched: u64,
-    /// Store operations that failed (claims, renewals, completions, releases).
+    /// Store operations that failed, whatever the operation: the engine's own (claims,
+    /// renewals, completions, releases, those in the background included), inspecting and
+    /// forgetting keys, the steps of a call in a transaction, and records the store
+    /// answered in a state it should not have. The feature `metrics` counts them by
+    /// operation (see [`metrics`](crate::metrics)).
     pub store_errors: u64,
     /// Executions whose claim had been taken over before they could complete, so their
     /// result was not stored.

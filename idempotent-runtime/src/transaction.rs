@@ -260,6 +260,7 @@ where
     engine.count(&req.labels, Event::Executed);
     let body = IN_OPERATION.scope((), AssertUnwindSafe(op(&mut tx)).catch_unwind());
     let ran = held.renewing(body).await;
+    req.end_body();
     // The body ran. Its outcome is `executed` unless its transaction was rolled back
     // under it at the commit: then nothing of it took effect, and the span says why. It
     // is recorded as the call is answered (see `engine::Unfinished`).
@@ -267,7 +268,6 @@ where
         Err(panic) => {
             drop(tx);
             held.release().await;
-            observe::answered(&req.span, Outcome::Executed);
             resume_unwind(panic)
         }
         Ok(Err(err)) => {
