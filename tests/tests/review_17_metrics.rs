@@ -184,6 +184,50 @@ fn a_panic_while_storing_the_value_does_not_run_the_body_again() {
     });
 }
 
+/// In a transaction, the same panic comes before the commit: the transaction rolls back,
+/// so nothing of the body took effect, and the key is freed for a retry, which runs.
+#[test]
+fn a_panic_while_storing_a_transactions_value_rolls_it_back_and_frees_the_key() {
+    with_recorder(|_| async move {
+        let store = idempotent_tests::transactions::store_with_effects().await;
+        let idem = Idempotency::new(store.clone());
+        let table = store.table().to_owned();
+        let first = {
+            let (idem, table) = (idem.clone(), table.clone());
+            tokio::spawn(async move {
+                idem.call("k")
+                    .scope(SCOPE)
+                    .run_in_transaction(|tx| {
+                        Box::pin(async move {
+                            idempotent_tests::transactions::insert(&table, "bomb", tx).await?;
+                            Ok::<_, Error>(Bomb(1))
+                        })
+                    })
+                    .await
+            })
+        };
+        let joined = tokio::time::timeout(BOUND, first).await.expect("ends");
+        assert!(joined.expect_err("the panic").is_panic());
+        let retry = tokio::time::timeout(
+            BOUND,
+            idem.call("k").scope(SCOPE).run_in_transaction(|tx| {
+                Box::pin(async move {
+                    idempotent_tests::transactions::insert(&table, "retry", tx).await?;
+                    Ok::<_, Error>(2u32)
+                })
+            }),
+        )
+        .await
+        .expect("the key is not locked");
+        assert_eq!(retry.expect("the retry runs"), 2);
+        assert_eq!(
+            idempotent_tests::transactions::effects(&store).await,
+            ["retry"],
+            "the panicked transaction rolled back"
+        );
+    });
+}
+
 // ---------------------------------------------------------------------------------------
 // Finding 3: a call dropped while an unrelated panic unwinds (a sibling in the same
 // `async` block or `join!` panics) gets no outcome: `Unfinished::drop` skips every drop
