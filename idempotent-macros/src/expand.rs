@@ -16,6 +16,8 @@ struct Names {
     call: Ident,
     ret: Ident,
     body: Ident,
+    answer: Ident,
+    rest: Ident,
 }
 
 impl Names {
@@ -26,6 +28,8 @@ impl Names {
             call: name("__idempotent_call"),
             ret: name("__idempotent_ret"),
             body: name("__idempotent_body"),
+            answer: name("__idempotent_answer"),
+            rest: name("__idempotent_rest"),
         }
     }
 }
@@ -98,6 +102,9 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
         (None, Some(OnCancel::Finish)) => quote!(run_to_completion),
         (None, Some(OnCancel::Release) | None) => quote!(run),
     };
+    // `run` answers a call it can answer before anything runs (a local hit) at once, in
+    // `Ok`, so that no future is polled for it; the others return a future.
+    let answers_now = args.transaction.is_none() && args.on_cancel != Some(OnCancel::Finish);
     let params = match &args.transaction {
         Some(tx) => quote!(#tx),
         None => TokenStream::new(),
@@ -106,6 +113,8 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
         call,
         ret: ret_name,
         body: body_name,
+        answer,
+        rest,
         ..
     } = &names;
     match Shape::of(&item) {
@@ -120,6 +129,11 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
             // rustc checks the runner's bounds at the type argument and again at the path;
             // under two spans, one missing bound would be reported twice.
             let ret_arg = respan(ret.to_token_stream(), ret.span());
+            // Where the answer and the rest are bound, `run`'s bounds are checked once
+            // more: spanned (hygiene and all) as the return type, one missing bound is
+            // still reported once. Nothing of the user's is named after them.
+            let at_ret = |name: &Ident| Ident::new(&name.to_string(), ret.span());
+            let (answer, rest) = (at_ret(answer), at_ret(rest));
             let run = match &args.transaction {
                 // Boxed, as sqlx's own transactions ask: the body's future borrows the
                 // transaction it is given.
@@ -130,6 +144,19 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
                         #ret_name
                     }))
                     .await
+                },
+                // Bound by a `let`, not awaited in the `match`: the scrutinee would stay in
+                // the function's future across the `.await`, as large again.
+                None if answers_now => quote_spanned! {ret.span()=>
+                    let #rest = match #run_fn::<#ret_arg, _, _, _, _>(#call, #copies, move || async move {
+                        let #ret_name: #ret = #block;
+                        #[allow(unreachable_code)]
+                        #ret_name
+                    }) {
+                        ::core::result::Result::Ok(#answer) => return #answer,
+                        ::core::result::Result::Err(#rest) => #rest,
+                    };
+                    #rest.await
                 },
                 None => quote_spanned! {ret.span()=>
                     #run_fn::<#ret_arg, _, _, _, _>(#call, #copies, move || async move {
@@ -165,6 +192,16 @@ pub(crate) fn expand(args: &Args, key: &Expr, mut item: ItemFn) -> TokenStream {
                             move |#params| ::std::boxed::Box::pin(async move #body),
                         );
                         #krate::__private::#runner::<_, _, _>(#call, #body_name).await
+                    }),
+                    None if answers_now => syn::parse_quote!({
+                        #prelude
+                        #[allow(unused_variables)]
+                        let #body_name = move || async move #body;
+                        let #rest = match #krate::__private::#runner::<#boxed_ret, _, _, _, _>(#call, #copies, #body_name) {
+                            ::core::result::Result::Ok(#answer) => return #answer,
+                            ::core::result::Result::Err(#rest) => #rest,
+                        };
+                        #rest.await
                     }),
                     None => syn::parse_quote!({
                         #prelude

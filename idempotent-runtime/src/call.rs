@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::codec::Codec;
 use crate::copy::Copier;
 use crate::detached::{spawn_to_end, Detached};
-use crate::engine::{Concurrency, Idempotency, Outcome, Plain, Request, Settings};
+use crate::engine::{Answer, Concurrency, Idempotency, Outcome, Plain, Request, Settings};
 use crate::error::{CodecError, Error, KeyError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -250,12 +250,17 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     }
 
     /// [`Call::run_with_outcome`], with the copier of a `Clone` value type (the
-    /// attribute's), so hits clone a copy kept in this process instead of decoding.
-    pub(crate) fn run_copying<T, E, F, Fut>(
+    /// attribute's), so hits clone a copy kept in this process instead of decoding; and
+    /// a call answered before anything runs (a local hit, a refusal) answered now, as
+    /// `Ok`, rather than by a future.
+    ///
+    /// For the attribute's generated code, which calls this as its function's future is
+    /// first polled: a hit then builds, moves and polls none of the call's futures.
+    pub(crate) fn answer_or_run_copying<T, E, F, Fut>(
         self,
         op: F,
         copier: Option<Copier<T>>,
-    ) -> impl Future<Output = Result<(T, Outcome), E>> + 'a
+    ) -> Result<Answer<T, E>, impl Future<Output = Answer<T, E>> + 'a>
     where
         K: 'a,
         T: Serialize + DeserializeOwned + 'a,
@@ -265,7 +270,15 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         Fut: Future<Output = Result<T, E>> + 'a,
     {
         let inner = &self.engine.inner;
-        inner.run::<K, T, E, P, Plain<F, Option<Copier<T>>>>(self, Plain(op, copier))
+        let op = Plain(op, copier);
+        match inner.hit_or_request::<K, T, E, P, _>(self, &op) {
+            Err(answer) => Ok(answer),
+            // Boxed, as in `Inner::run`: the call's future holds a pointer, not the slower
+            // paths' futures.
+            Ok(req) => Err(Box::pin(
+                inner.join_or_lead::<T, E, P, Plain<F, Option<Copier<T>>>>(req, op),
+            )),
+        }
     }
 
     /// Like [`Call::run`], but `op` runs on a task of its own, started at once, so it runs
@@ -336,7 +349,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     }
 
     /// [`Call::run_to_completion_with_outcome`], with the copier of a `Clone` value type
-    /// (see [`Call::run_copying`]).
+    /// (see [`Call::answer_or_run_copying`]).
     pub(crate) fn run_to_completion_copying<T, E, F, Fut>(
         self,
         op: F,

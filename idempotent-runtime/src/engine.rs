@@ -402,7 +402,7 @@ impl Inner {
     /// hit's check) stays in that future's state across its `.await`, and every call's
     /// future, moved whole on each hit, would be as much larger.
     #[inline(always)]
-    fn hit_or_request<K, T, E, P, O>(
+    pub(crate) fn hit_or_request<K, T, E, P, O>(
         &self,
         call: Call<'_, K, P>,
         op: &O,

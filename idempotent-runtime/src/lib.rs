@@ -100,19 +100,24 @@
 //!     .ttl(Duration::new(3600, 0));
 //!     let __idempotent_call =
 //!         __private::with_fingerprint(__idempotent_call, __private::fingerprint(&(order.total)));
-//!     __private::run::<Result<Receipt, Error>, _, _, _, _>(
+//!     let __idempotent_rest = match __private::run::<Result<Receipt, Error>, _, _, _, _>(
 //!         __idempotent_call,
 //!         (&&__private::Pick::<Result<Receipt, Error>>::new()).copies(),
 //!         move || async move {
 //!             let __idempotent_ret: Result<Receipt, Error> = { body };
 //!             __idempotent_ret
 //!         },
-//!     )
-//!     .await
+//!     ) {
+//!         Ok(__idempotent_answer) => return __idempotent_answer,
+//!         Err(__idempotent_rest) => __idempotent_rest,
+//!     };
+//!     __idempotent_rest.await
 //! }
 //! ```
 //! Key and fingerprint are read before the body takes the arguments; the body runs as an
-//! async block, so `return` and `?` keep their meaning. The key is evaluated once; a key
+//! async block, so `return` and `?` keep their meaning. A call answered before anything
+//! runs (a hit of a result stored in this process, a refusal) is answered by `run` at
+//! once, with no future to poll; any other is the future in `Err`. The key is evaluated once; a key
 //! that is a string (`&str`, `String`, `Cow<str>`) is copied into the store key as it
 //! is (`KeyPick`), any other is written through `Display`, which gives the same text. Where
 //! `Receipt` is `Clone + Send + Sync + 'static`, `Pick` hands the engine a way to copy it,
@@ -132,8 +137,8 @@
 //! `Clone` shares state (an `Arc<Mutex<..>>` inside), callers would share it, where
 //! decoding gives each its own: use `replay = "decode"` for such a type. The `__idempotent_*` names are
 //! hygienic (as `macro_rules!` locals): arguments of the same names neither see them nor
-//! are shadowed by them. With `on_cancel = "finish"`, `__private::run_to_completion`
-//! takes the place of `__private::run`; with `transaction = tx`,
+//! are shadowed by them. With `on_cancel = "finish"`, `__private::run_to_completion`,
+//! a future awaited as it is, takes the place of `__private::run`; with `transaction = tx`,
 //! `__private::run_in_transaction`, and the closure is
 //! `move |tx| Box::pin(async move { .. })`. A `store` reached through `&self`,
 //! a shared-reference argument or a static stays borrowed; one reached through `&mut self`,

@@ -3,7 +3,7 @@
 //! the function's signature.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::engine::Outcome;
@@ -11,6 +11,30 @@ use crate::engine::Outcome;
 tokio::task_local! {
     /// Where the first attributed call in an [`outcome_of`] block reports.
     static SLOT: Arc<Slot>;
+}
+
+/// How many [`outcome_of`] blocks are open in the process. While none is, no call has a
+/// slot to report to, and [`Report::claim`] does not look for one: the task-local's
+/// lookup costs a hit more than this load.
+///
+/// Relaxed is enough: a call inside a block runs on the block's task, after the block's
+/// increment in that task's order, so it reads a count that includes its block's.
+static OPEN_BLOCKS: AtomicUsize = AtomicUsize::new(0);
+
+/// One open [`outcome_of`] block, counted in [`OPEN_BLOCKS`] until it ends or is dropped.
+struct OpenBlock;
+
+impl OpenBlock {
+    fn open() -> Self {
+        OPEN_BLOCKS.fetch_add(1, Ordering::Relaxed);
+        OpenBlock
+    }
+}
+
+impl Drop for OpenBlock {
+    fn drop(&mut self) {
+        OPEN_BLOCKS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -85,7 +109,9 @@ impl Slot {
 /// ```
 pub async fn outcome_of<F: Future>(call: F) -> (F::Output, Option<Outcome>) {
     let slot = Arc::new(Slot::default());
+    let open = OpenBlock::open();
     let output = SLOT.scope(Arc::clone(&slot), call).await;
+    drop(open);
     (output, slot.get())
 }
 
@@ -101,9 +127,17 @@ pub(crate) struct Report {
 pub(crate) struct Ran(Option<(Arc<Slot>, u32)>);
 
 impl Report {
-    /// Takes the current block's slot if no call took it yet. Outside a block this is one
-    /// look at a task-local: no allocation.
+    /// Takes the current block's slot if no call took it yet. While no block is open in
+    /// the process, this is one load; outside a block, one look at a task-local more: no
+    /// allocation.
+    #[inline]
     pub(crate) fn claim() -> Self {
+        if OPEN_BLOCKS.load(Ordering::Relaxed) == 0 {
+            return Self {
+                slot: None,
+                settled: false,
+            };
+        }
         let slot = SLOT
             .try_with(|slot| {
                 (!slot.taken.swap(true, Ordering::AcqRel))
@@ -131,6 +165,9 @@ impl Report {
     /// The call's answer, with its outcome reported. An `Err` reports nothing beyond what
     /// the body said: refusals have no outcome, and the engine does not say whether an
     /// error it returns was replayed.
+    ///
+    /// Inlined: out of line, the answer is moved once more on every call.
+    #[inline(always)]
     pub(crate) fn answered<T, E>(mut self, answer: Result<(T, Outcome), E>) -> Result<T, E> {
         self.settled = true;
         answer.map(|(value, outcome)| {

@@ -449,14 +449,17 @@ impl<T> IntoCopier<T> for NoCopies {
 /// Runs the function's body through the engine; `copies` is what [`Pick`] found for its
 /// return type.
 ///
-/// The call's own future, mapped, rather than another `async fn` around it: that layer
-/// would hold a second copy of the call, and the function's future would be moved
-/// whole (about a kilobyte) on every hit.
+/// Called as the function's future is first polled: a call the engine answers before
+/// anything runs (a local hit, a refusal) is answered here, as `Ok`, so a hit builds,
+/// moves and polls none of the call's futures; else `Err` holds the future the generated
+/// code awaits: the call's own future (boxed), mapped, rather than another `async fn`
+/// around it, which would hold a second copy of the call.
+#[allow(clippy::type_complexity)]
 pub fn run<'a, R, P, C, F, Fut>(
     call: Call<'a, PreparedKey, P>,
     copies: C,
     body: F,
-) -> impl Future<Output = R> + 'a
+) -> Result<R, impl Future<Output = R> + 'a>
 where
     R: IdempotentResult + 'a,
     R::Ok: StoredValue,
@@ -470,25 +473,28 @@ where
         // No engine answers this call, so it has no outcome; its nested calls must not
         // report one for it either.
         let quiet = Report::claim();
-        return Either::Left(async move {
+        return Err(Either::Left(async move {
             let output = body().await;
             quiet.settle();
             output
-        });
+        }));
     }
     let copier = copies.into_copier().0;
     let report = Report::claim();
     let started = report.started();
-    Either::Right(
-        call.run_copying(
-            move || {
-                started.ran();
-                async move { body().await.into_result() }
-            },
-            copier,
-        )
-        .map(move |answer| R::from_result(report.answered(answer))),
-    )
+    let answered = call.answer_or_run_copying(
+        move || {
+            started.ran();
+            async move { body().await.into_result() }
+        },
+        copier,
+    );
+    match answered {
+        Ok(answer) => Ok(R::from_result(report.answered(answer))),
+        Err(rest) => Err(Either::Right(
+            rest.map(move |answer| R::from_result(report.answered(answer))),
+        )),
+    }
 }
 
 /// Runs the function's body through the engine on a task of its own
