@@ -12,6 +12,7 @@
 //!
 //! `first-raw` is the body, a `serde_json` encode and a raw moka insert on a new key;
 //! `first` is `Idempotency::run` on a new key. Both format their key the same way.
+//! `first-fp` and `engine-fp` are `first` and `engine` with a fingerprint on the key.
 //!
 //! `N` sets the number of calls (default 200,000); `sizes` prints the size of each
 //! variant's future, which a hit moves whole.
@@ -107,6 +108,37 @@ fn main() {
                     black_box(r);
                 }
             }
+            "first-fp" => {
+                // As `first`, each key claimed with a fingerprint (made once, outside the
+                // loop: what it costs is the store's keeping it, not the hashing).
+                let idem = Idempotency::memory();
+                let fp = idempotent_runtime::Fingerprint::of(&receipt()).expect("fingerprint");
+                for i in 0..n {
+                    let r: Receipt = idem
+                        .call(format_args!("order-{i}"))
+                        .scope("bench")
+                        .with_fingerprint(fp)
+                        .run(|| async { Ok::<_, Error>(receipt()) })
+                        .await
+                        .expect("first");
+                    black_box(r);
+                }
+            }
+            "engine-fp" => {
+                // As `engine`, on a key completed with a fingerprint: every hit checks it.
+                let fp = idempotent_runtime::Fingerprint::of(&receipt()).expect("fingerprint");
+                let call = || {
+                    json.call(black_box("order-fp"))
+                        .scope("bench")
+                        .with_fingerprint(fp)
+                        .run(|| async { Ok::<_, Error>(receipt()) })
+                };
+                let _: Receipt = call().await.expect("first");
+                for _ in 0..n {
+                    let r: Receipt = call().await.expect("hit");
+                    black_box(r);
+                }
+            }
             "get" => {
                 for _ in 0..n {
                     black_box(sync.get(black_box("bench|order-1001")).expect("stored"));
@@ -145,8 +177,8 @@ fn main() {
                 println!("#[idempotent] fn future: {} bytes", size_of_val(&attribute));
             }
             other => eprintln!(
-                "unknown variant {other:?}: raw, engine, macro, macro-decode, first-raw, first, \
-                 get, decode, clone, cached or sizes"
+                "unknown variant {other:?}: raw, engine, engine-fp, macro, macro-decode, \
+                 first-raw, first, first-fp, get, decode, clone, cached or sizes"
             ),
         }
     });

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use moka::notification::RemovalCause;
@@ -80,15 +80,25 @@ pub struct MemoryStore {
 
 /// A completed result, and the copy of its value the first hit made, if any. The
 /// `Record` it answers with, in fewer bytes: one is kept for every result.
+///
+/// A fingerprint is kept in the result's own buffer, its 32 bytes ahead of the encoded
+/// result, not in a field of its own: an `Option<Fingerprint>` field made every record 32
+/// bytes larger (96 rather than 64), with a fingerprint or not, and a boxed one would cost
+/// a key with a fingerprint an allocation of its own. In the buffer, a key without one
+/// pays nothing and a key with one pays its 32 bytes in an allocation it has anyway.
 #[derive(Debug, Clone)]
 struct Kept {
-    result: Bytes,
+    /// The fingerprint's bytes (when `has_fingerprint`), then the encoded result.
+    buffer: Bytes,
     token: FencingToken,
     expires_at: Timestamp,
-    fingerprint: Option<Fingerprint>,
-    is_err: bool,
     copy: Option<ValueCopy>,
+    is_err: bool,
+    has_fingerprint: bool,
 }
+
+/// How many bytes a fingerprint takes at the front of a [`Kept`]'s buffer.
+const FINGERPRINT_LEN: usize = 32;
 
 impl Kept {
     fn new(
@@ -101,31 +111,60 @@ impl Kept {
             StoredResult::Ok(bytes) => (bytes, false),
             StoredResult::Err(bytes) => (bytes, true),
         };
+        let buffer = match &fingerprint {
+            None => result,
+            // One copy of the result, into a buffer sized exactly (nothing to shrink later).
+            Some(fingerprint) => {
+                let mut joined = Vec::with_capacity(FINGERPRINT_LEN + result.len());
+                joined.extend_from_slice(fingerprint.as_bytes());
+                joined.extend_from_slice(&result);
+                Bytes::from(joined)
+            }
+        };
         Kept {
-            result,
+            buffer,
             token,
             expires_at,
-            fingerprint,
-            is_err,
             copy: None,
+            is_err,
+            has_fingerprint: fingerprint.is_some(),
         }
     }
 
     fn record(self) -> (Record, Option<ValueCopy>) {
-        let result = if self.is_err {
-            StoredResult::Err(self.result)
+        let Kept {
+            buffer: mut result,
+            token,
+            expires_at,
+            copy,
+            is_err,
+            has_fingerprint,
+        } = self;
+        let fingerprint = if has_fingerprint {
+            // The buffer begins with the fingerprint whenever the flag is set (`new`).
+            let fingerprint = result
+                .first_chunk::<FINGERPRINT_LEN>()
+                .map(|bytes| Fingerprint::from_bytes(*bytes));
+            // Moves the start past it, in place: no reference count touched.
+            result.advance(FINGERPRINT_LEN.min(result.len()));
+            fingerprint
         } else {
-            StoredResult::Ok(self.result)
+            None
+        };
+        let result = if is_err {
+            StoredResult::Err(result)
+        } else {
+            StoredResult::Ok(result)
         };
         let record = Record {
-            fingerprint: self.fingerprint,
+            fingerprint,
             state: RecordState::Completed {
-                token: self.token,
+                token,
                 result,
-                expires_at: self.expires_at,
+                expires_at,
             },
         };
-        (record, self.copy)
+        (record, copy)
     }
 
     fn is_live(&self, now: Timestamp) -> bool {
@@ -549,5 +588,98 @@ impl Expiry<String, Kept> for RecordExpiry {
         _current: Option<Duration>,
     ) -> Option<Duration> {
         self.remaining(kept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::Copier;
+
+    fn fp(n: u8) -> Fingerprint {
+        Fingerprint::from_bytes([n; 32])
+    }
+
+    /// Every combination of fingerprint, outcome and result length (the empty result too)
+    /// comes back from a kept record as it went in.
+    #[test]
+    fn a_kept_record_round_trips() {
+        let token = FencingToken::new(7);
+        let expires_at = Timestamp::from_millis(1_234);
+        for fingerprint in [None, Some(fp(0)), Some(fp(0xab))] {
+            for body in [&b""[..], b"1", b"{\"id\":\"pay_1\",\"amount\":100}"] {
+                for is_err in [false, true] {
+                    let bytes = Bytes::copy_from_slice(body);
+                    let result = if is_err {
+                        StoredResult::Err(bytes)
+                    } else {
+                        StoredResult::Ok(bytes)
+                    };
+                    let kept = Kept::new(fingerprint, token, result.clone(), expires_at);
+                    let expected = Record {
+                        fingerprint,
+                        state: RecordState::Completed {
+                            token,
+                            result,
+                            expires_at,
+                        },
+                    };
+                    let (record, copy) = kept.clone().record();
+                    assert_eq!(record, expected);
+                    assert!(copy.is_none());
+                    // And again, from the same kept record (a read hands out clones).
+                    assert_eq!(kept.record().0, expected);
+                }
+            }
+        }
+    }
+
+    /// The record kept for every result: a fingerprint field would make it 96 bytes.
+    #[test]
+    fn a_kept_record_is_64_bytes() {
+        assert_eq!(size_of::<Kept>(), 64);
+    }
+
+    /// Through the store: a result completed under a fingerprint reads back whole, before
+    /// and after a hit keeps a copy beside it, and the copy is the one kept.
+    #[tokio::test]
+    async fn a_fingerprinted_result_reads_back_whole_with_its_copy() {
+        let store = MemoryStore::new();
+        let key = StoreKey::new("s", "k", 256).unwrap();
+        let token = FencingToken::new(3);
+        let claimed = store
+            .claim(&key, token, Some(fp(9)), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(matches!(claimed, Claim::Acquired));
+        let result = StoredResult::Err(Bytes::from_static(b"\"declined\""));
+        let fence = store
+            .complete(&key, token, result.clone(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(fence, Fence::Held);
+        let check = |record: &Record| {
+            assert_eq!(record.fingerprint, Some(fp(9)));
+            assert_eq!(record.token(), token);
+            match &record.state {
+                RecordState::Completed { result: got, .. } => assert_eq!(got, &result),
+                other => panic!("not completed: {other:?}"),
+            }
+        };
+        check(&store.peek_completed(&key).unwrap());
+        let copier = Copier::<String>::new();
+        store.keep_copy(&key, token, copier.make(&"declined".to_owned()));
+        let (record, copy) = store.peek_completed_copy(&key).unwrap();
+        check(&record);
+        assert_eq!(copier.take(&copy.unwrap()).as_deref(), Some("declined"));
+        match store
+            .claim(&key, FencingToken::new(4), None, Duration::from_secs(60))
+            .await
+            .unwrap()
+        {
+            Claim::Completed(record) => check(&record),
+            other => panic!("not completed: {other:?}"),
+        }
+        check(&store.inspect(&key).await.unwrap().unwrap().record);
     }
 }
