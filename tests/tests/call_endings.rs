@@ -14,9 +14,8 @@ use idempotent_runtime::metrics as m;
 use idempotent_runtime::store::MemoryStore;
 use idempotent_runtime::{ConfigError, Error, Idempotency};
 use idempotent_tests::captured_spans::Spans;
-use idempotent_tests::recorded_metrics::{
-    counted, labels, recorded, with_recorder, Metrics, Sample,
-};
+use idempotent_tests::observed::observed;
+use idempotent_tests::recorded_metrics::{counted, labels, recorded, Sample};
 use idempotent_tests::transactions::{effects, insert, store_with_effects};
 use idempotent_tests::{eventually, FaultyStore, Stop};
 use tokio::sync::oneshot;
@@ -24,22 +23,6 @@ use tracing_subscriber::layer::SubscriberExt as _;
 
 const SCOPE: &str = "endings";
 const BOUND: Duration = Duration::from_secs(30);
-
-/// Runs `test` with a metrics recorder and a span recorder of its own thread, and hands
-/// back the spans.
-fn observed<F, Fut>(test: F) -> Spans
-where
-    F: FnOnce(Metrics) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let spans = Spans::default();
-    let layer = spans.clone();
-    with_recorder(move |metrics| async move {
-        let _spans = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
-        test(metrics).await;
-    });
-    spans
-}
 
 /// The labels of a store error or round trip of `operation`, on `store`, for calls made
 /// without a metrics scope.

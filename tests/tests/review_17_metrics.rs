@@ -4,14 +4,14 @@
 //! Each test is a finding: it fails while the finding stands (or is `#[ignore]`d where
 //! it documents a limit that predates the change).
 
-use std::future::Future;
 use std::time::Duration;
 
 use idempotent_runtime::metrics as m;
 use idempotent_runtime::store::MemoryStore;
 use idempotent_runtime::{Error, Idempotency};
 use idempotent_tests::captured_spans::Spans;
-use idempotent_tests::recorded_metrics::{counted, labels, with_recorder, Metrics};
+use idempotent_tests::observed::observed;
+use idempotent_tests::recorded_metrics::{counted, labels, with_recorder};
 use idempotent_tests::{eventually, FaultyStore};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -19,22 +19,6 @@ use tracing_subscriber::layer::SubscriberExt as _;
 
 const SCOPE: &str = "review17";
 const BOUND: Duration = Duration::from_secs(30);
-
-/// Runs `test` with a metrics recorder and a span recorder of its own thread, on a
-/// current-thread runtime, and hands back the spans.
-fn observed<F, Fut>(test: F) -> Spans
-where
-    F: FnOnce(Metrics) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let spans = Spans::default();
-    let layer = spans.clone();
-    with_recorder(move |metrics| async move {
-        let _spans = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
-        test(metrics).await;
-    });
-    spans
-}
 
 /// Every outcome the call spans of scope [`SCOPE`] were given, span by span.
 fn outcomes(spans: &Spans) -> Vec<Vec<String>> {
