@@ -15,7 +15,9 @@ use serde::Serialize;
 use crate::codec::Codec;
 use crate::copy::Copier;
 use crate::detached::{spawn_to_end, Detached};
-use crate::engine::{Answer, Concurrency, Idempotency, Outcome, Plain, Request, Settings};
+use crate::engine::{
+    Answer, Concurrency, Idempotency, Local, LocalTier, Outcome, Plain, Request, Seen, Settings,
+};
 use crate::error::{CodecError, Error, KeyError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -260,6 +262,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
         self,
         op: F,
         copier: Option<Copier<T>>,
+        local: LocalTier,
     ) -> Result<Answer<T, E>, impl Future<Output = Answer<T, E>> + 'a>
     where
         K: 'a,
@@ -271,7 +274,7 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     {
         let inner = &self.engine.inner;
         let op = Plain(op, copier);
-        match inner.hit_or_request::<K, T, E, P, _>(self, &op) {
+        match inner.hit_or_request::<K, T, E, P, _>(self, &op, local) {
             Err(answer) => Ok(answer),
             // Boxed, as in `Inner::run`: the call's future holds a pointer, not the slower
             // paths' futures.
@@ -395,14 +398,8 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     /// Like [`Call::into_request`], with the default scope given.
     pub(crate) fn into_request_named(self, default_scope: &str) -> Result<Request, Error> {
         let scope = self.scope.as_deref().unwrap_or(default_scope);
-        let defaults = self.engine.inner.defaults;
         let store_kind = self.engine.inner.store_kind;
-        let settings = Settings {
-            ttl: self.ttl.unwrap_or(defaults.ttl),
-            lease: self.lease.unwrap_or(defaults.lease),
-            concurrency: self.concurrency.unwrap_or(defaults.concurrency),
-            max_key_len: defaults.max_key_len,
-        };
+        let settings = self.settings();
         // The engine's own settings were checked when it was built.
         if self.ttl.is_some() || self.lease.is_some() {
             settings
@@ -426,6 +423,20 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
             transactional: false,
             body_ended: AtomicBool::new(false),
         })
+    }
+}
+
+impl<K, P> Call<'_, K, P> {
+    /// The call's settings where it gave them, else the engine's.
+    #[inline(always)]
+    fn settings(&self) -> Settings {
+        let defaults = self.engine.inner.defaults;
+        Settings {
+            ttl: self.ttl.unwrap_or(defaults.ttl),
+            lease: self.lease.unwrap_or(defaults.lease),
+            concurrency: self.concurrency.unwrap_or(defaults.concurrency),
+            max_key_len: defaults.max_key_len,
+        }
     }
 }
 
@@ -478,6 +489,54 @@ impl<P> Call<'_, PreparedKey, P> {
     /// says to run then).
     pub(crate) fn runs_directly(&self) -> bool {
         self.key.direct
+    }
+
+    /// Answers the call from a completed result in the local tier, reading the call in
+    /// place: a hit builds no [`Request`] and moves no call. `Missing` tells the request
+    /// built after it that the local tier has nothing; `Unsure` that it must look itself.
+    ///
+    /// A call the request would refuse (a key, fingerprint or setting in error) is left
+    /// to it, as is a call whose span a subscriber takes: the request makes the span and
+    /// says there why the call ended.
+    #[inline(always)]
+    pub(crate) fn answer_locally<T, E>(&self, copier: Option<Copier<T>>) -> Local<T, E>
+    where
+        T: DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+    {
+        if tracing::level_enabled!(tracing::Level::INFO) {
+            return Local::Unsure;
+        }
+        let Ok(key) = &self.key.key else {
+            return Local::Unsure;
+        };
+        let fingerprint = match &self.fingerprint {
+            None => None,
+            Some(Ok(fingerprint)) => Some(*fingerprint),
+            Some(Err(_)) => return Local::Unsure,
+        };
+        if (self.ttl.is_some() || self.lease.is_some()) && self.settings().check().is_err() {
+            return Local::Unsure;
+        }
+        let inner = &self.engine.inner;
+        let labels = Labels::new(self.label.clone(), inner.store_kind);
+        let seen = Seen {
+            key,
+            fingerprint,
+            labels: &labels,
+            span: &CallSpan::NONE,
+        };
+        inner.answer_local::<T, E, P>(seen, copier)
+    }
+
+    /// Ends a call answered by [`Call::answer_locally`]: its key's buffer serves the
+    /// thread's next key.
+    #[inline(always)]
+    pub(crate) fn answered_locally(self) {
+        if let Ok(key) = self.key.key {
+            key.recycle();
+        }
     }
 }
 

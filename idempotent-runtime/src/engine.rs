@@ -363,6 +363,47 @@ impl Request {
     pub(crate) fn end_body(&self) {
         self.body_ended.store(true, Ordering::Relaxed);
     }
+
+    /// What a replay reads of the call.
+    #[inline(always)]
+    pub(crate) fn seen(&self) -> Seen<'_> {
+        Seen {
+            key: &self.key,
+            fingerprint: self.fingerprint,
+            labels: &self.labels,
+            span: &self.span,
+        }
+    }
+}
+
+/// What answering from a stored result reads of a call: its [`Request`]'s, or, for a
+/// local hit of the attribute's, the call's own parts, borrowed, so that a hit builds no
+/// request (see `Call::answer_locally`).
+#[derive(Clone, Copy)]
+pub(crate) struct Seen<'r> {
+    pub(crate) key: &'r StoreKey,
+    pub(crate) fingerprint: Option<Fingerprint>,
+    pub(crate) labels: &'r Labels,
+    pub(crate) span: &'r CallSpan,
+}
+
+/// Whether [`Inner::hit_or_request`] looks at the local tier: `Missing` when the call
+/// looked there already, before its request was built, and found nothing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LocalTier {
+    Missing,
+    Unsure,
+}
+
+/// What the local tier said of a call, looked at before its request is built.
+pub(crate) enum Local<T, E> {
+    /// Answered from a completed result.
+    Answered(Answer<T, E>),
+    /// No completed result: the request need not look again.
+    Missing,
+    /// Not looked at, or found what only the request's own path answers (a record in
+    /// progress): the request looks as before.
+    Unsure,
 }
 
 pub(crate) type Answer<T, E> = Result<(T, Outcome), E>;
@@ -384,7 +425,7 @@ impl Inner {
         P: ErrorPolicy<E>,
         O: Operation<T, E>,
     {
-        let req = match self.hit_or_request::<K, T, E, P, O>(call, &op) {
+        let req = match self.hit_or_request::<K, T, E, P, O>(call, &op, LocalTier::Unsure) {
             Ok(req) => req,
             Err(answer) => return answer,
         };
@@ -406,6 +447,7 @@ impl Inner {
         &self,
         call: Call<'_, K, P>,
         op: &O,
+        local: LocalTier,
     ) -> Result<Request, Answer<T, E>>
     where
         K: CallKey,
@@ -423,6 +465,9 @@ impl Inner {
             Err(e) => return Err(Err(e.into())),
         };
         req.transactional = op.transactional();
+        if local == LocalTier::Missing {
+            return Ok(req);
+        }
         // Entered for the hit's own event, which then names the call's span.
         let hit = {
             let _in_span = req.span.enter();
@@ -565,7 +610,7 @@ impl Inner {
                     return self.replay::<T, E, P>(req, fingerprint, result, Outcome::Replayed);
                 }
                 Claim::InProgress(rec) => {
-                    self.check_fingerprint(req, rec.fingerprint)?;
+                    self.check_fingerprint(req.seen(), rec.fingerprint)?;
                     if req.settings.concurrency == Concurrency::Reject {
                         return Err(self.reject(req).into());
                     }
@@ -590,7 +635,7 @@ impl Inner {
         E: From<Error>,
         P: ErrorPolicy<E>,
     {
-        if let Err(e) = self.check_fingerprint(req, flight.fingerprint()) {
+        if let Err(e) = self.check_fingerprint(req.seen(), flight.fingerprint()) {
             return Some(Followed::Answer(Err(e.into())));
         }
         if req.settings.concurrency == Concurrency::Reject {
@@ -920,18 +965,38 @@ impl Inner {
         E: From<Error>,
         P: ErrorPolicy<E>,
     {
-        let (rec, copy) = self.store.peek_completed_copy(&req.key)?;
+        match self.answer_local::<T, E, P>(req.seen(), copier) {
+            Local::Answered(answer) => Some(answer),
+            Local::Missing => None,
+            Local::Unsure => Some(Err(self.not_completed(req, StoreOp::Lookup).into())),
+        }
+    }
+
+    /// [`Inner::replay_local`] of what it reads of the call; a record in progress, which
+    /// the local tier should not hold completed, is `Unsure`.
+    #[inline(always)]
+    pub(crate) fn answer_local<T, E, P>(
+        &self,
+        seen: Seen<'_>,
+        copier: Option<Copier<T>>,
+    ) -> Local<T, E>
+    where
+        T: DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+    {
+        let Some((rec, copy)) = self.store.peek_completed_copy(seen.key) else {
+            return Local::Missing;
+        };
         // Read in place: the record is large, and moving it into each step costs more
         // than the rest of a hit's bookkeeping.
         let (token, result) = match &rec.state {
             RecordState::Completed { token, result, .. } => (*token, result),
-            RecordState::InProgress { .. } => {
-                return Some(Err(self.not_completed(req, StoreOp::Lookup).into()))
-            }
+            RecordState::InProgress { .. } => return Local::Unsure,
         };
         let Some(copier) = copier else {
-            return Some(self.replay_ref::<T, E, P>(
-                req,
+            return Local::Answered(self.replay_ref::<T, E, P>(
+                seen,
                 rec.fingerprint,
                 result,
                 Outcome::Replayed,
@@ -942,20 +1007,20 @@ impl Inner {
         let ours = matches!(result, StoredResult::Ok(bytes) if self.codec.wrote(bytes));
         if let (Some(copy), true) = (&copy, ours) {
             if let Some(value) = copier.take(copy) {
-                return Some(match self.check_fingerprint(req, rec.fingerprint) {
+                return Local::Answered(match self.check_fingerprint(seen, rec.fingerprint) {
                     Ok(()) => {
-                        self.count_replay(req, Outcome::Replayed);
+                        self.count_replay(seen, Outcome::Replayed);
                         Ok((value, Outcome::Replayed))
                     }
                     Err(e) => Err(e.into()),
                 });
             }
         }
-        let answer = self.replay_ref::<T, E, P>(req, rec.fingerprint, result, Outcome::Replayed);
+        let answer = self.replay_ref::<T, E, P>(seen, rec.fingerprint, result, Outcome::Replayed);
         if let (None, Ok((value, _))) = (copy, &answer) {
-            self.store.keep_copy(&req.key, token, copier.make(value));
+            self.store.keep_copy(seen.key, token, copier.make(value));
         }
-        Some(answer)
+        Local::Answered(answer)
     }
 
     /// Answers from a completed record found in the store.
@@ -982,14 +1047,14 @@ impl Inner {
         E: From<Error>,
         P: ErrorPolicy<E>,
     {
-        self.replay_ref::<T, E, P>(req, fingerprint, &result, outcome)
+        self.replay_ref::<T, E, P>(req.seen(), fingerprint, &result, outcome)
     }
 
     /// [`Inner::replay`] of a result read in place.
     #[inline(always)]
     fn replay_ref<T, E, P>(
         &self,
-        req: &Request,
+        seen: Seen<'_>,
         fingerprint: Option<Fingerprint>,
         result: &StoredResult,
         outcome: Outcome,
@@ -999,10 +1064,10 @@ impl Inner {
         E: From<Error>,
         P: ErrorPolicy<E>,
     {
-        self.check_fingerprint(req, fingerprint)?;
+        self.check_fingerprint(seen, fingerprint)?;
         let scoped = |e: CodecError| match e.kind() {
             CodecErrorKind::TransactionEnded => Error::TransactionEnded,
-            _ => Error::Codec(e.in_scope(req.key.scope())),
+            _ => Error::Codec(e.in_scope(seen.key.scope())),
         };
         let decoded = match result {
             StoredResult::Ok(bytes) => self.codec.decode(bytes).map(Ok),
@@ -1012,11 +1077,11 @@ impl Inner {
         // codec, a marker) answers with an error, and is no replay on a dashboard.
         match decoded {
             Ok(answer) => {
-                self.count_replay(req, outcome);
+                self.count_replay(seen, outcome);
                 answer.map(|value| (value, outcome))
             }
             Err(e) => {
-                observe::outcome(&req.span, observe::OUTCOME_UNDECODABLE);
+                observe::outcome(seen.span, observe::OUTCOME_UNDECODABLE);
                 Err(scoped(e).into())
             }
         }
@@ -1024,25 +1089,25 @@ impl Inner {
 
     /// Counts (and logs) a call answered with a stored or shared value.
     #[inline(always)]
-    fn count_replay(&self, req: &Request, outcome: Outcome) {
+    fn count_replay(&self, seen: Seen<'_>, outcome: Outcome) {
         let event = match outcome {
             Outcome::Coalesced => Event::Coalesced,
             _ => Event::Replayed,
         };
-        self.count(&req.labels, event);
-        observe::answered(&req.span, outcome);
-        debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = outcome.as_str(), "idempotent call");
+        self.count(seen.labels, event);
+        observe::answered(seen.span, outcome);
+        debug!(scope = seen.key.scope(), key = %seen.key.digest(), outcome = outcome.as_str(), "idempotent call");
     }
 
     /// Refuses a call whose fingerprint differs from the one the key was claimed with.
     /// A side without a fingerprint is not compared.
     #[inline(always)]
-    fn check_fingerprint(&self, req: &Request, stored: Option<Fingerprint>) -> Result<(), Error> {
-        match (req.fingerprint, stored) {
+    fn check_fingerprint(&self, seen: Seen<'_>, stored: Option<Fingerprint>) -> Result<(), Error> {
+        match (seen.fingerprint, stored) {
             (Some(mine), Some(theirs)) if mine != theirs => {
-                self.count(&req.labels, Event::Mismatched);
-                observe::outcome(&req.span, OUTCOME_MISMATCH);
-                debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = OUTCOME_MISMATCH, "idempotent call");
+                self.count(seen.labels, Event::Mismatched);
+                observe::outcome(seen.span, OUTCOME_MISMATCH);
+                debug!(scope = seen.key.scope(), key = %seen.key.digest(), outcome = OUTCOME_MISMATCH, "idempotent call");
                 Err(Error::Mismatch)
             }
             _ => Ok(()),

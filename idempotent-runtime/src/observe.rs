@@ -351,6 +351,9 @@ impl Drop for Waiting<'_> {
 pub(crate) struct CallSpan(Option<Span>);
 
 impl CallSpan {
+    /// No span: for a call answered where no subscriber takes INFO.
+    pub(crate) const NONE: CallSpan = CallSpan(None);
+
     /// The span of a call on `key`, if a subscriber takes INFO.
     #[inline(always)]
     pub(crate) fn new(key: &StoreKey, store: &'static str) -> Self {

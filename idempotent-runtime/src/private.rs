@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::call::{Call, ErrorPolicy, PreparedKey};
 use crate::copy::Copier;
-use crate::engine::Idempotency;
+use crate::engine::{Idempotency, Local, LocalTier};
 use crate::error::{CodecError, Error};
 use crate::fingerprint::Fingerprint;
 use crate::outcome::Report;
@@ -481,6 +481,15 @@ where
     }
     let copier = copies.into_copier().0;
     let report = Report::claim();
+    // A local hit is answered from the call as it is, before its request is built.
+    let local = match call.answer_locally::<R::Ok, R::Err>(copier) {
+        Local::Answered(answer) => {
+            call.answered_locally();
+            return Ok(R::from_result(report.answered(answer)));
+        }
+        Local::Missing => LocalTier::Missing,
+        Local::Unsure => LocalTier::Unsure,
+    };
     let started = report.started();
     let answered = call.answer_or_run_copying(
         move || {
@@ -488,6 +497,7 @@ where
             async move { body().await.into_result() }
         },
         copier,
+        local,
     );
     match answered {
         Ok(answer) => Ok(R::from_result(report.answered(answer))),
