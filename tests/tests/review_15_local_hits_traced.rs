@@ -1,0 +1,100 @@
+//! Review of de1e12d: the same calls with no subscriber (the new path), under an
+//! `EnvFilter` for another crate only, and under `idempotent_runtime=debug` only: the
+//! same answers, runs and counts; where the crate's spans are on, every call has one,
+//! with the outcome it was answered with. One test: its subscribers raise the global
+//! level, which would send other tests of the binary down the request's path.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use idempotent_runtime::{idempotent, outcome_of, Error, Idempotency};
+use idempotent_tests::block_on;
+use idempotent_tests::captured_spans::Spans;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::EnvFilter;
+
+#[idempotent(key = order, store = idem, scope = "review-15-traced", fingerprint = cents)]
+async fn charge(
+    idem: &Idempotency,
+    runs: &AtomicU32,
+    order: &str,
+    cents: u64,
+) -> Result<u64, Error> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    Ok(cents)
+}
+
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Receipt(u64);
+
+#[idempotent(key = order, store = idem, scope = "review-15-traced-r")]
+async fn receipt(idem: &Idempotency, runs: &AtomicU32, order: &str) -> Result<Receipt, Error> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    Ok(Receipt(7))
+}
+
+async fn script() -> (Vec<String>, u32, (u64, u64, u64)) {
+    let idem = Idempotency::memory();
+    let runs = AtomicU32::new(0);
+    let mut answers = Vec::new();
+    for (order, cents) in [
+        ("a", 1),
+        ("a", 1),
+        ("a", 1),
+        ("a", 2),
+        ("b", 3),
+        ("a", 1),
+        ("", 1),
+    ] {
+        answers.push(format!(
+            "{:?}",
+            outcome_of(charge(&idem, &runs, order, cents)).await
+        ));
+    }
+    for _ in 0..3 {
+        answers.push(format!(
+            "{:?}",
+            outcome_of(receipt(&idem, &runs, "r")).await
+        ));
+    }
+    let s = idem.stats();
+    (
+        answers,
+        runs.load(Ordering::SeqCst),
+        (s.executed, s.replayed, s.mismatched),
+    )
+}
+
+#[test]
+fn filtered_subscribers_change_nothing_but_spans() {
+    let quiet = block_on(script());
+    assert_eq!(quiet.1, 3, "{quiet:?}");
+    assert_eq!(quiet.2, (3, 5, 1), "{quiet:?}");
+
+    let other = Spans::default();
+    let sub = tracing_subscriber::registry()
+        .with(EnvFilter::new("other_crate=info"))
+        .with(other.clone());
+    let filtered = tracing::subscriber::with_default(sub, || block_on(script()));
+    assert_eq!(quiet, filtered);
+    assert!(other.calls().is_empty(), "{:?}", other.calls());
+
+    let ours = Spans::default();
+    let sub = tracing_subscriber::registry()
+        .with(EnvFilter::new("idempotent_runtime=debug"))
+        .with(ours.clone());
+    let debug = tracing::subscriber::with_default(sub, || block_on(script()));
+    assert_eq!(quiet, debug);
+    let outcomes: Vec<Option<String>> = ours
+        .calls()
+        .iter()
+        .map(|s| s.field("outcome").map(str::to_owned))
+        .collect();
+    let want: Vec<Option<String>> = [
+        "executed", "replayed", "replayed", "mismatch", "executed", "replayed", "invalid",
+        "executed", "replayed", "replayed",
+    ]
+    .iter()
+    .map(|s| Some((*s).to_owned()))
+    .collect();
+    assert_eq!(outcomes, want);
+}
