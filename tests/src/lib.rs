@@ -12,6 +12,7 @@ pub mod captured_spans;
 pub mod conformance;
 pub mod crash;
 mod faulty;
+pub mod local_hit_fns;
 pub mod observed;
 pub mod postgres;
 pub mod recorded_metrics;

@@ -1,67 +1,82 @@
-//! The attribute's calls answered before their request is built (no `tracing`
-//! subscriber takes INFO) and by the request's own path (one does): the same answers,
-//! bodies run and counts. A binary of its own, so that no other test's calls run while
-//! its subscriber is set.
+//! The attribute's calls with no subscriber (answered before their request is built),
+//! under an `EnvFilter` for another crate only, and under `idempotent_runtime=debug`
+//! (the request's path, which makes the span): the same answers, runs and counts; where
+//! the crate's spans are on, every call has one, with the outcome it was answered with.
+//! One test, in a binary of its own: its subscribers raise the global level, which
+//! would send other tests of the binary down the request's path.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use idempotent_runtime::{idempotent, Error, Idempotency, Stats};
+use idempotent_runtime::{outcome_of, Idempotency};
 use idempotent_tests::block_on;
-use tracing_subscriber::filter::LevelFilter;
+use idempotent_tests::captured_spans::Spans;
+use idempotent_tests::local_hit_fns::{charge, receipt};
 use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::EnvFilter;
 
-#[idempotent(key = order, store = idem, scope = "local-hits", fingerprint = cents)]
-async fn charge(
-    idem: &Idempotency,
-    runs: &AtomicU32,
-    order: &str,
-    cents: u64,
-) -> Result<u64, Error> {
-    runs.fetch_add(1, Ordering::SeqCst);
-    Ok(cents)
+async fn script() -> (Vec<String>, u32, (u64, u64, u64)) {
+    let idem = Idempotency::memory();
+    let runs = AtomicU32::new(0);
+    let mut answers = Vec::new();
+    for (order, cents) in [
+        ("a", 1),
+        ("a", 1),
+        ("a", 1),
+        ("a", 2),
+        ("b", 3),
+        ("a", 1),
+        ("", 1),
+    ] {
+        answers.push(format!(
+            "{:?}",
+            outcome_of(charge(&idem, &runs, order, cents)).await
+        ));
+    }
+    for _ in 0..3 {
+        answers.push(format!(
+            "{:?}",
+            outcome_of(receipt(&idem, &runs, "r")).await
+        ));
+    }
+    let s = idem.stats();
+    (
+        answers,
+        runs.load(Ordering::SeqCst),
+        (s.executed, s.replayed, s.mismatched),
+    )
 }
 
-/// The same scope and key as [`charge`], read as another type.
-#[idempotent(key = order, store = idem, scope = "local-hits")]
-async fn charge_as_text(idem: &Idempotency, order: &str) -> Result<String, Error> {
-    Ok(order.to_owned())
-}
-
-/// Not `Clone`: its hits decode the stored bytes rather than clone a kept copy.
-#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-struct Receipt(u64);
-
-#[idempotent(key = order, store = idem, scope = "local-hits-receipts")]
-async fn receipt(idem: &Idempotency, runs: &AtomicU32, order: &str) -> Result<Receipt, Error> {
-    runs.fetch_add(1, Ordering::SeqCst);
-    Ok(Receipt(7))
-}
-
-fn counts(s: &Stats) -> (u64, u64, u64, u64) {
-    (s.executed, s.replayed, s.mismatched, s.store_errors)
-}
-
-/// The same calls, once answered before their request (no subscriber) and once by the
-/// request's own path (a subscriber at INFO): the same answers, bodies run and counts.
 #[test]
-fn both_paths_give_the_same_answers_and_counts() {
-    let script = || async {
-        let idem = Idempotency::memory();
-        let runs = AtomicU32::new(0);
-        let mut answers = Vec::new();
-        for (order, cents) in [("a", 1), ("a", 1), ("a", 2), ("b", 3), ("a", 1), ("b", 3)] {
-            answers.push(format!("{:?}", charge(&idem, &runs, order, cents).await));
-        }
-        answers.push(format!("{:?}", charge_as_text(&idem, "a").await));
-        for _ in 0..2 {
-            answers.push(format!("{:?}", receipt(&idem, &runs, "r").await));
-        }
-        (answers, runs.load(Ordering::SeqCst), counts(&idem.stats()))
-    };
+fn filtered_subscribers_change_nothing_but_spans() {
     let quiet = block_on(script());
-    let subscriber = tracing_subscriber::registry().with(LevelFilter::INFO);
-    let observed = tracing::subscriber::with_default(subscriber, || block_on(script()));
-    assert_eq!(quiet, observed);
     assert_eq!(quiet.1, 3, "{quiet:?}");
-    assert_eq!(quiet.2, (3, 4, 1, 0), "{quiet:?}");
+    assert_eq!(quiet.2, (3, 5, 1), "{quiet:?}");
+
+    let other = Spans::default();
+    let sub = tracing_subscriber::registry()
+        .with(EnvFilter::new("other_crate=info"))
+        .with(other.clone());
+    let filtered = tracing::subscriber::with_default(sub, || block_on(script()));
+    assert_eq!(quiet, filtered);
+    assert!(other.calls().is_empty(), "{:?}", other.calls());
+
+    let ours = Spans::default();
+    let sub = tracing_subscriber::registry()
+        .with(EnvFilter::new("idempotent_runtime=debug"))
+        .with(ours.clone());
+    let debug = tracing::subscriber::with_default(sub, || block_on(script()));
+    assert_eq!(quiet, debug);
+    let outcomes: Vec<Option<String>> = ours
+        .calls()
+        .iter()
+        .map(|s| s.field("outcome").map(str::to_owned))
+        .collect();
+    let want: Vec<Option<String>> = [
+        "executed", "replayed", "replayed", "mismatch", "executed", "replayed", "invalid",
+        "executed", "replayed", "replayed",
+    ]
+    .iter()
+    .map(|s| Some((*s).to_owned()))
+    .collect();
+    assert_eq!(outcomes, want);
 }

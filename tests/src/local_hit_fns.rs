@@ -1,0 +1,49 @@
+//! The `#[idempotent]` functions the local-hit tests call: on an engine they are given,
+//! counting their runs, so each test reads what ran.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use idempotent_runtime::{idempotent, Error, Idempotency, Stats};
+
+/// The scope of [`charge`] and [`charge_as_text`] (one record for both).
+pub const SCOPE: &str = "local-hits";
+
+/// Charges `cents` for `order`, fingerprinted by the amount.
+#[idempotent(key = order, store = idem, scope = "local-hits", fingerprint = cents)]
+pub async fn charge(
+    idem: &Idempotency,
+    runs: &AtomicU32,
+    order: &str,
+    cents: u64,
+) -> Result<u64, Error> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    Ok(cents)
+}
+
+/// The same scope and key as [`charge`], read as another type.
+#[idempotent(key = order, store = idem, scope = "local-hits")]
+pub async fn charge_as_text(idem: &Idempotency, order: &str) -> Result<String, Error> {
+    Ok(order.to_owned())
+}
+
+/// Not `Clone`: its hits decode the stored bytes rather than clone a kept copy.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Receipt(pub u64);
+
+/// A receipt for `order`, whose hits decode.
+#[idempotent(key = order, store = idem, scope = "local-hits-receipts")]
+pub async fn receipt(idem: &Idempotency, runs: &AtomicU32, order: &str) -> Result<Receipt, Error> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    Ok(Receipt(7))
+}
+
+/// `(executed, replayed, coalesced, mismatched, store_errors)`.
+pub fn counts(s: &Stats) -> (u64, u64, u64, u64, u64) {
+    (
+        s.executed,
+        s.replayed,
+        s.coalesced,
+        s.mismatched,
+        s.store_errors,
+    )
+}
