@@ -1234,17 +1234,14 @@ async fn release_unanswered(
     for &pause in pauses {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let release = engine.store.release(&key, token);
-        match timed(&labels, StoreOp::Release, release).await {
+        match engine.counted(&labels, StoreOp::Release, release).await {
             Ok(Fence::Held) => {
                 debug!(scope = key.scope(), key = %key.digest(), "unanswered claim released");
                 return;
             }
             Ok(Fence::Lost) => {}
             // The store is failing: a claim that did land lapses with its lease.
-            Err(_) => {
-                engine.count(&labels, Event::StoreError(StoreOp::Release));
-                return;
-            }
+            Err(_) => return,
         }
     }
 }

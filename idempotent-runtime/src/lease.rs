@@ -17,7 +17,7 @@ use crate::engine::Inner;
 use crate::error::StoreError;
 use crate::flight::{FlightGuard, Landing};
 use crate::key::StoreKey;
-use crate::observe::{timed, Event, Labels, StoreOp};
+use crate::observe::{Event, Labels, StoreOp};
 use crate::record::{FencingToken, StoredResult};
 use crate::store::Fence;
 
@@ -148,7 +148,9 @@ impl HeldClaim {
             let sent = Instant::now();
             let renewal = self.engine.store.renew(&self.key, self.token, self.lease);
             wait = every / 4;
-            let renewal = timed(&self.labels, StoreOp::Renew, bounded(every / 2, renewal));
+            let renewal =
+                self.engine
+                    .counted(&self.labels, StoreOp::Renew, bounded(every / 2, renewal));
             match renewal.await {
                 Ok(Fence::Held) => {
                     self.confirm(sent);
@@ -162,8 +164,6 @@ impl HeldClaim {
                     break;
                 }
                 Err(err) => {
-                    self.engine
-                        .count(&self.labels, Event::StoreError(StoreOp::Renew));
                     warn!(scope = self.key.scope(), key = %self.key.digest(), error = %err,
                         "could not renew idempotency claim; retrying");
                 }
@@ -189,13 +189,14 @@ impl HeldClaim {
             .store
             .complete(&self.key, self.token, result.clone(), ttl);
         let within = self.lease / RENEWALS_PER_LEASE;
-        let answer = timed(&self.labels, StoreOp::Complete, bounded(within, attempt)).await;
+        let answer = self
+            .engine
+            .counted(&self.labels, StoreOp::Complete, bounded(within, attempt))
+            .await;
         match answer {
             Ok(Fence::Held) => self.stored(result),
             Ok(Fence::Lost) => self.lost(),
             Err(err) => {
-                self.engine
-                    .count(&self.labels, Event::StoreError(StoreOp::Complete));
                 warn!(scope = self.key.scope(), key = %self.key.digest(), error = %err,
                     "could not store idempotency result; retrying in the background");
                 // `Drop` retries the completion on a task of its own and lands the
@@ -260,11 +261,12 @@ fn lost_before_completion(engine: &Inner, labels: &Labels, key: &StoreKey, token
 }
 
 async fn release(engine: &Inner, labels: &Labels, key: &StoreKey, token: FencingToken) {
-    let released = timed(labels, StoreOp::Release, engine.store.release(key, token)).await;
+    let released = engine
+        .counted(labels, StoreOp::Release, engine.store.release(key, token))
+        .await;
     match released {
         Ok(_) => debug!(scope = key.scope(), key = %key.digest(), "idempotency claim released"),
         Err(err) => {
-            engine.count(labels, Event::StoreError(StoreOp::Release));
             warn!(scope = key.scope(), key = %key.digest(), error = %err,
                 "could not release idempotency claim; it lapses with its lease");
         }
@@ -296,7 +298,9 @@ impl Retry {
         loop {
             let store = &self.engine.store;
             let attempt = store.complete(&self.key, self.token, result.clone(), ttl);
-            let attempt = timed(&self.labels, StoreOp::Complete, bounded(within, attempt));
+            let attempt =
+                self.engine
+                    .counted(&self.labels, StoreOp::Complete, bounded(within, attempt));
             match attempt.await {
                 Ok(Fence::Held) => {
                     debug!(scope = self.key.scope(), key = %self.key.digest(),
@@ -307,22 +311,18 @@ impl Retry {
                     lost_before_completion(&self.engine, &self.labels, &self.key, self.token);
                     return;
                 }
-                Err(_) => self
-                    .engine
-                    .count(&self.labels, Event::StoreError(StoreOp::Complete)),
+                Err(_) => {}
             }
             // A store that answers renewals but fails completions keeps the claim ours;
             // a renewal it refuses proves nothing (the failed completion may have landed,
             // and the next completion says which).
             let sent = Instant::now();
             let renewal = store.renew(&self.key, self.token, self.lease);
-            let renewal = timed(&self.labels, StoreOp::Renew, bounded(within, renewal));
-            match renewal.await {
-                Ok(Fence::Held) => self.confirmed_at = sent,
-                Ok(Fence::Lost) => {}
-                Err(_) => self
-                    .engine
-                    .count(&self.labels, Event::StoreError(StoreOp::Renew)),
+            let renewal =
+                self.engine
+                    .counted(&self.labels, StoreOp::Renew, bounded(within, renewal));
+            if let Ok(Fence::Held) = renewal.await {
+                self.confirmed_at = sent;
             }
             let deadline = (self.confirmed_at + self.lease).min(started + COMPLETION_PATIENCE);
             let now = Instant::now();

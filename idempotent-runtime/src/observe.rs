@@ -9,6 +9,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 
+use futures_util::FutureExt as _;
 use tracing::field::Empty;
 use tracing::span::Entered;
 use tracing::Span;
@@ -171,20 +172,33 @@ impl Inner {
 }
 
 impl Inner {
-    /// `round_trip`, an operation of the engine's own API outside any call (inspecting or
-    /// forgetting a key): timed, and counted if it fails, with the scope label of calls
-    /// made without one.
+    /// `round_trip`, a store operation `op`: [`timed`], and counted as a store error of
+    /// `op` if it fails.
+    ///
+    /// A combinator rather than an `async fn`: the round trip's future is not moved into
+    /// another state machine.
+    pub(crate) fn counted<'a, T>(
+        &'a self,
+        labels: &'a Labels,
+        op: StoreOp,
+        round_trip: impl Future<Output = Result<T, StoreError>> + 'a,
+    ) -> impl Future<Output = Result<T, StoreError>> + 'a {
+        timed(labels, op, round_trip).inspect(move |answer| {
+            if answer.is_err() {
+                self.count(labels, Event::StoreError(op));
+            }
+        })
+    }
+
+    /// [`Inner::counted`], for an operation of the engine's own API outside any call
+    /// (inspecting or forgetting a key): with the scope label of calls made without one.
     pub(crate) async fn round_trip<T>(
         &self,
         op: StoreOp,
         round_trip: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let labels = Labels::new(ScopeLabel::default(), self.store_kind);
-        let answer = timed(&labels, op, round_trip).await;
-        if answer.is_err() {
-            self.count(&labels, Event::StoreError(op));
-        }
-        answer
+        self.counted(&labels, op, round_trip).await
     }
 }
 

@@ -273,7 +273,7 @@ where
         Ok(Err(err)) => {
             // An operation that committed its transaction itself, then failed, must not
             // have its key released: its writes may be there.
-            let verified = timed(
+            let verified = engine.counted(
                 &req.labels,
                 StoreOp::Verify,
                 pg.still_ours(&mut tx, held.token()),
@@ -288,19 +288,19 @@ where
                 Ok(true) => {}
                 // Unknown: rolled back as if open (the rollback of a transaction already
                 // ended does nothing), and the key released.
-                Err(_) => engine.count(&req.labels, Event::StoreError(StoreOp::Verify)),
+                Err(_) => {}
             }
             // Rolled back before the key is given up: a retry that takes it over then
             // meets none of this transaction's locks.
-            let rolled_back = timed(
-                &req.labels,
-                StoreOp::Rollback,
-                bounded(pg.statement_timeout(), rollback(tx)),
-            );
-            if rolled_back.await.is_err() {
-                // The connection goes back to the pool, which rolls it back or closes it.
-                engine.count(&req.labels, Event::StoreError(StoreOp::Rollback));
-            }
+            // Failed, the connection goes back to the pool, which rolls it back or
+            // closes it.
+            let _ = engine
+                .counted(
+                    &req.labels,
+                    StoreOp::Rollback,
+                    bounded(pg.statement_timeout(), rollback(tx)),
+                )
+                .await;
             engine
                 .finish_error(req, held, P::encode(&err, engine.codec))
                 .await;
@@ -387,7 +387,7 @@ async fn settle<E: From<Error>>(
     failed: StoreError,
     xid: i64,
 ) -> Result<(), E> {
-    let settled = timed(&req.labels, StoreOp::Settle, pg.settle(&req.key, xid));
+    let settled = engine.counted(&req.labels, StoreOp::Settle, pg.settle(&req.key, xid));
     match settled.await {
         Ok(Settled::Committed) => {
             observe::answered(&req.span, Outcome::Executed);
@@ -402,7 +402,6 @@ async fn settle<E: From<Error>>(
             Err(Error::Store(failed).into())
         }
         Err(e) => {
-            engine.count(&req.labels, Event::StoreError(StoreOp::Settle));
             warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
                 "could not learn whether the idempotent transaction committed; a retry will");
             held.release().await;
