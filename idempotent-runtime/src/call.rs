@@ -498,8 +498,15 @@ impl<P> Call<'_, PreparedKey, P> {
     /// A call the request would refuse (a key, fingerprint or setting in error) is left
     /// to it, as is a call whose span a subscriber takes: the request makes the span and
     /// says there why the call ended.
+    ///
+    /// `finish` turns an answer into the caller's type where it is made (see
+    /// `Inner::answer_local`).
     #[inline(always)]
-    pub(crate) fn answer_locally<T, E>(&self, copier: Option<Copier<T>>) -> Local<T, E>
+    pub(crate) fn answer_locally<T, E, O>(
+        &self,
+        copier: Option<Copier<T>>,
+        finish: impl FnOnce(Result<T, E>) -> O,
+    ) -> Local<O>
     where
         T: DeserializeOwned,
         E: From<Error>,
@@ -527,7 +534,7 @@ impl<P> Call<'_, PreparedKey, P> {
             labels: &labels,
             span: &CallSpan::NONE,
         };
-        inner.answer_local::<T, E, P>(seen, copier)
+        inner.answer_local::<T, E, P, O>(seen, copier, finish)
     }
 
     /// Ends a call answered by [`Call::answer_locally`]: its key's buffer serves the

@@ -396,9 +396,9 @@ pub(crate) enum LocalTier {
 }
 
 /// What the local tier said of a call, looked at before its request is built.
-pub(crate) enum Local<T, E> {
-    /// Answered from a completed result.
-    Answered(Answer<T, E>),
+pub(crate) enum Local<O> {
+    /// Answered from a completed result, in the caller's own type.
+    Answered(O),
     /// No completed result: the request need not look again.
     Missing,
     /// Not looked at, or found what only the request's own path answers (a record in
@@ -965,7 +965,8 @@ impl Inner {
         E: From<Error>,
         P: ErrorPolicy<E>,
     {
-        match self.answer_local::<T, E, P>(req.seen(), copier) {
+        let replayed = |answer: Result<T, E>| answer.map(|value| (value, Outcome::Replayed));
+        match self.answer_local::<T, E, P, _>(req.seen(), copier, replayed) {
             Local::Answered(answer) => Some(answer),
             Local::Missing => None,
             Local::Unsure => Some(Err(self.not_completed(req, StoreOp::Lookup).into())),
@@ -973,13 +974,16 @@ impl Inner {
     }
 
     /// [`Inner::replay_local`] of what it reads of the call; a record in progress, which
-    /// the local tier should not hold completed, is `Unsure`.
+    /// the local tier should not hold completed, is `Unsure`. `finish` turns the answer
+    /// into the caller's type where it is made: a hit's value is large, and each step it
+    /// is moved through costs more than the rest of a hit's bookkeeping.
     #[inline(always)]
-    pub(crate) fn answer_local<T, E, P>(
+    pub(crate) fn answer_local<T, E, P, O>(
         &self,
         seen: Seen<'_>,
         copier: Option<Copier<T>>,
-    ) -> Local<T, E>
+        finish: impl FnOnce(Result<T, E>) -> O,
+    ) -> Local<O>
     where
         T: DeserializeOwned,
         E: From<Error>,
@@ -988,18 +992,19 @@ impl Inner {
         let Some((rec, copy)) = self.store.peek_completed_copy(seen.key) else {
             return Local::Missing;
         };
-        // Read in place: the record is large, and moving it into each step costs more
-        // than the rest of a hit's bookkeeping.
+        // Read in place, for the same reason.
         let (token, result) = match &rec.state {
             RecordState::Completed { token, result, .. } => (*token, result),
             RecordState::InProgress { .. } => return Local::Unsure,
         };
+        let outcome = Outcome::Replayed;
         let Some(copier) = copier else {
-            return Local::Answered(self.replay_ref::<T, E, P>(
+            return Local::Answered(self.replay_with::<T, E, P, O>(
                 seen,
                 rec.fingerprint,
                 result,
-                Outcome::Replayed,
+                outcome,
+                finish,
             ));
         };
         // A copy is made from what this codec decoded; an engine of another codec reads
@@ -1009,18 +1014,26 @@ impl Inner {
             if let Some(value) = copier.take(copy) {
                 return Local::Answered(match self.check_fingerprint(seen, rec.fingerprint) {
                     Ok(()) => {
-                        self.count_replay(seen, Outcome::Replayed);
-                        Ok((value, Outcome::Replayed))
+                        self.count_replay(seen, outcome);
+                        finish(Ok(value))
                     }
-                    Err(e) => Err(e.into()),
+                    Err(e) => finish(Err(e.into())),
                 });
             }
         }
-        let answer = self.replay_ref::<T, E, P>(seen, rec.fingerprint, result, Outcome::Replayed);
-        if let (None, Ok((value, _))) = (copy, &answer) {
-            self.store.keep_copy(seen.key, token, copier.make(value));
-        }
-        Local::Answered(answer)
+        let keeps_copy = copy.is_none();
+        Local::Answered(self.replay_with::<T, E, P, O>(
+            seen,
+            rec.fingerprint,
+            result,
+            outcome,
+            |answer| {
+                if let (true, Ok(value)) = (keeps_copy, &answer) {
+                    self.store.keep_copy(seen.key, token, copier.make(value));
+                }
+                finish(answer)
+            },
+        ))
     }
 
     /// Answers from a completed record found in the store.
@@ -1064,26 +1077,57 @@ impl Inner {
         E: From<Error>,
         P: ErrorPolicy<E>,
     {
-        self.check_fingerprint(seen, fingerprint)?;
-        let scoped = |e: CodecError| match e.kind() {
-            CodecErrorKind::TransactionEnded => Error::TransactionEnded,
-            _ => Error::Codec(e.in_scope(seen.key.scope())),
-        };
-        let decoded = match result {
-            StoredResult::Ok(bytes) => self.codec.decode(bytes).map(Ok),
-            StoredResult::Err(bytes) => P::decode(bytes, self.codec).map(Err),
-        };
-        // Counted once decoded: a stored result this call cannot read (another type, another
-        // codec, a marker) answers with an error, and is no replay on a dashboard.
-        match decoded {
-            Ok(answer) => {
-                self.count_replay(seen, outcome);
-                answer.map(|value| (value, outcome))
+        self.replay_with::<T, E, P, _>(seen, fingerprint, result, outcome, |answer| {
+            answer.map(|value| (value, outcome))
+        })
+    }
+
+    /// [`Inner::replay_ref`], whose answer `finish` turns into the caller's type as it is
+    /// decoded (see [`Inner::answer_local`]).
+    #[inline(always)]
+    fn replay_with<T, E, P, O>(
+        &self,
+        seen: Seen<'_>,
+        fingerprint: Option<Fingerprint>,
+        result: &StoredResult,
+        outcome: Outcome,
+        finish: impl FnOnce(Result<T, E>) -> O,
+    ) -> O
+    where
+        T: DeserializeOwned,
+        E: From<Error>,
+        P: ErrorPolicy<E>,
+    {
+        if let Err(e) = self.check_fingerprint(seen, fingerprint) {
+            return finish(Err(e.into()));
+        }
+        // A stored result this call cannot read (another type, another codec, a marker)
+        // answers with an error, and is no replay on a dashboard: counted once decoded.
+        let undecodable = |e: CodecError| -> E {
+            observe::outcome(seen.span, observe::OUTCOME_UNDECODABLE);
+            match e.kind() {
+                CodecErrorKind::TransactionEnded => Error::TransactionEnded,
+                _ => Error::Codec(e.in_scope(seen.key.scope())),
             }
-            Err(e) => {
-                observe::outcome(seen.span, observe::OUTCOME_UNDECODABLE);
-                Err(scoped(e).into())
-            }
+            .into()
+        };
+        // Each arm hands its own result to `finish`: a decoded value wrapped in one
+        // `Result` after another would be copied at each.
+        match result {
+            StoredResult::Ok(bytes) => match self.codec.decode::<T>(bytes) {
+                Ok(value) => {
+                    self.count_replay(seen, outcome);
+                    finish(Ok(value))
+                }
+                Err(e) => finish(Err(undecodable(e))),
+            },
+            StoredResult::Err(bytes) => match P::decode(bytes, self.codec) {
+                Ok(err) => {
+                    self.count_replay(seen, outcome);
+                    finish(Err(err))
+                }
+                Err(e) => finish(Err(undecodable(e))),
+            },
         }
     }
 

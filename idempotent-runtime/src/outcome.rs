@@ -171,13 +171,29 @@ impl Report {
     pub(crate) fn answered<T, E>(mut self, answer: Result<(T, Outcome), E>) -> Result<T, E> {
         self.settled = true;
         answer.map(|(value, outcome)| {
-            if let Some((slot, generation)) = &self.slot {
-                if slot.generation.load(Ordering::Acquire) == *generation {
-                    slot.set(outcome);
-                }
-            }
+            self.set(outcome);
             value
         })
+    }
+
+    /// [`Report::answered`] for a call answered from a stored result, told only whether
+    /// the answer is `Ok`: the answer itself goes straight into the caller's type, and is
+    /// not moved through here.
+    #[inline(always)]
+    pub(crate) fn replayed(&mut self, ok: bool) {
+        self.settled = true;
+        if ok {
+            self.set(Outcome::Replayed);
+        }
+    }
+
+    #[inline(always)]
+    fn set(&self, outcome: Outcome) {
+        if let Some((slot, generation)) = &self.slot {
+            if slot.generation.load(Ordering::Acquire) == *generation {
+                slot.set(outcome);
+            }
+        }
     }
 }
 

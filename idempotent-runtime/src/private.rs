@@ -480,12 +480,21 @@ where
         }));
     }
     let copier = copies.into_copier().0;
-    let report = Report::claim();
-    // A local hit is answered from the call as it is, before its request is built.
-    let local = match call.answer_locally::<R::Ok, R::Err>(copier) {
-        Local::Answered(answer) => {
+    let mut report = Report::claim();
+    // A local hit is answered from the call as it is, before its request is built, and
+    // made into `R` as it is decoded.
+    let local = call.answer_locally::<R::Ok, R::Err, _>(
+        copier,
+        #[inline(always)]
+        |answer| {
+            report.replayed(answer.is_ok());
+            Ok(R::from_result(answer))
+        },
+    );
+    let local = match local {
+        Local::Answered(done) => {
             call.answered_locally();
-            return Ok(R::from_result(report.answered(answer)));
+            return done;
         }
         Local::Missing => LocalTier::Missing,
         Local::Unsure => LocalTier::Unsure,
