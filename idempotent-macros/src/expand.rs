@@ -357,7 +357,11 @@ fn prelude(args: &Args, key: &Expr, item: &ItemFn, krate: &Path, names: &Names) 
         Span::mixed_site().located_at(key.span()),
     );
     let scope = match &args.scope {
-        Some(scope) => scope.to_token_stream(),
+        // Checked here already (`args.rs`), and again in a `const`, so that calls need not
+        // search it for `|` each time.
+        Some(scope) => quote_spanned! {scope.span()=>
+            const { #krate::__private::LiteralScope::new(#scope) }
+        },
         // A closure written here has a type name that holds the function's path, its
         // generic arguments and its impl's type, read at run time. The arguments of
         // `impl Trait` parameters are cut off: they tell how an input was passed, not

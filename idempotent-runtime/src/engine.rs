@@ -21,7 +21,7 @@ use crate::copy::Copier;
 use crate::error::{CodecError, CodecErrorKind, ConfigError, Error, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
 use crate::flight::{Flight, FlightGuard, Flights, Following, Joined, Landing, Waited};
-use crate::key::StoreKey;
+use crate::key::{Scope, StoreKey};
 use crate::lease::{Completion, HeldClaim, RENEWALS_PER_LEASE};
 use crate::observe::{
     self, invalid_call_span, timed, CallSpan, Event, Labels, ScopeLabel, StoreOp, Via, Waiting,
@@ -311,13 +311,19 @@ impl Idempotency {
     pub(crate) fn call_prepared(
         &self,
         scope: Cow<'static, str>,
+        scope_checked: bool,
         key: &(impl fmt::Display + ?Sized),
         text: Option<&str>,
     ) -> Call<'_, crate::call::PreparedKey> {
         let max = self.inner.defaults.max_key_len;
+        let in_scope = if scope_checked {
+            Scope::checked(&scope)
+        } else {
+            Scope::unchecked(&scope)
+        };
         let key = match text {
-            Some(text) => StoreKey::from_text(&scope, text, max),
-            None => StoreKey::new(&scope, key, max),
+            Some(text) => StoreKey::from_text(in_scope, text, max),
+            None => StoreKey::in_scope(in_scope, key, max),
         };
         // Made with its label rather than given it after: the hit path would move the
         // whole call once more.

@@ -21,6 +21,33 @@ thread_local! {
 /// Buffers larger than this are not kept, so one huge key cannot pin memory per thread.
 const SPARE_MAX_CAPACITY: usize = 512;
 
+/// A key's scope, and whether it is known to hold no [`SCOPE_SEPARATOR`]: a literal the
+/// attribute checked when it was compiled ([`crate::__private::LiteralScope`]) need not
+/// be searched again on every call.
+#[derive(Clone, Copy)]
+pub(crate) struct Scope<'a> {
+    text: &'a str,
+    checked: bool,
+}
+
+impl<'a> Scope<'a> {
+    /// A scope to check.
+    pub(crate) fn unchecked(text: &'a str) -> Self {
+        Self {
+            text,
+            checked: false,
+        }
+    }
+
+    /// A scope checked already.
+    pub(crate) fn checked(text: &'a str) -> Self {
+        Self {
+            text,
+            checked: true,
+        }
+    }
+}
+
 /// A validated key inside its scope, as handed to a [`Store`](crate::store::Store).
 ///
 /// Held as one string (`scope|key`) so that the hit path allocates once.
@@ -33,24 +60,36 @@ pub struct StoreKey {
 impl StoreKey {
     /// Formats `key` into `scope` and checks both. `max_len` bounds the key's bytes.
     pub fn new(scope: &str, key: impl fmt::Display, max_len: usize) -> Result<Self, KeyError> {
+        Self::in_scope(Scope::unchecked(scope), &key, max_len)
+    }
+
+    /// [`StoreKey::new`] in a scope that may be known good already.
+    pub(crate) fn in_scope(
+        scope: Scope<'_>,
+        key: &(impl fmt::Display + ?Sized),
+        max_len: usize,
+    ) -> Result<Self, KeyError> {
         Self::build(scope, max_len, |joined| {
             // Writing into a String cannot fail unless the key's Display impl does.
             let _ = write!(joined, "{key}");
         })
     }
 
-    /// [`StoreKey::new`] for a key that is text already: the same key, written without
-    /// the formatting machinery (a `str`'s `Display` writes it unchanged).
-    pub(crate) fn from_text(scope: &str, key: &str, max_len: usize) -> Result<Self, KeyError> {
+    /// [`StoreKey::in_scope`] for a key that is text already: the same key, written
+    /// without the formatting machinery (a `str`'s `Display` writes it unchanged).
+    pub(crate) fn from_text(scope: Scope<'_>, key: &str, max_len: usize) -> Result<Self, KeyError> {
         Self::build(scope, max_len, |joined| joined.push_str(key))
     }
 
     fn build(
-        scope: &str,
+        Scope {
+            text: scope,
+            checked,
+        }: Scope<'_>,
         max_len: usize,
         write_key: impl FnOnce(&mut String),
     ) -> Result<Self, KeyError> {
-        if scope.contains(SCOPE_SEPARATOR) {
+        if !checked && scope.contains(SCOPE_SEPARATOR) {
             return Err(KeyError::ReservedCharInScope {
                 scope: scope.to_owned(),
             });
@@ -237,11 +276,20 @@ mod tests {
     fn text_keys_are_the_keys_their_display_writes() {
         for key in ["order-7", "", "ü|{}", &"x".repeat(256)] {
             assert_eq!(
-                StoreKey::from_text("s", key, 255),
+                StoreKey::from_text(Scope::unchecked("s"), key, 255),
                 StoreKey::new("s", key, 255)
             );
         }
-        assert!(StoreKey::from_text("a|b", "k", 255).is_err());
+        assert!(StoreKey::from_text(Scope::unchecked("a|b"), "k", 255).is_err());
+        // A checked scope skips the search only: the key is the same.
+        assert_eq!(
+            StoreKey::from_text(Scope::checked("s"), "order-7", 255),
+            StoreKey::new("s", "order-7", 255)
+        );
+        assert_eq!(
+            StoreKey::in_scope(Scope::checked("s"), &7, 255),
+            StoreKey::new("s", 7, 255)
+        );
     }
 
     #[test]

@@ -114,6 +114,8 @@
 //!     __idempotent_rest.await
 //! }
 //! ```
+//! A `scope = "payments"` is passed as `const { __private::LiteralScope::new("payments") }`
+//! in place of `default_scope`: checked when the function is compiled, not on each call.
 //! Key and fingerprint are read before the body takes the arguments; the body runs as an
 //! async block, so `return` and `?` keep their meaning. A call answered before anything
 //! runs (a hit of a result stored in this process, a refusal) is answered by `run` at

@@ -141,16 +141,58 @@ fn generic_arguments(name: &str) -> Option<(&str, Vec<&str>)> {
 /// A call on the key, formatted into its scope before the body moves the arguments.
 /// `text` is what [`KeyPick`] found: the key itself where it is a string.
 ///
-/// `scope` is the attribute's `scope = "..."` (a `&'static str`) or [`default_scope`]'s
+/// `scope` is the attribute's `scope = "..."` (a [`LiteralScope`]) or [`default_scope`]'s
 /// (a `Cow<'static, str>`): chosen by code, never by a request, so it is also the `scope`
 /// label of the call's metrics (feature `metrics`).
 pub fn call<'a, K: KeyText + ?Sized>(
     engine: &'a Idempotency,
-    scope: impl Into<Cow<'static, str>>,
+    scope: impl CallScope,
     key: &K,
     text: Option<&str>,
 ) -> Call<'a, PreparedKey> {
-    engine.call_prepared(scope.into(), key, text)
+    let (scope, checked) = scope.into_scope();
+    engine.call_prepared(scope, checked, key, text)
+}
+
+/// The attribute's `scope = "..."`, checked when the function is compiled: the attribute
+/// makes it in a `const` block, where [`LiteralScope::new`] fails the build on a scope a
+/// key cannot have. Calls then skip the check.
+#[derive(Debug, Clone, Copy)]
+pub struct LiteralScope(&'static str);
+
+impl LiteralScope {
+    /// The scope, if it is not empty and holds no `|` (which separates scope and key in
+    /// a store key); else a panic, at compile time in a `const`.
+    pub const fn new(scope: &'static str) -> Self {
+        let bytes = scope.as_bytes();
+        assert!(!bytes.is_empty(), "the scope must be non-empty");
+        let mut i = 0;
+        while i < bytes.len() {
+            // `|` is ASCII: no byte of another UTF-8 character equals it.
+            assert!(bytes[i] != b'|', "the scope must not contain `|`");
+            i += 1;
+        }
+        Self(scope)
+    }
+}
+
+/// What [`call`] takes as a scope: a [`LiteralScope`], known good, or a default scope,
+/// which the call checks.
+pub trait CallScope {
+    /// The scope, and whether it is known to hold no `|`.
+    fn into_scope(self) -> (Cow<'static, str>, bool);
+}
+
+impl CallScope for LiteralScope {
+    fn into_scope(self) -> (Cow<'static, str>, bool) {
+        (Cow::Borrowed(self.0), true)
+    }
+}
+
+impl CallScope for Cow<'static, str> {
+    fn into_scope(self) -> (Cow<'static, str>, bool) {
+        (self, false)
+    }
 }
 
 /// [`call`], for the key inside an `Option` key (`on_missing_key = ...`), whose
@@ -158,11 +200,12 @@ pub fn call<'a, K: KeyText + ?Sized>(
 /// which is given already.
 pub fn call_present<'a, K: PresentKeyText + ?Sized>(
     engine: &'a Idempotency,
-    scope: impl Into<Cow<'static, str>>,
+    scope: impl CallScope,
     key: &K,
     text: Option<&str>,
 ) -> Call<'a, PreparedKey> {
-    engine.call_prepared(scope.into(), key, text)
+    let (scope, checked) = scope.into_scope();
+    engine.call_prepared(scope, checked, key, text)
 }
 
 /// What the key inside an `Option` key must be: `Display`.
@@ -596,7 +639,29 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::generic_arguments;
+    use super::{generic_arguments, CallScope, LiteralScope};
+
+    #[test]
+    fn a_literal_scope_is_checked_once_and_passed_as_checked() {
+        assert_eq!(
+            LiteralScope::new("payments.charge").into_scope(),
+            ("payments.charge".into(), true)
+        );
+        let default: std::borrow::Cow<'static, str> = "app::place".into();
+        assert_eq!(default.into_scope(), ("app::place".into(), false));
+    }
+
+    #[test]
+    #[should_panic(expected = "the scope must not contain `|`")]
+    fn a_literal_scope_with_the_separator_is_refused() {
+        let _ = LiteralScope::new("a|b");
+    }
+
+    #[test]
+    #[should_panic(expected = "the scope must be non-empty")]
+    fn an_empty_literal_scope_is_refused() {
+        let _ = LiteralScope::new("");
+    }
 
     #[test]
     fn generic_arguments_are_split_at_the_top_level_only() {
