@@ -539,9 +539,13 @@ impl<P> Call<'_, PreparedKey, P> {
 
     /// Ends a call answered by [`Call::answer_locally`]: its key's buffer serves the
     /// thread's next key.
+    ///
+    /// Takes the buffer out where the call stands: taking the call by value would copy
+    /// all of it first.
     #[inline(always)]
-    pub(crate) fn answered_locally(self) {
-        if let Ok(key) = self.key.key {
+    pub(crate) fn answered_locally(&mut self) {
+        // The call is dropped next; what it is left holding is never read.
+        if let Ok(key) = std::mem::replace(&mut self.key.key, Err(KeyError::Empty)) {
             key.recycle();
         }
     }

@@ -499,7 +499,7 @@ impl<T> IntoCopier<T> for NoCopies {
 /// around it, which would hold a second copy of the call.
 #[allow(clippy::type_complexity)]
 pub fn run<'a, R, P, C, F, Fut>(
-    call: Call<'a, PreparedKey, P>,
+    mut call: Call<'a, PreparedKey, P>,
     copies: C,
     body: F,
 ) -> Result<R, impl Future<Output = R> + 'a>
