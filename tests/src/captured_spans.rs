@@ -130,3 +130,33 @@ where
     crate::block_on(test());
     spans
 }
+
+/// `script` run three times: with no subscriber, under a filter for another crate only,
+/// and under `idempotent_runtime=debug`. The three must give the same result, and the
+/// filtered run must record no call span: a subscriber may change the spans and nothing
+/// else. The result, and the spans of the last run.
+pub fn alike_under_subscribers<T, F>(script: F) -> (T, Spans)
+where
+    T: PartialEq + fmt::Debug,
+    F: Fn() -> T,
+{
+    let quiet = script();
+
+    let other = Spans::default();
+    let sub = tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::new("other_crate=info"))
+        .with(other.clone());
+    let filtered = tracing::subscriber::with_default(sub, &script);
+    assert_eq!(quiet, filtered, "under another crate's filter");
+    assert!(other.calls().is_empty(), "{:?}", other.calls());
+
+    let ours = Spans::default();
+    let sub = tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::new(
+            "idempotent_runtime=debug",
+        ))
+        .with(ours.clone());
+    let debug = tracing::subscriber::with_default(sub, &script);
+    assert_eq!(quiet, debug, "under idempotent_runtime=debug");
+    (quiet, ours)
+}

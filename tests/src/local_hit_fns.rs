@@ -47,3 +47,29 @@ pub fn counts(s: &Stats) -> (u64, u64, u64, u64, u64) {
         s.store_errors,
     )
 }
+
+/// An error type that is stored (`cache_errors = true`), and keeps the engine's error it
+/// was made from, as its `Debug` text.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Declined {
+    /// The body's own error, which is stored and replayed.
+    Card,
+    /// A refusal of the engine's.
+    Engine(String),
+}
+
+impl From<Error> for Declined {
+    fn from(e: Error) -> Self {
+        Declined::Engine(format!("{e:?}"))
+    }
+}
+
+impl Declined {
+    /// The engine's error, as text; empty for the body's own.
+    pub fn engine(&self) -> &str {
+        match self {
+            Declined::Engine(s) => s,
+            Declined::Card => "",
+        }
+    }
+}

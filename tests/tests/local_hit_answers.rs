@@ -15,34 +15,12 @@ use idempotent_runtime::{
     Outcome, StoreKey, StoredResult,
 };
 use idempotent_tests::block_on;
-use idempotent_tests::local_hit_fns::counts;
+use idempotent_tests::local_hit_fns::{counts, Declined};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Barrier, Notify};
 
 // ---------------------------------------------------------------------------------------
 // Shared types.
-
-/// An error type that stores, and keeps the engine's error it was made from.
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
-enum Declined {
-    Card,
-    Engine(String),
-}
-
-impl From<Error> for Declined {
-    fn from(e: Error) -> Self {
-        Declined::Engine(format!("{e:?}"))
-    }
-}
-
-impl Declined {
-    fn engine(&self) -> &str {
-        match self {
-            Declined::Engine(s) => s,
-            Declined::Card => "",
-        }
-    }
-}
 
 /// Another stored error type, which cannot decode `Declined::Card`.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -587,6 +565,25 @@ async fn fragile(idem: &Idempotency, k: &str) -> Result<Fragile, Error> {
     Ok(Fragile(6))
 }
 
+/// In one `outcome_of` block: `call` with `flag` set, which must panic, then `call`
+/// again with it cleared. The second call's answer, and what the block reports.
+async fn panics_then_answers<T, Fut>(
+    flag: &AtomicBool,
+    call: impl Fn() -> Fut,
+) -> (Result<T, Error>, Option<Outcome>)
+where
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    flag.store(true, Ordering::SeqCst);
+    outcome_of(async {
+        let first = AssertUnwindSafe(call()).catch_unwind().await;
+        assert!(first.is_err(), "the call panicked");
+        flag.store(false, Ordering::SeqCst);
+        call().await
+    })
+    .await
+}
+
 #[test]
 fn a_panicking_hit_gives_the_block_back() {
     block_on(async {
@@ -596,38 +593,17 @@ fn a_panicking_hit_gives_the_block_back() {
         let base = idem.stats().replayed;
 
         // The first hit's copy (keep_copy's clone) panics.
-        PANIC_CLONE.store(true, Ordering::SeqCst);
-        let (v, how) = outcome_of(async {
-            let first = AssertUnwindSafe(touchy(&idem, "k")).catch_unwind().await;
-            assert!(first.is_err(), "the clone panicked");
-            PANIC_CLONE.store(false, Ordering::SeqCst);
-            touchy(&idem, "k").await
-        })
-        .await;
+        let (v, how) = panics_then_answers(&PANIC_CLONE, || touchy(&idem, "k")).await;
         assert_eq!((v.unwrap(), how), (Touchy(4), Some(Outcome::Replayed)));
         // The panicking hit was counted before its copy was made, as before.
         assert_eq!(idem.stats().replayed, base + 2);
         // A copy is kept now: a hit's clone of it panics, before anything is counted.
-        PANIC_CLONE.store(true, Ordering::SeqCst);
-        let (v, how) = outcome_of(async {
-            let first = AssertUnwindSafe(touchy(&idem, "k")).catch_unwind().await;
-            assert!(first.is_err(), "the clone panicked");
-            PANIC_CLONE.store(false, Ordering::SeqCst);
-            touchy(&idem, "k").await
-        })
-        .await;
+        let (v, how) = panics_then_answers(&PANIC_CLONE, || touchy(&idem, "k")).await;
         assert_eq!((v.unwrap(), how), (Touchy(4), Some(Outcome::Replayed)));
         assert_eq!(idem.stats().replayed, base + 3);
 
         // A decode that panics.
-        PANIC_DECODE.store(true, Ordering::SeqCst);
-        let (v, how) = outcome_of(async {
-            let first = AssertUnwindSafe(fragile(&idem, "k")).catch_unwind().await;
-            assert!(first.is_err(), "the decode panicked");
-            PANIC_DECODE.store(false, Ordering::SeqCst);
-            fragile(&idem, "k").await
-        })
-        .await;
+        let (v, how) = panics_then_answers(&PANIC_DECODE, || fragile(&idem, "k")).await;
         assert_eq!((v.unwrap(), how), (Fragile(6), Some(Outcome::Replayed)));
         assert_eq!(idem.stats().replayed, base + 4);
         assert_eq!(idem.stats().executed, 2);

@@ -13,23 +13,9 @@ use idempotent_runtime::{
     idempotent, outcome_of, Error, FencingToken, Idempotency, StoreKey, StoredResult,
 };
 use idempotent_tests::block_on;
-use idempotent_tests::captured_spans::Spans;
-use idempotent_tests::local_hit_fns::counts;
+use idempotent_tests::captured_spans::alike_under_subscribers;
+use idempotent_tests::local_hit_fns::{counts, Declined};
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::EnvFilter;
-
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
-enum Declined {
-    Card,
-    Engine(String),
-}
-
-impl From<Error> for Declined {
-    fn from(e: Error) -> Self {
-        Declined::Engine(format!("{e:?}"))
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Parcel {
@@ -120,24 +106,10 @@ async fn script() -> (Vec<String>, u32, (u64, u64, u64, u64, u64)) {
 
 #[test]
 fn subscribers_change_nothing_but_spans_on_errors_and_markers() {
-    let quiet = block_on(script());
+    let (quiet, ours) = alike_under_subscribers(|| block_on(script()));
     assert_eq!(quiet.1, 2, "{quiet:?}");
     assert_eq!(quiet.2, (2, 5, 0, 2, 0), "{quiet:?}");
 
-    let other = Spans::default();
-    let sub = tracing_subscriber::registry()
-        .with(EnvFilter::new("other_crate=info"))
-        .with(other.clone());
-    let filtered = tracing::subscriber::with_default(sub, || block_on(script()));
-    assert_eq!(quiet, filtered);
-    assert!(other.calls().is_empty(), "{:?}", other.calls());
-
-    let ours = Spans::default();
-    let sub = tracing_subscriber::registry()
-        .with(EnvFilter::new("idempotent_runtime=debug"))
-        .with(ours.clone());
-    let debug = tracing::subscriber::with_default(sub, || block_on(script()));
-    assert_eq!(quiet, debug);
     let outcomes: Vec<String> = ours
         .calls()
         .iter()

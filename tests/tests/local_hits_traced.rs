@@ -9,10 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use idempotent_runtime::{outcome_of, Idempotency};
 use idempotent_tests::block_on;
-use idempotent_tests::captured_spans::Spans;
+use idempotent_tests::captured_spans::alike_under_subscribers;
 use idempotent_tests::local_hit_fns::{charge, receipt};
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::EnvFilter;
 
 async fn script() -> (Vec<String>, u32, (u64, u64, u64)) {
     let idem = Idempotency::memory();
@@ -48,24 +46,10 @@ async fn script() -> (Vec<String>, u32, (u64, u64, u64)) {
 
 #[test]
 fn filtered_subscribers_change_nothing_but_spans() {
-    let quiet = block_on(script());
+    let (quiet, ours) = alike_under_subscribers(|| block_on(script()));
     assert_eq!(quiet.1, 3, "{quiet:?}");
     assert_eq!(quiet.2, (3, 5, 1), "{quiet:?}");
 
-    let other = Spans::default();
-    let sub = tracing_subscriber::registry()
-        .with(EnvFilter::new("other_crate=info"))
-        .with(other.clone());
-    let filtered = tracing::subscriber::with_default(sub, || block_on(script()));
-    assert_eq!(quiet, filtered);
-    assert!(other.calls().is_empty(), "{:?}", other.calls());
-
-    let ours = Spans::default();
-    let sub = tracing_subscriber::registry()
-        .with(EnvFilter::new("idempotent_runtime=debug"))
-        .with(ours.clone());
-    let debug = tracing::subscriber::with_default(sub, || block_on(script()));
-    assert_eq!(quiet, debug);
     let outcomes: Vec<Option<String>> = ours
         .calls()
         .iter()
