@@ -35,6 +35,7 @@ pub fn stored_by_default(status: u16) -> bool {
 
 /// Whether a response's `Content-Type` names one of `streaming` (lower-case media types,
 /// parameters ignored): a stream, passed through and never stored by the HTTP layers.
+#[cfg(any(feature = "tower", feature = "actix"))]
 pub(crate) fn is_streaming_type(content_type: Option<&str>, streaming: &[String]) -> bool {
     content_type
         .and_then(|ct| ct.split(';').next())
