@@ -1017,14 +1017,14 @@ impl Inner {
         // the record as before (and is refused it as `WrongCodec`).
         let ours = matches!(result, StoredResult::Ok(bytes) if self.codec.wrote(bytes));
         if let (Some(copy), true) = (&copy, ours) {
+            // Checked before the copy is cloned: a refused call clones nothing (and a
+            // `Clone` that panics cannot turn a mismatch into a panic).
+            if let Err(e) = self.check_fingerprint(seen, rec.fingerprint) {
+                return Local::Answered(finish(Err(e.into())));
+            }
             if let Some(value) = copier.take(copy) {
-                return Local::Answered(match self.check_fingerprint(seen, rec.fingerprint) {
-                    Ok(()) => {
-                        self.count_replay(seen, outcome);
-                        finish(Ok(value))
-                    }
-                    Err(e) => finish(Err(e.into())),
-                });
+                self.count_replay(seen, outcome);
+                return Local::Answered(finish(Ok(value)));
             }
         }
         let keeps_copy = copy.is_none();
