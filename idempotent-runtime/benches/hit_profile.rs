@@ -49,10 +49,11 @@ fn main() {
             .expect("first");
         sync.insert("bench|order-1001".to_owned(), bytes.clone());
         // The first hit of a `Clone` value keeps the copy later hits clone. The other
-        // function reads the same record (same scope and key; `Unclonable` is a
-        // transparent `Receipt`), and decodes it on every hit. Both in every run, `N=0` too.
+        // function stores the same bytes (`Unclonable` is a transparent `Receipt`) under a
+        // key of its own, as a key's one function does (no copy of another type beside
+        // it), and decodes them on every hit. Both in every run, `N=0` too.
         place(&json, "order-1001").await.expect("hit");
-        hit_fns::place_decoded(&json, "order-1001")
+        hit_fns::place_decoded(&json, "order-1002")
             .await
             .expect("first");
         match which.as_str() {
@@ -76,7 +77,7 @@ fn main() {
             "macro-decode" => {
                 for _ in 0..n {
                     black_box(
-                        hit_fns::place_decoded(&json, black_box("order-1001"))
+                        hit_fns::place_decoded(&json, black_box("order-1002"))
                             .await
                             .expect("hit"),
                     );
