@@ -73,3 +73,16 @@ impl Declined {
         }
     }
 }
+
+/// Declines with a stored error (the body's own), counting its runs; the payload is
+/// `cents`, so another amount on the same key is a mismatch.
+#[idempotent(key = k, store = idem, scope = "rf.err-fp", cache_errors = true, fingerprint = cents)]
+pub async fn declined_fp(
+    idem: &Idempotency,
+    runs: &AtomicU32,
+    k: &str,
+    cents: u64,
+) -> Result<u64, Declined> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    Err(Declined::Card)
+}

@@ -15,7 +15,7 @@ use idempotent_runtime::{
     Outcome, StoreKey, StoredResult,
 };
 use idempotent_tests::block_on;
-use idempotent_tests::local_hit_fns::{counts, Declined};
+use idempotent_tests::local_hit_fns::{counts, declined_fp, Declined};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Barrier, Notify};
 
@@ -124,17 +124,6 @@ fn stored_errors_on_local_hits_count_and_report_as_before() {
         );
         assert_eq!(counts(&idem.stats()), (1, 7, 0, 0, 0));
     });
-}
-
-#[idempotent(key = k, store = idem, scope = "rf.err-fp", cache_errors = true, fingerprint = cents)]
-async fn declined_fp(
-    idem: &Idempotency,
-    runs: &AtomicU32,
-    k: &str,
-    cents: u64,
-) -> Result<u64, Declined> {
-    runs.fetch_add(1, Ordering::SeqCst);
-    Err(Declined::Card)
 }
 
 /// A stored error under another payload is refused as a mismatch (counted once, no
