@@ -166,6 +166,17 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// [`block_on`] on a multi-threaded runtime of `workers` threads: for tests of callers
+/// that really run at once.
+pub fn block_on_threads<F: std::future::Future>(workers: usize, f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
 /// Waits until `check` is true, looking every 10 ms, and fails the test if it is still
 /// false after `within`: for effects that land in the background, such as a release or a
 /// completion finished by a task of its own.

@@ -14,8 +14,8 @@ use idempotent_runtime::{
     idempotent, outcome_of, Codec, CodecErrorKind, Error, FencingToken, Fingerprint, Idempotency,
     Outcome, StoreKey, StoredResult,
 };
-use idempotent_tests::block_on;
 use idempotent_tests::local_hit_fns::{counts, declined_fp, Declined};
+use idempotent_tests::{block_on, block_on_threads};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Barrier, Notify};
 
@@ -280,32 +280,39 @@ fn planted_records_answer_local_hits_as_the_request_does() {
 // 3. The copy kept for a `Clone` value: only on an `Ok` answer, only when none is kept,
 //    never from another codec's bytes, never on a mismatch.
 
-static COUNTED_DECODES: AtomicU32 = AtomicU32::new(0);
-static COUNTED_CLONES: AtomicU32 = AtomicU32::new(0);
+/// A `{ id: u32 }` whose clones and decodes are counted in two statics of its own.
+macro_rules! counted_type {
+    ($name:ident, clones: $clones:ident, decodes: $decodes:ident) => {
+        static $clones: AtomicU32 = AtomicU32::new(0);
+        static $decodes: AtomicU32 = AtomicU32::new(0);
 
-#[derive(Debug, PartialEq, Serialize)]
-struct Counted {
-    id: u32,
-}
-
-impl Clone for Counted {
-    fn clone(&self) -> Self {
-        COUNTED_CLONES.fetch_add(1, Ordering::SeqCst);
-        Counted { id: self.id }
-    }
-}
-
-impl<'de> Deserialize<'de> for Counted {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        struct Raw {
+        #[derive(Debug, PartialEq, Serialize)]
+        struct $name {
             id: u32,
         }
-        let raw = Raw::deserialize(d)?;
-        COUNTED_DECODES.fetch_add(1, Ordering::SeqCst);
-        Ok(Counted { id: raw.id })
-    }
+
+        impl Clone for $name {
+            fn clone(&self) -> Self {
+                $clones.fetch_add(1, Ordering::SeqCst);
+                $name { id: self.id }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                #[derive(Deserialize)]
+                struct Raw {
+                    id: u32,
+                }
+                let raw = Raw::deserialize(d)?;
+                $decodes.fetch_add(1, Ordering::SeqCst);
+                Ok($name { id: raw.id })
+            }
+        }
+    };
 }
+
+counted_type!(Counted, clones: COUNTED_CLONES, decodes: COUNTED_DECODES);
 
 fn dc() -> (u32, u32) {
     (
@@ -623,12 +630,7 @@ async fn finished(idem: &Idempotency, k: u32) -> Result<u64, Error> {
 
 #[test]
 fn a_retry_after_a_cancelled_call_in_the_same_block_reports_its_hit() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on_threads(2, async {
         let idem = Idempotency::memory();
         for (k, through_run) in [(1u32, true), (2, false)] {
             let gate = Arc::new(Notify::new());
@@ -699,12 +701,7 @@ async fn conc_err(idem: &Idempotency, k: u32) -> Result<Big, Declined> {
 
 #[test]
 fn many_callers_hit_report_and_count_exactly() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on_threads(4, async {
         let idem = Arc::new(Idempotency::memory());
         for k in 0..5u32 {
             conc_clone(&idem, k, 1).await.unwrap();
@@ -834,8 +831,6 @@ fn redis_local_tier_answers_errors_copies_and_mismatches_as_before() {
 // 9. A copy of one type kept: a caller of another `Clone` type on the key decodes on
 //    every hit and makes no copy of its own (one would only be refused by the store).
 
-static OTHER_DECODES: AtomicU32 = AtomicU32::new(0);
-static OTHER_CLONES: AtomicU32 = AtomicU32::new(0);
 static FIRST_CLONES: AtomicU32 = AtomicU32::new(0);
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -850,30 +845,8 @@ impl Clone for FirstType {
     }
 }
 
-/// Decodes the same JSON as [`FirstType`].
-#[derive(Debug, PartialEq, Serialize)]
-struct OtherType {
-    id: u32,
-}
-
-impl Clone for OtherType {
-    fn clone(&self) -> Self {
-        OTHER_CLONES.fetch_add(1, Ordering::SeqCst);
-        OtherType { id: self.id }
-    }
-}
-
-impl<'de> Deserialize<'de> for OtherType {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        struct Raw {
-            id: u32,
-        }
-        let raw = Raw::deserialize(d)?;
-        OTHER_DECODES.fetch_add(1, Ordering::SeqCst);
-        Ok(OtherType { id: raw.id })
-    }
-}
+// Decodes the same JSON as `FirstType`.
+counted_type!(OtherType, clones: OTHER_CLONES, decodes: OTHER_DECODES);
 
 #[idempotent(key = k, store = idem, scope = "rf.two-types")]
 async fn first_type(idem: &Idempotency, k: &str) -> Result<FirstType, Error> {

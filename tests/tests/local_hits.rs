@@ -15,7 +15,7 @@ use idempotent_runtime::store::MemoryStore;
 use idempotent_runtime::{idempotent, outcome_of, Codec, Error, Idempotency, KeyError, Outcome};
 use idempotent_tests::local_hit_fns::{charge, charge_as_text, counts, receipt, Receipt, SCOPE};
 use idempotent_tests::recorded_metrics::{labels, with_recorder};
-use idempotent_tests::{block_on, FaultyStore, RedisHarness};
+use idempotent_tests::{block_on, block_on_threads, FaultyStore, RedisHarness};
 use tokio::sync::{mpsc, Notify};
 
 /// Same scope and key, another `Clone` type that decodes the same JSON.
@@ -174,12 +174,7 @@ fn another_codec_reading_a_json_record() {
 /// answered once, and the counts add up.
 #[test]
 fn many_callers_on_one_key_run_once() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on_threads(4, async {
         for round in 0..20 {
             let idem = Arc::new(Idempotency::memory());
             let runs = Arc::new(AtomicU32::new(0));
@@ -244,12 +239,7 @@ async fn next_id(idem: &Idempotency, runs: &AtomicU32, key: &str) -> Result<u32,
 /// forget, and every answer is a value some execution produced.
 #[test]
 fn hits_racing_forget_run_once_per_forget() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on_threads(4, async {
         let idem = Arc::new(Idempotency::memory());
         let runs = Arc::new(AtomicU32::new(0));
         next_id(&idem, &runs, "f").await.unwrap();
@@ -291,12 +281,7 @@ fn hits_racing_forget_run_once_per_forget() {
 /// store and replay, never run.
 #[test]
 fn a_stale_missing_hint_still_claims_and_replays() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on_threads(2, async {
         let store = MemoryStore::new();
         let a = Arc::new(Idempotency::new(store.clone()));
         let b = Arc::new(Idempotency::new(store.clone()));

@@ -2,8 +2,8 @@
 //! kept as the regression suite of any layout): every result length around the record's
 //! boundaries, fingerprints, stored errors, tokens and TTLs, read back byte for byte
 //! through every answer of the store; and every scenario run on a memory store given to
-//! the engine as it is AND wrapped (forwarding every method, forwarding only the async
-//! ones, or in an `Arc`): all must answer, count and keep copies alike. A copy kept
+//! the engine as it is AND wrapped (in a `FaultyStore` with no fault set, with and
+//! without its local tier, or in an `Arc`): all must answer, count and keep copies alike. A copy kept
 //! beside a result must never be served for a newer result of the key.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -11,85 +11,20 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use idempotent_runtime::clock::{Clock, ManualClock};
-use idempotent_runtime::store::{Claim, Fence, Inspected, MemoryStore, Store, ValueCopy};
+use idempotent_runtime::store::{Claim, Fence, MemoryStore, Store};
 use idempotent_runtime::{
     idempotent, outcome_of, Codec, CodecErrorKind, Error, FencingToken, Fingerprint, Idempotency,
-    Outcome, Record, RecordState, StoreError, StoreKey, StoredResult, DEFAULT_MAX_KEY_LEN,
+    Outcome, Record, RecordState, StoreKey, StoredResult, DEFAULT_MAX_KEY_LEN,
 };
-use idempotent_tests::block_on;
 use idempotent_tests::local_hit_fns::{counts, declined_fp, Declined};
+use idempotent_tests::{block_on, block_on_threads, FaultyStore};
 use serde::{Deserialize, Serialize};
 
-// ---------------------------------------------------------------------------------------
-// Wrappers: the engine cannot see the memory store inside, and reads through the trait.
-
-/// A memory store wrapped, so the engine sees only the trait. `LOCAL` forwards the local
-/// tier's methods too (`Via::Forward`); without it (`Via::Bare`) the wrapper has none, and
-/// every hit is a claim answered `Completed`.
-#[derive(Debug, Clone)]
-struct Wrapped<const LOCAL: bool>(MemoryStore);
-
-#[async_trait]
-impl<const LOCAL: bool> Store for Wrapped<LOCAL> {
-    async fn claim(
-        &self,
-        key: &StoreKey,
-        token: FencingToken,
-        fingerprint: Option<Fingerprint>,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.0.claim(key, token, fingerprint, lease).await
-    }
-    async fn renew(
-        &self,
-        key: &StoreKey,
-        token: FencingToken,
-        lease: Duration,
-    ) -> Result<Fence, StoreError> {
-        self.0.renew(key, token, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &StoreKey,
-        token: FencingToken,
-        result: StoredResult,
-        ttl: Duration,
-    ) -> Result<Fence, StoreError> {
-        self.0.complete(key, token, result, ttl).await
-    }
-    async fn release(&self, key: &StoreKey, token: FencingToken) -> Result<Fence, StoreError> {
-        self.0.release(key, token).await
-    }
-    async fn inspect(&self, key: &StoreKey) -> Result<Option<Inspected>, StoreError> {
-        self.0.inspect(key).await
-    }
-    async fn forget(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        self.0.forget(key).await
-    }
-    fn peek_completed(&self, key: &StoreKey) -> Option<Record> {
-        LOCAL.then(|| self.0.peek_completed(key)).flatten()
-    }
-    fn peek_completed_copy(&self, key: &StoreKey) -> Option<(Record, Option<ValueCopy>)> {
-        LOCAL.then(|| self.0.peek_completed_copy(key)).flatten()
-    }
-    fn keep_copy(&self, key: &StoreKey, token: FencingToken, copy: ValueCopy) {
-        if LOCAL {
-            self.0.keep_copy(key, token, copy)
-        }
-    }
-    fn evicted(&self) -> u64 {
-        self.0.evicted()
-    }
-    fn kind(&self) -> &'static str {
-        self.0.kind()
-    }
-}
-
-/// The ways to build an engine over a memory store: given as it is, or wrapped (`Bare`
-/// forwards only the async methods, so its hits all go through `claim`).
+/// The ways to build an engine over a memory store: given as it is, or wrapped so the
+/// engine sees only the trait (`FaultyStore`, no fault set; `Bare` hides the local tier,
+/// so its hits all go through `claim`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Via {
     New,
@@ -133,8 +68,11 @@ fn engine_over(via: Via, store: MemoryStore, codec: Codec, ttl: Duration) -> Ide
         Via::BuilderStore => b.store(store).build().unwrap(),
         Via::ArcStore => b.store(Arc::new(store)).build().unwrap(),
         Via::ArcDyn => b.store(Arc::new(store) as Arc<dyn Store>).build().unwrap(),
-        Via::Forward => b.store(Wrapped::<true>(store)).build().unwrap(),
-        Via::Bare => b.store(Wrapped::<false>(store)).build().unwrap(),
+        Via::Forward => b.store(FaultyStore::new(store)).build().unwrap(),
+        Via::Bare => b
+            .store(FaultyStore::new(store).without_peek())
+            .build()
+            .unwrap(),
         Via::Memory | Via::DefaultBuilder => unreachable!(),
     }
 }
@@ -189,7 +127,7 @@ fn store_answers_every_layout_byte_for_byte() {
         let stores: Vec<(&str, Box<dyn Store>)> = vec![
             ("memory", Box::new(store.clone())),
             ("arc", Box::new(Arc::new(store.clone()))),
-            ("forward", Box::new(Wrapped::<true>(store.clone()))),
+            ("forward", Box::new(FaultyStore::new(store.clone()))),
         ];
         // Sizes around the fingerprint (32) and the trailer (17), and a large one.
         let mut bodies: Vec<Vec<u8>> = [0usize, 1, 2, 16, 17, 18, 31, 32, 33, 48, 49, 50, 64]
@@ -993,12 +931,7 @@ async fn hot_nc(idem: &Idempotency, runs: &AtomicU64, k: &str) -> Result<HotNc, 
 
 #[test]
 fn many_threads_on_one_key_never_keep_a_stale_copy() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(6)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on_threads(6, async {
         for via in [Via::BuilderStore, Via::Forward] {
             for clocked in [false, true] {
                 let clock = ManualClock::new();
