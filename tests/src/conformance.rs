@@ -457,9 +457,10 @@ pub async fn two_engines_execute_once_under_concurrent_callers<H: Harness>(h: &H
 /// to a second engine all the while never run it again.
 pub async fn a_body_three_times_its_lease_runs_once_while_duplicates_arrive<H: Harness>(h: &H) {
     let store = h.real_time_store().await;
-    // Long enough that a loaded machine's scheduling delays stay well inside one lease,
-    // as they must in production: the heartbeat runs every third of it.
-    let lease = Duration::from_secs(1);
+    // Long enough that a loaded machine's scheduling delays and the store's stalls stay
+    // well inside one lease, as they must in production: the heartbeat runs every third
+    // of it.
+    let lease = h.real_time_lease();
     let holder = Idempotency::builder()
         .store(store.clone())
         .lease(lease)

@@ -11,7 +11,9 @@ use idempotent_runtime::{Concurrency, Error, Idempotency, Outcome};
 /// `env!("CARGO_BIN_EXE_holder")`) on the store `kind` (`redis` or `postgres`) at `url`, in
 /// `space` (a key prefix or a table), waits until it holds the key, checks that `idem`
 /// (on the same store) is refused while it lives, kills it, and checks that a waiting call
-/// on `idem` takes the key over and runs within about one lease.
+/// on `idem` takes the key over and runs within one lease and `slack` of the kill. A call
+/// the store fails (a stall longer than the store's own timeout) is made again within
+/// that time: a stall is the store's, and only a key still held after it is the holder's.
 pub async fn a_crashed_holder_process_frees_its_key(
     holder: &str,
     kind: &str,
@@ -19,6 +21,7 @@ pub async fn a_crashed_holder_process_frees_its_key(
     space: &str,
     idem: &Idempotency,
     lease: Duration,
+    slack: Duration,
 ) {
     let mut child = Command::new(holder)
         .args([kind, url, space, &lease.as_millis().to_string()])
@@ -54,15 +57,23 @@ pub async fn a_crashed_holder_process_frees_its_key(
     let _ = child.wait();
     let killed = Instant::now();
     // A waiting caller takes over once the dead holder's lease runs out.
-    let got = idem
-        .call("crash")
-        .scope("holder")
-        .run_with_outcome(|| async { Ok::<u32, Error>(2) })
-        .await;
+    let got = loop {
+        let got = idem
+            .call("crash")
+            .scope("holder")
+            .run_with_outcome(|| async { Ok::<u32, Error>(2) })
+            .await;
+        match got {
+            Err(Error::Store(e)) if killed.elapsed() < lease + slack => {
+                eprintln!("the store failed a call, which is made again: {e}");
+            }
+            got => break got,
+        }
+    };
     assert!(matches!(got, Ok((2, Outcome::Executed))), "{got:?}");
     let waited = killed.elapsed();
     assert!(
-        waited < lease + Duration::from_secs(1),
+        waited < lease + slack,
         "took {waited:?} for a {lease:?} lease"
     );
 }

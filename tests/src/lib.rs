@@ -51,6 +51,12 @@ pub trait Harness: Send + Sync + 'static {
 
     /// A lease the suite may wait out: long for a manual clock, short for a server.
     fn lease(&self) -> Duration;
+
+    /// A lease for a check that runs in real time while the store is written to: longer
+    /// than the longest stall of the store seen on a loaded CI machine.
+    fn real_time_lease(&self) -> Duration {
+        Duration::from_secs(1)
+    }
 }
 
 /// The in-memory store, on a manual clock.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use idempotent_runtime::store::PostgresStore;
 use idempotent_runtime::{ConfigError, Error, Idempotency, Outcome};
-use idempotent_tests::postgres::{fresh_store, postgres_url};
+use idempotent_tests::postgres::{drop_stale_tables, fresh_store, postgres_url};
 use idempotent_tests::TcpProxy;
 
 idempotent_tests::store_conformance!(idempotent_tests::PostgresHarness::new());
@@ -65,7 +65,7 @@ async fn two_engines_on_two_pools_make_one_execution_for_100_callers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_holder_process_frees_its_key_within_one_lease() {
     let store = fresh_store(&postgres_url()).await;
-    let lease = Duration::from_millis(500);
+    let lease = idempotent_tests::postgres::LEASE;
     let table = store.table().to_owned();
     let idem = Idempotency::builder()
         .store(store)
@@ -79,8 +79,139 @@ async fn a_crashed_holder_process_frees_its_key_within_one_lease() {
         &table,
         &idem,
         lease,
+        Duration::from_secs(2),
     )
     .await;
+}
+
+/// The CI failure this lease was chosen against: a commit the database holds for most of
+/// a second and a half (a disk that makes it wait, here another session's lock on the
+/// key's row) holds the renewals sent meanwhile. Each lands when the stall ends, with its
+/// lease counted from when it was sent; a lease a renewal every third of it keeps for
+/// longer than the stall never lapses, and no duplicate runs the body meanwhile. (On a
+/// one-second lease the claim lapses during this stall: a duplicate then meets an expired
+/// row, waits on its lock, and fails, or takes the key over once the lock is gone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn renewals_held_by_a_stalled_database_keep_the_claim() {
+    let store = fresh_store(&postgres_url()).await;
+    let lease = idempotent_tests::postgres::LEASE;
+    let stall = Duration::from_millis(1400);
+    let engine = || {
+        Idempotency::builder()
+            .store(store.clone())
+            .lease(lease)
+            .build()
+            .unwrap()
+    };
+    let (holder, other) = (engine(), engine());
+    let runs = Arc::new(AtomicU32::new(0));
+    let (entered_tx, entered) = tokio::sync::oneshot::channel();
+    let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+    let first = {
+        let runs = runs.clone();
+        tokio::spawn(async move {
+            holder
+                .call("stalled")
+                .scope("pg")
+                .run_with_outcome(|| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let _ = entered_tx.send(());
+                    let _ = finished.await;
+                    Ok::<_, Error>(7u32)
+                })
+                .await
+        })
+    };
+    entered.await.expect("the holder enters its body");
+    let duplicate = || {
+        let runs = runs.clone();
+        other
+            .call("stalled")
+            .scope("pg")
+            .concurrency(idempotent_runtime::Concurrency::Reject)
+            .run(|| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(8u32)
+            })
+    };
+    // Two stalls, so that one holds a renewal whatever the heartbeat's phase.
+    let mut sent = 0;
+    for _ in 0..2 {
+        let mut tx = store.pool().begin().await.unwrap();
+        sqlx::query(&format!("SELECT 1 FROM {} FOR UPDATE", store.table()))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let stalled = Instant::now();
+        while stalled.elapsed() < stall {
+            let dup = duplicate().await;
+            assert!(
+                matches!(dup, Err(Error::InProgress)),
+                "duplicate got {dup:?}"
+            );
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tx.rollback().await.unwrap();
+        // The renewals the stall held land now; a duplicate after them still waits.
+        tokio::time::sleep(lease / 3).await;
+        let dup = duplicate().await;
+        assert!(
+            matches!(dup, Err(Error::InProgress)),
+            "duplicate got {dup:?}"
+        );
+    }
+    assert!(sent > 10, "only {sent} duplicates were sent");
+    finish.send(()).unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), (7, Outcome::Executed));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let (v, how) = other
+        .call("stalled")
+        .scope("pg")
+        .run_with_outcome(|| async { Ok::<_, Error>(9u32) })
+        .await
+        .unwrap();
+    assert_eq!((v, how), (7, Outcome::Replayed));
+}
+
+/// The tests' own housekeeping: the test tables of runs more than an hour old go, with
+/// the sequences earlier versions of the store made beside them; those of a run still
+/// going stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_test_tables_are_dropped_and_young_ones_kept() {
+    let store = fresh_store(&postgres_url()).await;
+    let pool = store.pool();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let pid = std::process::id();
+    let stale = format!("idemtest_{}_{pid}_stale", now - 7200);
+    let young = format!("idemtest_{}_{pid}_young", now - 600);
+    for ddl in [
+        format!("CREATE TABLE {stale} (n int)"),
+        format!("CREATE SEQUENCE {stale}_token"),
+        format!("CREATE TABLE {young} (n int)"),
+    ] {
+        sqlx::query(&ddl).execute(pool).await.unwrap();
+    }
+    let dropped = drop_stale_tables(pool).await.expect("drop");
+    assert!(dropped >= 1, "dropped {dropped}");
+    let exists = |name: String| async move {
+        let (found,): (bool,) = sqlx::query_as("SELECT to_regclass($1) IS NOT NULL")
+            .bind(name)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        found
+    };
+    assert!(!exists(stale.clone()).await, "the stale table is gone");
+    assert!(!exists(format!("{stale}_token")).await, "its sequence too");
+    assert!(exists(young.clone()).await, "the young table stays");
+    sqlx::query(&format!("DROP TABLE {young}"))
+        .execute(pool)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,6 +79,7 @@ async fn a_crashed_holder_process_frees_its_key_within_one_lease() {
         &prefix,
         &idem,
         lease,
+        Duration::from_secs(1),
     )
     .await;
 }
