@@ -154,7 +154,10 @@ impl HeldClaim {
             match renewal.await {
                 Ok(Fence::Held) => {
                     self.confirm(sent);
-                    wait = every;
+                    // From when it was sent, where the lease it confirmed starts: an answer
+                    // that came late must not push the next renewal later, or a store slow
+                    // to answer leaves less of the lease ahead at every round.
+                    wait = every.saturating_sub(sent.elapsed());
                 }
                 Ok(Fence::Lost) => {
                     // Another caller took the key over; renewing cannot win it back, and

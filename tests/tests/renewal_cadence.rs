@@ -1,0 +1,61 @@
+//! How a holder spaces its renewals: a third of the lease apart, counted from when each
+//! was sent (where the lease it confirms starts), so a store slow to answer does not push
+//! every later renewal back, and the lease the store holds stays ahead of the clock by
+//! two thirds of a lease however late the answers come.
+
+use std::time::Duration;
+
+use idempotent_runtime::store::MemoryStore;
+use idempotent_runtime::{Error, Idempotency};
+use idempotent_tests::{FaultyStore, Stop};
+use tokio::time::Instant;
+
+// Paused time: the store's answer is late by exactly what the test says, and the next
+// renewal's send time is read without a scheduler's delay in it.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_answered_late_does_not_delay_the_next() {
+    let lease = Duration::from_secs(3);
+    let every = lease / 3;
+    // Within the half of a third of the lease the engine waits for a renewal's answer.
+    let late = Duration::from_millis(400);
+    let store = FaultyStore::new(MemoryStore::new());
+    let idem = Idempotency::builder()
+        .store(store.clone())
+        .lease(lease)
+        .build()
+        .unwrap();
+    let mut first = store.hold(Stop::Renewal);
+    let mut second = store.hold(Stop::Renewal);
+    let mut third = store.hold(Stop::Renewal);
+    let (done, finish) = tokio::sync::oneshot::channel::<()>();
+    let call = tokio::spawn(async move {
+        idem.call("cadence")
+            .scope("renew")
+            .run(|| async move {
+                let _ = finish.await;
+                Ok::<_, Error>(1u32)
+            })
+            .await
+    });
+    first.entered().await;
+    let sent_first = Instant::now();
+    tokio::time::sleep(late).await;
+    first.open();
+    second.entered().await;
+    let sent_second = Instant::now();
+    second.open();
+    third.entered().await;
+    let sent_third = Instant::now();
+    third.open();
+    let gap = sent_second - sent_first;
+    assert!(
+        gap >= every && gap < every + late / 4,
+        "the renewal after one answered {late:?} late was sent {gap:?} after it, not {every:?}"
+    );
+    // A prompt answer keeps the same spacing.
+    let gap = sent_third - sent_second;
+    assert!(gap >= every && gap < every + late / 4, "{gap:?}");
+    done.send(()).unwrap();
+    assert_eq!(call.await.unwrap().unwrap(), 1);
+    assert_eq!(store.renewals(), 3);
+}
