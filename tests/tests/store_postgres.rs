@@ -134,7 +134,7 @@ async fn renewals_held_by_a_stalled_database_keep_the_claim() {
                 Ok::<_, Error>(8u32)
             })
     };
-    // Two stalls, so that one holds a renewal whatever the heartbeat's phase.
+    // Two stalls in a row, each holding the renewals sent while it lasts.
     let mut sent = 0;
     for _ in 0..2 {
         let mut tx = store.pool().begin().await.unwrap();
@@ -195,8 +195,9 @@ async fn stale_test_tables_are_dropped_and_young_ones_kept() {
     ] {
         sqlx::query(&ddl).execute(pool).await.unwrap();
     }
-    let dropped = drop_stale_tables(pool).await.expect("drop");
-    assert!(dropped >= 1, "dropped {dropped}");
+    // Another test process's cleanup may drop the stale table first: what counts is
+    // that it goes.
+    drop_stale_tables(pool).await.expect("drop");
     let exists = |name: String| async move {
         let (found,): (bool,) = sqlx::query_as("SELECT to_regclass($1) IS NOT NULL")
             .bind(name)

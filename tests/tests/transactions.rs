@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use idempotent_runtime::store::PostgresStore;
 use idempotent_runtime::{Concurrency, ConfigError, Error, Idempotency, Outcome, StoreErrorKind};
+use idempotent_tests::crash::KilledOnDrop;
 use idempotent_tests::postgres::postgres_url;
 use idempotent_tests::transactions::{
     apply, effects, engine, insert, other_process, server_addr, store_with_effects, url_through,
@@ -414,18 +415,20 @@ async fn an_engine_over_another_store_refuses_without_running() {
 
 /// Starts `holder postgres-tx` on `table` and waits until it has inserted its row (in its
 /// transaction, not yet committed).
-fn start_holder(table: &str, lease: Duration) -> std::process::Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_holder"))
-        .args([
-            "postgres-tx",
-            &postgres_url(),
-            table,
-            &lease.as_millis().to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the holder binary");
+fn start_holder(table: &str, lease: Duration) -> KilledOnDrop {
+    let mut child = KilledOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_holder"))
+            .args([
+                "postgres-tx",
+                &postgres_url(),
+                table,
+                &lease.as_millis().to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the holder binary"),
+    );
     let stdout = child.stdout.take().expect("piped stdout");
     let inserted = BufReader::new(stdout)
         .lines()
