@@ -123,16 +123,24 @@ async fn renewals_held_by_a_stalled_database_keep_the_claim() {
         })
     };
     entered.await.expect("the holder enters its body");
-    let duplicate = || {
+    // A duplicate, which must be refused while the holder runs.
+    let refused = || {
         let runs = runs.clone();
-        other
+        let dup = other
             .call("stalled")
             .scope("pg")
             .concurrency(idempotent_runtime::Concurrency::Reject)
             .run(|| async move {
                 runs.fetch_add(1, Ordering::SeqCst);
                 Ok::<_, Error>(8u32)
-            })
+            });
+        async move {
+            let dup = dup.await;
+            assert!(
+                matches!(dup, Err(Error::InProgress)),
+                "duplicate got {dup:?}"
+            );
+        }
     };
     // Two stalls in a row, each holding the renewals sent while it lasts.
     let mut sent = 0;
@@ -144,22 +152,14 @@ async fn renewals_held_by_a_stalled_database_keep_the_claim() {
             .unwrap();
         let stalled = Instant::now();
         while stalled.elapsed() < stall {
-            let dup = duplicate().await;
-            assert!(
-                matches!(dup, Err(Error::InProgress)),
-                "duplicate got {dup:?}"
-            );
+            refused().await;
             sent += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tx.rollback().await.unwrap();
         // The renewals the stall held land now; a duplicate after them still waits.
         tokio::time::sleep(lease / 3).await;
-        let dup = duplicate().await;
-        assert!(
-            matches!(dup, Err(Error::InProgress)),
-            "duplicate got {dup:?}"
-        );
+        refused().await;
     }
     assert!(sent > 10, "only {sent} duplicates were sent");
     finish.send(()).unwrap();
