@@ -535,6 +535,13 @@ impl Inner {
         P: ErrorPolicy<E>,
         O: Operation<T, E>,
     {
+        // Before the flight is joined: a follower may be handed the claim, and a leader
+        // claims it; either keeps it with timers, which tokio panics without once the
+        // operation has begun.
+        if !crate::timers::enabled() {
+            observe::outcome(&req.span, observe::OUTCOME_INVALID);
+            return Err(Error::Config(ConfigError::TimersDisabled).into());
+        }
         loop {
             match self.flights.join(&req.key, req.fingerprint) {
                 // Claiming, waiting on another process, running and renewing make a future

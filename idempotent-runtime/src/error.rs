@@ -163,6 +163,16 @@ pub enum ConfigError {
     /// tokio runtime, so there is nowhere to run the operation's own task.
     #[error("running to completion needs a tokio runtime")]
     NoRuntime,
+    /// The call was made outside a tokio runtime whose timers are enabled
+    /// (`Builder::enable_time`, or `enable_all`; `#[tokio::main]` and `#[tokio::test]`
+    /// enable them). A claim is kept by timers (its lease is renewed on one, and each
+    /// store round trip after it is bounded by one), so the call is refused before it
+    /// claims its key: nothing ran. A result this process holds already is still
+    /// replayed, which needs no timer.
+    #[error(
+        "the tokio runtime has no timers (build it with enable_time or enable_all); nothing ran"
+    )]
+    TimersDisabled,
     /// [`KeyDigest::set_secret`](crate::KeyDigest::set_secret) was called after the
     /// digest secret was fixed (by a digest made before, or an earlier call): digests
     /// would not match across the change. Set it at start-up, before any call.

@@ -504,6 +504,7 @@ mod record;
 mod stats;
 pub mod store;
 mod switch;
+mod timers;
 #[cfg(feature = "postgres")]
 mod transaction;
 
