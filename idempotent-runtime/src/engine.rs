@@ -538,9 +538,9 @@ impl Inner {
         // Before the flight is joined: a follower may be handed the claim, and a leader
         // claims it; either keeps it with timers, which tokio panics without once the
         // operation has begun.
-        if !crate::timers::enabled() {
+        if let Err(e) = crate::timers::required() {
             observe::outcome(&req.span, observe::OUTCOME_INVALID);
-            return Err(Error::Config(ConfigError::TimersDisabled).into());
+            return Err(e.into());
         }
         loop {
             match self.flights.join(&req.key, req.fingerprint) {

@@ -168,7 +168,13 @@ pub enum ConfigError {
     /// enable them). A claim is kept by timers (its lease is renewed on one, and each
     /// store round trip after it is bounded by one), so the call is refused before it
     /// claims its key: nothing ran. A result this process holds already is still
-    /// replayed, which needs no timer.
+    /// replayed, which needs no timer. [`Idempotency::record`](crate::Idempotency::record)
+    /// and [`Idempotency::forget`](crate::Idempotency::forget) are refused the same way.
+    ///
+    /// Tokio cannot be asked whether a runtime has timers: the engine makes one, once per
+    /// runtime and thread, and catches the panic tokio raises without them. Its message
+    /// goes through the panic hook; under `panic = "abort"` the process ends there,
+    /// before anything is claimed.
     #[error(
         "the tokio runtime has no timers (build it with enable_time or enable_all); nothing ran"
     )]

@@ -235,7 +235,11 @@ impl Idempotency {
 
     /// The store key a call of `key` in `scope` uses: made by the same function as a
     /// call's, so that both address one record.
+    ///
+    /// Also where a runtime without timers is refused: the Redis and PostgreSQL clients
+    /// bound their round trips with tokio's timers, and panic without them.
     fn store_key<K: fmt::Display>(&self, scope: &str, key: K) -> Result<StoreKey, Error> {
+        crate::timers::required()?;
         Ok(key.into_store_key(scope, self.inner.defaults.max_key_len)?)
     }
 }

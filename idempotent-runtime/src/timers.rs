@@ -12,26 +12,41 @@ use std::time::Duration;
 
 use tokio::runtime::{Handle, Id};
 
+use crate::error::{ConfigError, Error};
+
 thread_local! {
-    // The runtime last found without timers on this thread: its calls are refused without
-    // making a timer again, so tokio's panic message is printed once, not on every call.
-    static WITHOUT_TIMERS: Cell<Option<Id>> = const { Cell::new(None) };
+    // The runtime this thread last asked about, and the answer: a runtime's timers are set
+    // when it is built, and its id is never given to another, so each thread makes a timer
+    // to find out once per runtime (and tokio's panic message, where it has none, is
+    // printed once per thread, not on every call).
+    static LAST: Cell<Option<(Id, bool)>> = const { Cell::new(None) };
 }
 
 /// Whether a tokio timer can be made here: inside a runtime whose timers are enabled.
 pub(crate) fn enabled() -> bool {
-    if let Some(id) = WITHOUT_TIMERS.with(Cell::get) {
-        if Handle::try_current().is_ok_and(|h| h.id() == id) {
-            return false;
+    // Outside any runtime there are no timers, and no panic need be made to learn it.
+    let Ok(handle) = Handle::try_current() else {
+        return false;
+    };
+    let id = handle.id();
+    if let Ok(Some((last, timed))) = LAST.try_with(Cell::get) {
+        if last == id {
+            return timed;
         }
     }
-    // Tokio has no question for this; making a timer is the test, and without timers (or
-    // outside any runtime) it panics. The timer is dropped unpolled: nothing is scheduled.
-    let made = std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO)));
-    if made.is_err() {
-        if let Ok(handle) = Handle::try_current() {
-            WITHOUT_TIMERS.with(|w| w.set(Some(handle.id())));
-        }
+    // Tokio has no question for this; making a timer is the test, and without timers it
+    // panics (through the panic hook; under `panic = "abort"` the process ends here, before
+    // anything is claimed). The timer is dropped unpolled: nothing is scheduled.
+    let timed = std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO))).is_ok();
+    let _ = LAST.try_with(|last| last.set(Some((id, timed))));
+    timed
+}
+
+/// [`enabled`], as the error a call or a store operation is refused with.
+pub(crate) fn required() -> Result<(), Error> {
+    if enabled() {
+        Ok(())
+    } else {
+        Err(Error::Config(ConfigError::TimersDisabled))
     }
-    made.is_ok()
 }

@@ -6,8 +6,8 @@
 //! was running (its lease's renewal), and the claim was given back with the work done or
 //! half done; a retry ran it again.
 //!
-//! Each refused call prints tokio's panic message once per thread: the engine makes a
-//! timer to find out, and catches the panic.
+//! The engine makes a timer to find out, and catches tokio's panic: its message is printed
+//! once per runtime and thread.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -103,8 +103,79 @@ fn a_call_on_a_runtime_without_timers_runs_nothing_and_leaves_the_key_free() {
                 "{name}: {bare_again:?}"
             );
             assert_eq!(runs.load(Ordering::SeqCst), 1, "{name}: ran once");
+            // Looking at or forgetting the key is refused too, not a panic of the store's
+            // client (Redis and PostgreSQL bound their round trips with tokio's timers),
+            // and leaves the record as it was.
+            let looked = bare.block_on(idem.record(&scope, "k"));
+            assert!(refused(&looked), "{name}: {looked:?}");
+            let forgot = bare.block_on(idem.forget(&scope, "k"));
+            assert!(refused(&forgot), "{name}: {forgot:?}");
+            let kept = timed.block_on(call().run_with_outcome(counted(&runs, yields)));
+            assert!(
+                matches!(kept, Ok((7, Outcome::Replayed))),
+                "{name}: {kept:?}"
+            );
         }
     }
+}
+
+/// Outside any runtime (an executor of another crate) a call is refused without a panic
+/// made to find out; on a runtime without timers, one panic per thread, whatever the
+/// number of calls. The panic hook counts this test's thread's panics and hands every
+/// panic on to the hook it replaced, so other tests' messages still print.
+#[test]
+fn refusals_panic_once_per_runtime_and_never_outside_one() {
+    use futures_util::FutureExt as _;
+
+    static PANICS: AtomicU32 = AtomicU32::new(0);
+    let me = std::thread::current().id();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().id() == me {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+        }
+        previous(info);
+    }));
+    let idem = Idempotency::memory();
+    let runs = Arc::new(AtomicU32::new(0));
+    for _ in 0..5 {
+        // No runtime: the engine answers on the first poll, so no executor is needed.
+        let got = idem
+            .call("k")
+            .scope("no-runtime")
+            .run(counted(&runs, false))
+            .now_or_never()
+            .expect("answered at once");
+        assert!(refused(&got), "{got:?}");
+    }
+    assert_eq!(
+        PANICS.load(Ordering::SeqCst),
+        0,
+        "no panic outside a runtime"
+    );
+    let bare = without_timers();
+    for _ in 0..5 {
+        let got = bare.block_on(
+            idem.call("k")
+                .scope("no-runtime")
+                .run(counted(&runs, false)),
+        );
+        assert!(refused(&got), "{got:?}");
+    }
+    assert_eq!(PANICS.load(Ordering::SeqCst), 1, "one panic for five calls");
+    let other = without_timers();
+    let got = other.block_on(
+        idem.call("k")
+            .scope("no-runtime")
+            .run(counted(&runs, false)),
+    );
+    assert!(refused(&got), "{got:?}");
+    assert_eq!(
+        PANICS.load(Ordering::SeqCst),
+        2,
+        "one more for another runtime"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
 #[idempotent(key = id, store = idem, scope = "no-timers-attr")]
