@@ -171,10 +171,14 @@ pub enum ConfigError {
     /// replayed, which needs no timer. [`Idempotency::record`](crate::Idempotency::record)
     /// and [`Idempotency::forget`](crate::Idempotency::forget) are refused the same way.
     ///
-    /// Tokio cannot be asked whether a runtime has timers: the engine makes one, once per
-    /// runtime and thread, and catches the panic tokio raises without them. Its message
-    /// goes through the panic hook; under `panic = "abort"` the process ends there,
-    /// before anything is claimed.
+    /// Tokio cannot be asked whether a runtime has timers: the engine makes one and
+    /// catches the panic tokio raises without them. Its message goes through the panic
+    /// hook, once per runtime without timers and thread; under `panic = "abort"` the
+    /// process ends there, before anything is claimed. A call that began on a runtime with
+    /// timers and is then polled on one without (a future moved between runtimes), or on
+    /// one that is shutting down, is not covered: tokio panics at the engine's next timer,
+    /// and the claim is given back as for an operation that panicked, even where the
+    /// operation had finished.
     #[error(
         "the tokio runtime has no timers (build it with enable_time or enable_all); nothing ran"
     )]

@@ -239,7 +239,8 @@ impl Idempotency {
     /// Also where a runtime without timers is refused: the Redis and PostgreSQL clients
     /// bound their round trips with tokio's timers, and panic without them.
     fn store_key<K: fmt::Display>(&self, scope: &str, key: K) -> Result<StoreKey, Error> {
+        let key = key.into_store_key(scope, self.inner.defaults.max_key_len)?;
         crate::timers::required()?;
-        Ok(key.into_store_key(scope, self.inner.defaults.max_key_len)?)
+        Ok(key)
     }
 }

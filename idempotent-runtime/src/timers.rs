@@ -15,11 +15,12 @@ use tokio::runtime::{Handle, Id};
 use crate::error::{ConfigError, Error};
 
 thread_local! {
-    // The runtime this thread last asked about, and the answer: a runtime's timers are set
-    // when it is built, and its id is never given to another, so each thread makes a timer
-    // to find out once per runtime (and tokio's panic message, where it has none, is
-    // printed once per thread, not on every call).
-    static LAST: Cell<Option<(Id, bool)>> = const { Cell::new(None) };
+    // The runtime this thread last found without timers: its calls are refused without a
+    // timer made again, so tokio's panic message is printed once per such runtime and
+    // thread, not on every call. Only a "no" is kept: a runtime that has timers is asked
+    // again on every call, so that no answer outlives its runtime (tokio may give a later
+    // runtime the id of one that is gone).
+    static WITHOUT_TIMERS: Cell<Option<Id>> = const { Cell::new(None) };
 }
 
 /// Whether a tokio timer can be made here: inside a runtime whose timers are enabled.
@@ -29,16 +30,16 @@ pub(crate) fn enabled() -> bool {
         return false;
     };
     let id = handle.id();
-    if let Ok(Some((last, timed))) = LAST.try_with(Cell::get) {
-        if last == id {
-            return timed;
-        }
+    if WITHOUT_TIMERS.try_with(Cell::get) == Ok(Some(id)) {
+        return false;
     }
     // Tokio has no question for this; making a timer is the test, and without timers it
     // panics (through the panic hook; under `panic = "abort"` the process ends here, before
     // anything is claimed). The timer is dropped unpolled: nothing is scheduled.
     let timed = std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO))).is_ok();
-    let _ = LAST.try_with(|last| last.set(Some((id, timed))));
+    if !timed {
+        let _ = WITHOUT_TIMERS.try_with(|without| without.set(Some(id)));
+    }
     timed
 }
 

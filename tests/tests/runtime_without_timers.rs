@@ -7,7 +7,7 @@
 //! half done; a retry ran it again.
 //!
 //! The engine makes a timer to find out, and catches tokio's panic: its message is printed
-//! once per runtime and thread.
+//! once per runtime without timers and thread.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -163,6 +163,31 @@ fn refusals_panic_once_per_runtime_and_never_outside_one() {
         assert!(refused(&got), "{got:?}");
     }
     assert_eq!(PANICS.load(Ordering::SeqCst), 1, "one panic for five calls");
+    // A thread that goes back and forth between a runtime with timers and one without.
+    let timed = Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for _ in 0..3 {
+        let got = timed.block_on(
+            idem.call("t")
+                .scope("no-runtime")
+                .run(counted(&runs, false)),
+        );
+        assert_eq!(got.ok(), Some(7));
+        let got = bare.block_on(
+            idem.call("k")
+                .scope("no-runtime")
+                .run(counted(&runs, false)),
+        );
+        assert!(refused(&got), "{got:?}");
+    }
+    assert_eq!(
+        PANICS.load(Ordering::SeqCst),
+        1,
+        "no more for going back and forth"
+    );
+    runs.store(0, Ordering::SeqCst);
     let other = without_timers();
     let got = other.block_on(
         idem.call("k")
