@@ -16,6 +16,8 @@
 mod common;
 #[path = "common/hit_fns.rs"]
 mod hit_fns;
+#[path = "common/interleaved.rs"]
+mod interleaved;
 
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
@@ -131,11 +133,6 @@ fn run(shared: &Arc<Shared>, variant: Variant, threads: usize, n: usize) -> f64 
     (threads * n) as f64 / start.elapsed().as_secs_f64()
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
 fn main() {
     let n = env_usize("N", 500_000);
     let rounds = env_usize("ROUNDS", 5).max(1);
@@ -207,7 +204,7 @@ fn main() {
     println!("{:>16}", "scaling");
     let medians: Vec<Vec<f64>> = rates
         .into_iter()
-        .map(|per| per.into_iter().map(median).collect())
+        .map(|per| per.into_iter().map(interleaved::median).collect())
         .collect();
     for (v, variant) in Variant::ALL.into_iter().enumerate() {
         print!("{:<42}", variant.name());

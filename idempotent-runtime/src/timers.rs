@@ -24,7 +24,7 @@ thread_local! {
 }
 
 /// Whether a tokio timer can be made here: inside a runtime whose timers are enabled.
-pub(crate) fn enabled() -> bool {
+fn enabled() -> bool {
     // Outside any runtime there are no timers, and no panic need be made to learn it.
     let Ok(handle) = Handle::try_current() else {
         return false;

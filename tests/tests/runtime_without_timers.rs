@@ -153,13 +153,16 @@ fn refusals_panic_once_per_runtime_and_never_outside_one() {
         0,
         "no panic outside a runtime"
     );
-    let bare = without_timers();
-    for _ in 0..5 {
-        let got = bare.block_on(
-            idem.call("k")
+    let call_on = |rt: &Runtime, key: &str| {
+        rt.block_on(
+            idem.call(key)
                 .scope("no-runtime")
                 .run(counted(&runs, false)),
-        );
+        )
+    };
+    let bare = without_timers();
+    for _ in 0..5 {
+        let got = call_on(&bare, "k");
         assert!(refused(&got), "{got:?}");
     }
     assert_eq!(PANICS.load(Ordering::SeqCst), 1, "one panic for five calls");
@@ -169,17 +172,9 @@ fn refusals_panic_once_per_runtime_and_never_outside_one() {
         .build()
         .expect("runtime");
     for _ in 0..3 {
-        let got = timed.block_on(
-            idem.call("t")
-                .scope("no-runtime")
-                .run(counted(&runs, false)),
-        );
+        let got = call_on(&timed, "t");
         assert_eq!(got.ok(), Some(7));
-        let got = bare.block_on(
-            idem.call("k")
-                .scope("no-runtime")
-                .run(counted(&runs, false)),
-        );
+        let got = call_on(&bare, "k");
         assert!(refused(&got), "{got:?}");
     }
     assert_eq!(
@@ -189,11 +184,7 @@ fn refusals_panic_once_per_runtime_and_never_outside_one() {
     );
     runs.store(0, Ordering::SeqCst);
     let other = without_timers();
-    let got = other.block_on(
-        idem.call("k")
-            .scope("no-runtime")
-            .run(counted(&runs, false)),
-    );
+    let got = call_on(&other, "k");
     assert!(refused(&got), "{got:?}");
     assert_eq!(
         PANICS.load(Ordering::SeqCst),
