@@ -176,6 +176,13 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
 
     /// Store `Err` results too, so a retry gets the same error rather than running again.
     /// The error type must then be `Serialize + DeserializeOwned`.
+    ///
+    /// Every error the operation returns is then final for the key's TTL, as a value is:
+    /// one the codec cannot store faithfully (it does not read back as itself, or its
+    /// `Serialize` panics) leaves the marker of an unstorable result, so retries get
+    /// [`CodecErrorKind::Unstorable`](crate::CodecErrorKind::Unstorable) and the operation
+    /// never runs again. In [`run_in_transaction`](Call::run_in_transaction), where the
+    /// error's writes were rolled back, such an error frees the key instead.
     pub fn store_errors(self) -> Call<'a, K, StoreErrors> {
         Call {
             engine: self.engine,
@@ -599,7 +606,8 @@ impl<E: Serialize + DeserializeOwned> StorableError for E {}
 
 impl<E: StorableError> ErrorPolicy<E> for StoreErrors {
     fn encode(err: &E, codec: Codec) -> Option<Result<Bytes, CodecError>> {
-        // Checked like values: an error that would not decode back is not stored.
+        // Checked like values: an error that would not decode back is not stored as it
+        // is (the engine stores the marker of an unstorable result instead).
         Some(codec.encode_checked(err))
     }
 

@@ -414,6 +414,18 @@ pub(crate) enum Local<O> {
 
 pub(crate) type Answer<T, E> = Result<(T, Outcome), E>;
 
+/// What becomes of a key whose error, to be stored ([`Call::store_errors`]), cannot be
+/// stored faithfully.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unstored {
+    /// The operation's effects stand: the key keeps the marker of an unstorable result,
+    /// as for a value, and is never run again within its TTL.
+    Marker,
+    /// The operation's effects were rolled back (`run_in_transaction`): nothing of it
+    /// took effect, and the key is freed for a retry.
+    Release,
+}
+
 impl Inner {
     /// The protocol. Each branch that can use `op` returns, so it runs at most once.
     ///
@@ -790,7 +802,18 @@ impl Inner {
                 Ok((value, Outcome::Executed))
             }
             Ok(Err(err)) => {
-                self.finish_error(req, held, P::encode(&err, self.codec))
+                // With `store_errors`, an error whose `Serialize` panics is a value whose
+                // `Serialize` panics: the operation ran, so its key keeps the marker.
+                let encoded =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| P::encode(&err, self.codec)));
+                let encoded = match encoded {
+                    Ok(encoded) => encoded,
+                    Err(panic) => {
+                        held.complete(self.unstorable_completion(req)).await;
+                        resume_unwind(panic)
+                    }
+                };
+                self.finish_error(req, held, encoded, Unstored::Marker)
                     .await;
                 observe::answered(&req.span, Outcome::Executed);
                 debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = false, "idempotent call");
@@ -800,12 +823,14 @@ impl Inner {
     }
 
     /// After the operation returned an error, `encoded` by its policy: stores it (with
-    /// [`Call::store_errors`]) or releases the claim, so a retry runs again.
+    /// [`Call::store_errors`]) or releases the claim, so a retry runs again. An error to
+    /// store that cannot be stored faithfully is dealt with as `unstored` says.
     pub(crate) async fn finish_error(
         &self,
         req: &Request,
         held: HeldClaim,
         encoded: Option<Result<Bytes, CodecError>>,
+        unstored: Unstored,
     ) {
         match encoded {
             Some(Ok(bytes)) => {
@@ -816,13 +841,18 @@ impl Inner {
                 })
                 .await
             }
-            Some(Err(e)) => {
-                // The caller's own error says more than the codec's; give that back and
-                // leave the key free for a retry, as for errors not stored.
-                tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
-                    "could not store the error faithfully; not stored");
-                held.release().await;
-            }
+            Some(Err(e)) => match unstored {
+                Unstored::Marker => {
+                    tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
+                        "the operation's error cannot be stored faithfully; retries of this key get Error::Codec (Unstorable)");
+                    held.complete(self.unstorable_completion(req)).await;
+                }
+                Unstored::Release => {
+                    tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
+                        "could not store the error faithfully; not stored, and the key freed");
+                    held.release().await;
+                }
+            },
             None => held.release().await,
         }
     }

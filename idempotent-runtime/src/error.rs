@@ -317,7 +317,8 @@ pub enum CodecErrorKind {
     /// must use the same one), or by no codec this version knows.
     WrongCodec,
     /// The operation ran, but its value could not be stored faithfully (the codec cannot
-    /// encode it, or what it encodes does not decode back, such as a `NaN` in JSON). In its
+    /// encode it, what it encodes does not decode back, such as a `NaN` in JSON, or its
+    /// `Serialize` panicked), nor could its error, for a call that stores errors. In its
     /// place the key holds a marker for its TTL, so a retry gets this error rather than
     /// running again or receiving something else.
     Unstorable,
@@ -377,7 +378,7 @@ impl fmt::Display for CodecError {
             }
             CodecErrorKind::WrongCodec => "the stored result was written by another codec",
             CodecErrorKind::Unstorable => {
-                "the operation ran, but its value could not be stored faithfully, so it cannot be replayed"
+                "the operation ran, but its value (or error) could not be stored faithfully, so it cannot be replayed"
             }
             CodecErrorKind::TransactionEnded => {
                 "the operation ended its own transaction, so its result was not stored with its writes"

@@ -27,7 +27,7 @@ pub struct Stats {
     pub lease_lost: u64,
     /// Executions whose result was not stored although their claim was not taken over:
     /// the store stayed unreachable until the claim could have lapsed (completion is
-    /// retried until then), or the value cannot be stored faithfully (a marker is stored
+    /// retried until then), or the value (or error to store) cannot be stored faithfully (a marker is stored
     /// instead, so retries get [`CodecErrorKind::Unstorable`](crate::CodecErrorKind::Unstorable)).
     /// Each is also logged at warn with its scope and key digest.
     pub unstored: u64,

@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use crate::call::{Call, CallKey, ErrorPolicy};
 use crate::codec::Codec;
-use crate::engine::{Answer, Inner, Operation, Outcome, Request};
+use crate::engine::{Answer, Inner, Operation, Outcome, Request, Unstored};
 use crate::error::{ConfigError, Error, StoreError};
 use crate::lease::{bounded, Completion, HeldClaim};
 use crate::observe::{
@@ -302,7 +302,7 @@ where
                 )
                 .await;
             engine
-                .finish_error(req, held, P::encode(&err, engine.codec))
+                .finish_error(req, held, P::encode(&err, engine.codec), Unstored::Release)
                 .await;
             observe::answered(&req.span, Outcome::Executed);
             debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = false, "idempotent call in a transaction");

@@ -515,26 +515,44 @@ impl From<Error> for RiskError {
     }
 }
 
+/// An error to store that would not decode back as itself (JSON writes the `NaN` as
+/// `null`) is not stored as it is: the operation ran, so the key keeps the marker of an
+/// unstorable result, as for a value, and the retry is refused rather than run again.
+/// (Before, the key was released and the retry ran the operation a second time.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stored_error_that_does_not_decode_back_is_not_stored() {
+async fn a_stored_error_that_does_not_decode_back_is_refused_not_run_again() {
     let idem = Idempotency::memory();
-    let first: Result<u32, RiskError> = idem
-        .call("pay-9")
-        .scope("edge.err")
-        .store_errors()
-        .run(|| async { Err(RiskError::Declined { risk: f64::NAN }) })
-        .await;
+    let runs = counter();
+    let first: Result<u32, RiskError> = {
+        let runs = runs.clone();
+        idem.call("pay-9")
+            .scope("edge.err")
+            .store_errors()
+            .run(|| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Err(RiskError::Declined { risk: f64::NAN })
+            })
+            .await
+    };
     assert!(matches!(first, Err(RiskError::Declined { .. })));
-    let retry: Result<u32, RiskError> = idem
-        .call("pay-9")
-        .scope("edge.err")
-        .store_errors()
-        .run(|| async { Err(RiskError::Declined { risk: 0.5 }) })
-        .await;
+    let retry: Result<u32, RiskError> = {
+        let runs = runs.clone();
+        idem.call("pay-9")
+            .scope("edge.err")
+            .store_errors()
+            .run(|| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Err(RiskError::Declined { risk: 0.5 })
+            })
+            .await
+    };
+    // The engine's refusal (`Error::Codec`, `Unstorable`: counted below), not a run.
     assert!(
-        matches!(retry, Err(RiskError::Declined { .. })),
-        "the retry got neither the stored error nor a new run: {retry:?}"
+        matches!(retry, Err(RiskError::Engine(_))),
+        "the retry got another answer than the refusal: {retry:?}"
     );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran again");
+    assert_eq!(idem.stats().unstored, 1);
 }
 
 #[tokio::test]
