@@ -837,7 +837,7 @@ impl Inner {
                 held.complete(Completion {
                     result: StoredResult::Err(bytes),
                     ttl: req.settings.ttl,
-                    counted_unstored: false,
+                    marker: false,
                 })
                 .await
             }
@@ -868,7 +868,7 @@ impl Inner {
             Ok(bytes) => Completion {
                 result: StoredResult::Ok(bytes),
                 ttl: req.settings.ttl,
-                counted_unstored: false,
+                marker: false,
             },
             Err(e) => {
                 tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
@@ -884,11 +884,10 @@ impl Inner {
     /// or another value. The marker is refused on replay.
     #[cold]
     pub(crate) fn unstorable_completion(&self, req: &Request) -> Completion {
-        self.count(&req.labels, Event::Unstored);
         Completion {
             result: StoredResult::Ok(Codec::unstorable()),
             ttl: req.settings.ttl,
-            counted_unstored: true,
+            marker: true,
         }
     }
 

@@ -49,9 +49,11 @@ enum Pending {
 pub(crate) struct Completion {
     pub(crate) result: StoredResult,
     pub(crate) ttl: Duration,
-    /// Already counted in `unstored` (a marker in place of a value that cannot be stored
-    /// faithfully), so a completion given up later does not count the execution twice.
-    pub(crate) counted_unstored: bool,
+    /// A marker in place of the operation's result (a value or error that cannot be
+    /// stored faithfully, a transaction the operation ended): its execution counts in
+    /// `unstored` once the marker is stored, or given up, but not when the claim was
+    /// taken over first, which `lease_lost` counts.
+    pub(crate) marker: bool,
 }
 
 /// `op`, or a [`StoreError`] once `within` has passed: a store that stops answering (a
@@ -185,7 +187,7 @@ impl HeldClaim {
     /// operation has returned, its result is stored whether or not its caller waits.
     pub(crate) async fn complete(mut self, completion: Completion) {
         let result = completion.result.clone();
-        let ttl = completion.ttl;
+        let (ttl, marker) = (completion.ttl, completion.marker);
         self.pending = Pending::Complete(completion);
         let attempt = self
             .engine
@@ -197,7 +199,7 @@ impl HeldClaim {
             .counted(&self.labels, StoreOp::Complete, bounded(within, attempt))
             .await;
         match answer {
-            Ok(Fence::Held) => self.stored(result),
+            Ok(Fence::Held) => self.stored(result, marker),
             Ok(Fence::Lost) => self.lost(),
             Err(err) => {
                 warn!(scope = self.key.scope(), key = %self.key.digest(), error = %err,
@@ -217,9 +219,13 @@ impl HeldClaim {
     }
 
     /// The store keeps `result` now (a completion answered, or a transaction that
-    /// completed the claim committed): hands it to the local followers.
-    pub(crate) fn stored(mut self, result: StoredResult) {
+    /// completed the claim committed): counts it if it is a `marker`
+    /// ([`Completion::marker`]), and hands it to the local followers.
+    pub(crate) fn stored(mut self, result: StoredResult, marker: bool) {
         self.pending = Pending::Nothing;
+        if marker {
+            self.engine.count(&self.labels, Event::Unstored);
+        }
         let landing = self.result_landing(result);
         if let Some(flight) = self.flight.take() {
             flight.land(landing);
@@ -296,7 +302,7 @@ impl Retry {
         let Completion {
             result,
             ttl,
-            counted_unstored,
+            marker,
         } = self.completion.clone();
         loop {
             let store = &self.engine.store;
@@ -306,6 +312,9 @@ impl Retry {
                     .counted(&self.labels, StoreOp::Complete, bounded(within, attempt));
             match attempt.await {
                 Ok(Fence::Held) => {
+                    if marker {
+                        self.engine.count(&self.labels, Event::Unstored);
+                    }
                     debug!(scope = self.key.scope(), key = %self.key.digest(),
                         "idempotency result stored after a retry");
                     return;
@@ -330,9 +339,7 @@ impl Retry {
             let deadline = (self.confirmed_at + self.lease).min(started + COMPLETION_PATIENCE);
             let now = Instant::now();
             if now >= deadline {
-                if !counted_unstored {
-                    self.engine.count(&self.labels, Event::Unstored);
-                }
+                self.engine.count(&self.labels, Event::Unstored);
                 warn!(scope = self.key.scope(), key = %self.key.digest(),
                     "could not store idempotency result before its claim could lapse; \
                      a retry of this key may run the operation again");
@@ -376,7 +383,6 @@ impl Drop for HeldClaim {
                         fingerprint,
                     });
                 }
-                let counted = completion.counted_unstored;
                 let retry = Retry {
                     engine: self.engine.clone(),
                     key: self.key.clone(),
@@ -391,9 +397,7 @@ impl Drop for HeldClaim {
                         rt.spawn(retry.run());
                     }
                     Err(_) => {
-                        if !counted {
-                            self.engine.count(&self.labels, Event::Unstored);
-                        }
+                        self.engine.count(&self.labels, Event::Unstored);
                         warn!(scope = self.key.scope(), key = %self.key.digest(),
                             "no runtime to store the idempotency result on; it is lost");
                     }

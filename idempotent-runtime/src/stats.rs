@@ -27,9 +27,11 @@ pub struct Stats {
     pub lease_lost: u64,
     /// Executions whose result was not stored although their claim was not taken over:
     /// the store stayed unreachable until the claim could have lapsed (completion is
-    /// retried until then), or the value (or error to store) cannot be stored faithfully (a marker is stored
-    /// instead, so retries get [`CodecErrorKind::Unstorable`](crate::CodecErrorKind::Unstorable)).
-    /// Each is also logged at warn with its scope and key digest.
+    /// retried until then), or the value (or the error, for a call that stores errors)
+    /// cannot be stored faithfully (a marker is stored instead, so retries get
+    /// [`CodecErrorKind::Unstorable`](crate::CodecErrorKind::Unstorable); counted once the
+    /// marker is stored, or its completion given up). Each is also logged at warn with
+    /// its scope and key digest.
     pub unstored: u64,
     /// Records the store dropped before their lease or TTL ended, to make room (the memory
     /// store at capacity); each can let a retry run again. Read from the store, so engines

@@ -100,7 +100,9 @@ impl<'a, K: CallKey, P> Call<'a, K, P> {
     ///   writes and the stored result become durable together, or neither does.
     /// - `Err`: the transaction rolls back, then the key is released (or, with
     ///   [`Call::store_errors`], the error is stored, so a retry gets it back; the
-    ///   writes stay rolled back).
+    ///   writes stay rolled back). An error to store that cannot be stored faithfully
+    ///   frees the key, as an error not stored does: nothing of the operation took
+    ///   effect.
     /// - A panic, or this future dropped: the transaction rolls back and the key is
     ///   released. The process dying does the same: the database rolls back the
     ///   transaction of a closed connection, and the claim lapses one lease later.
@@ -281,7 +283,7 @@ where
             match verified.await {
                 Ok(false) => {
                     drop(tx);
-                    let ended = ended_by_operation(engine, req, held).await;
+                    let ended = ended_by_operation(req, held).await;
                     observe::answered(&req.span, Outcome::Executed);
                     return Err(ended.into());
                 }
@@ -322,7 +324,7 @@ where
             match ended {
                 Ended::Committed => {
                     observe::answered(&req.span, Outcome::Executed);
-                    held.stored(completion.result)
+                    held.stored(completion.result, completion.marker)
                 }
                 Ended::Lost => {
                     // Rolled back: the key's new holder runs the operation.
@@ -331,7 +333,7 @@ where
                     return Err(Error::LeaseLost.into());
                 }
                 Ended::ByOperation => {
-                    let ended = ended_by_operation(engine, req, held).await;
+                    let ended = ended_by_operation(req, held).await;
                     observe::answered(&req.span, Outcome::Executed);
                     return Err(ended.into());
                 }
@@ -363,14 +365,13 @@ async fn rollback(tx: Transaction<'_, Postgres>) -> Result<(), StoreError> {
 /// After the operation committed or rolled back its transaction itself: its writes may or
 /// may not be there, and its result cannot be stored with them. Running it again could
 /// apply them twice, so the key gets a marker for its TTL, which retries are refused by.
-async fn ended_by_operation(engine: &Arc<Inner>, req: &Request, held: HeldClaim) -> Error {
+async fn ended_by_operation(req: &Request, held: HeldClaim) -> Error {
     warn!(scope = req.key.scope(), key = %req.key.digest(),
         "the operation committed or rolled back its own transaction; its key is marked, and retries get Error::TransactionEnded");
-    engine.count(&req.labels, Event::Unstored);
     held.complete(Completion {
         result: StoredResult::Ok(Codec::transaction_ended()),
         ttl: req.settings.ttl,
-        counted_unstored: true,
+        marker: true,
     })
     .await;
     Error::TransactionEnded
@@ -392,7 +393,7 @@ async fn settle<E: From<Error>>(
         Ok(Settled::Committed) => {
             observe::answered(&req.span, Outcome::Executed);
             debug!(scope = req.key.scope(), key = %req.key.digest(), "commit answer lost; the transaction committed");
-            held.stored(completion.result);
+            held.stored(completion.result, completion.marker);
             Ok(())
         }
         Ok(Settled::RolledBack) => {

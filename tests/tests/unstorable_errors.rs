@@ -318,3 +318,60 @@ async fn in_a_transaction_the_writes_roll_back_and_the_key_is_freed() {
         assert_eq!(idem.stats().unstored, 0, "{bad:?}");
     }
 }
+
+/// A marker whose claim was taken over before it could be stored is not stored: its
+/// execution counts in `lease_lost`, not in `unstored` too (`Stats::unstored` counts
+/// results not stored although their claim was not taken over). Values and errors alike.
+/// Before, the marker counted in `unstored` as it was made, before its completion.
+#[tokio::test(flavor = "current_thread")]
+async fn a_marker_whose_claim_was_taken_over_counts_once() {
+    for as_error in [false, true] {
+        let idem = Idempotency::builder()
+            .store(idempotent_runtime::store::MemoryStore::new())
+            .lease(Duration::from_millis(300))
+            .build()
+            .expect("engine");
+        let entered = Arc::new(Notify::new());
+        let (open, gate) = oneshot::channel::<()>();
+        let body = {
+            let entered = entered.clone();
+            move || async move {
+                entered.notify_one();
+                let _ = gate.await;
+                if as_error {
+                    Err(Bad::Nan.error())
+                } else {
+                    Ok(f64::NAN)
+                }
+            }
+        };
+        let mut leader = Box::pin(idem.call("k").scope("lost").store_errors().run(body));
+        tokio::select! {
+            _ = &mut leader => unreachable!("the leader waits for its gate"),
+            _ = entered.notified() => {}
+        }
+        // The leader is no longer polled: after a lease without its heartbeat, a caller
+        // takes the key over and runs.
+        let taken = idem
+            .call("k")
+            .scope("lost")
+            .store_errors()
+            .run(|| async { Ok::<f64, PayError>(1.0) })
+            .await;
+        assert!(matches!(taken, Ok(v) if v == 1.0), "{taken:?}");
+        open.send(()).expect("the leader waits");
+        let first = tokio::time::timeout(BOUND, leader).await.expect("ends");
+        assert!(
+            match &first {
+                Ok(v) => v.is_nan(),
+                Err(PayError::Declined { risk }) => risk.is_nan(),
+                Err(_) => false,
+            },
+            "as_error {as_error}: the caller that ran gets its own answer: {first:?}"
+        );
+        let stats = idem.stats();
+        assert_eq!(stats.lease_lost, 1, "as_error {as_error}: {stats:?}");
+        assert_eq!(stats.unstored, 0, "as_error {as_error}: {stats:?}");
+        assert_eq!(stats.executed, 2, "as_error {as_error}: {stats:?}");
+    }
+}
