@@ -523,29 +523,19 @@ impl From<Error> for RiskError {
 async fn a_stored_error_that_does_not_decode_back_is_refused_not_run_again() {
     let idem = Idempotency::memory();
     let runs = counter();
-    let first: Result<u32, RiskError> = {
+    let call = |risk: f64| {
         let runs = runs.clone();
         idem.call("pay-9")
             .scope("edge.err")
             .store_errors()
-            .run(|| async move {
+            .run(move || async move {
                 runs.fetch_add(1, Ordering::SeqCst);
-                Err(RiskError::Declined { risk: f64::NAN })
+                Err::<u32, _>(RiskError::Declined { risk })
             })
-            .await
     };
+    let first = call(f64::NAN).await;
     assert!(matches!(first, Err(RiskError::Declined { .. })));
-    let retry: Result<u32, RiskError> = {
-        let runs = runs.clone();
-        idem.call("pay-9")
-            .scope("edge.err")
-            .store_errors()
-            .run(|| async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                Err(RiskError::Declined { risk: 0.5 })
-            })
-            .await
-    };
+    let retry = call(0.5).await;
     // The engine's refusal (`Error::Codec`, `Unstorable`: counted below), not a run.
     assert!(
         matches!(retry, Err(RiskError::Engine(_))),
