@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::FutureExt as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -414,18 +413,6 @@ pub(crate) enum Local<O> {
 
 pub(crate) type Answer<T, E> = Result<(T, Outcome), E>;
 
-/// What becomes of a key whose error, to be stored ([`Call::store_errors`]), cannot be
-/// stored faithfully.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Unstored {
-    /// The operation's effects stand: the key keeps the marker of an unstorable result,
-    /// as for a value, and is never run again within its TTL.
-    Marker,
-    /// The operation's effects were rolled back (`run_in_transaction`): nothing of it
-    /// took effect, and the key is freed for a retry.
-    Release,
-}
-
 impl Inner {
     /// The protocol. Each branch that can use `op` returns, so it runs at most once.
     ///
@@ -777,83 +764,49 @@ impl Inner {
         // The span's outcome is recorded once the claim is finished, as the call is
         // answered: dropped before, the call is `cancelled` (see `Unfinished`), although
         // its operation ran (counted above); unwinding, it is `executed`.
-        match ran {
+        let ran = match ran {
             Err(panic) => {
                 held.release().await;
                 resume_unwind(panic)
             }
-            Ok(Ok(value)) => {
-                // A value whose `Serialize` panics: the operation ran, so its key keeps
-                // the marker of a value that cannot be stored (releasing it would run the
-                // operation again on the next retry), and the panic goes on to the caller.
-                let completion = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    self.value_completion(req, &value)
-                }));
-                let completion = match completion {
-                    Ok(completion) => completion,
-                    Err(panic) => {
-                        held.complete(self.unstorable_completion(req)).await;
-                        resume_unwind(panic)
-                    }
-                };
-                held.complete(completion).await;
-                observe::answered(&req.span, Outcome::Executed);
-                debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = true, "idempotent call");
-                Ok((value, Outcome::Executed))
-            }
-            Ok(Err(err)) => {
-                // With `store_errors`, an error whose `Serialize` panics is a value whose
-                // `Serialize` panics: the operation ran, so its key keeps the marker.
-                let encoded =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| P::encode(&err, self.codec)));
-                let encoded = match encoded {
-                    Ok(encoded) => encoded,
-                    Err(panic) => {
-                        held.complete(self.unstorable_completion(req)).await;
-                        resume_unwind(panic)
-                    }
-                };
-                self.finish_error(req, held, encoded, Unstored::Marker)
-                    .await;
-                observe::answered(&req.span, Outcome::Executed);
-                debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = false, "idempotent call");
-                Err(err)
+            Ok(ran) => ran,
+        };
+        // A value (or an error to store) whose `Serialize` panics: the operation ran, so
+        // its key keeps the marker of a result that cannot be stored (releasing it would
+        // run the operation again on the next retry), and the panic goes on to the caller.
+        let completion = std::panic::catch_unwind(AssertUnwindSafe(|| match &ran {
+            Ok(value) => Some(self.value_completion(req, value)),
+            Err(err) => self.error_completion::<E, P>(req, err),
+        }));
+        match completion {
+            Ok(Some(completion)) => held.complete(completion).await,
+            Ok(None) => held.release().await,
+            Err(panic) => {
+                held.complete(self.unstorable_completion(req)).await;
+                resume_unwind(panic)
             }
         }
+        observe::answered(&req.span, Outcome::Executed);
+        debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = ran.is_ok(), "idempotent call");
+        ran.map(|value| (value, Outcome::Executed))
     }
 
-    /// After the operation returned an error, `encoded` by its policy: stores it (with
-    /// [`Call::store_errors`]) or releases the claim, so a retry runs again. An error to
-    /// store that cannot be stored faithfully is dealt with as `unstored` says.
-    pub(crate) async fn finish_error(
-        &self,
-        req: &Request,
-        held: HeldClaim,
-        encoded: Option<Result<Bytes, CodecError>>,
-        unstored: Unstored,
-    ) {
-        match encoded {
-            Some(Ok(bytes)) => {
-                held.complete(Completion {
-                    result: StoredResult::Err(bytes),
-                    ttl: req.settings.ttl,
-                    marker: false,
-                })
-                .await
+    /// The completion that stores the operation's error as `P` says: its encoding (with
+    /// [`Call::store_errors`]), the marker of one that cannot be stored faithfully (the
+    /// operation ran, as for a value), or `None` for an error not stored, whose claim is
+    /// released so a retry runs again.
+    fn error_completion<E, P: ErrorPolicy<E>>(&self, req: &Request, err: &E) -> Option<Completion> {
+        match P::encode(err, self.codec)? {
+            Ok(bytes) => Some(Completion {
+                result: StoredResult::Err(bytes),
+                ttl: req.settings.ttl,
+                marker: false,
+            }),
+            Err(e) => {
+                tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
+                    "the operation's error cannot be stored faithfully; retries of this key get Error::Codec (Unstorable)");
+                Some(self.unstorable_completion(req))
             }
-            Some(Err(e)) => match unstored {
-                Unstored::Marker => {
-                    tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
-                        "the operation's error cannot be stored faithfully; retries of this key get Error::Codec (Unstorable)");
-                    held.complete(self.unstorable_completion(req)).await;
-                }
-                Unstored::Release => {
-                    tracing::warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
-                        "could not store the error faithfully; not stored, and the key freed");
-                    held.release().await;
-                }
-            },
-            None => held.release().await,
         }
     }
 

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::panic::{resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt as _;
 use serde::de::DeserializeOwned;
@@ -22,8 +23,8 @@ use tracing::{debug, warn};
 
 use crate::call::{Call, CallKey, ErrorPolicy};
 use crate::codec::Codec;
-use crate::engine::{Answer, Inner, Operation, Outcome, Request, Unstored};
-use crate::error::{ConfigError, Error, StoreError};
+use crate::engine::{Answer, Inner, Operation, Outcome, Request};
+use crate::error::{CodecError, ConfigError, Error, StoreError};
 use crate::lease::{bounded, Completion, HeldClaim};
 use crate::observe::{
     self, timed, Event, StoreOp, OUTCOME_COMMIT_UNKNOWN, OUTCOME_INVALID, OUTCOME_LEASE_LOST,
@@ -303,9 +304,7 @@ where
                     bounded(pg.statement_timeout(), rollback(tx)),
                 )
                 .await;
-            engine
-                .finish_error(req, held, P::encode(&err, engine.codec), Unstored::Release)
-                .await;
+            finish_error(req, held, P::encode(&err, engine.codec)).await;
             observe::answered(&req.span, Outcome::Executed);
             debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = false, "idempotent call in a transaction");
             Err(err)
@@ -353,6 +352,30 @@ where
             debug!(scope = req.key.scope(), key = %req.key.digest(), outcome = Outcome::Executed.as_str(), ok = true, "idempotent call in a transaction");
             Ok((value, Outcome::Executed))
         }
+    }
+}
+
+/// After the operation returned an error, and its transaction was rolled back: stores
+/// the error, `encoded` by its policy (with [`Call::store_errors`]), or releases the claim,
+/// so a retry runs again. Nothing of the operation took effect, so an error that cannot be
+/// stored faithfully frees the key too, rather than leaving a marker as outside a
+/// transaction.
+async fn finish_error(req: &Request, held: HeldClaim, encoded: Option<Result<Bytes, CodecError>>) {
+    match encoded {
+        Some(Ok(bytes)) => {
+            held.complete(Completion {
+                result: StoredResult::Err(bytes),
+                ttl: req.settings.ttl,
+                marker: false,
+            })
+            .await
+        }
+        Some(Err(e)) => {
+            warn!(scope = req.key.scope(), key = %req.key.digest(), error = %e,
+                "could not store the error faithfully; not stored, and the key freed");
+            held.release().await;
+        }
+        None => held.release().await,
     }
 }
 
