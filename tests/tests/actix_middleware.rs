@@ -385,38 +385,69 @@ async fn a_request_body_over_the_limit_is_413_and_the_handler_does_not_run() {
     assert_eq!(bank.runs(), 0);
 }
 
-#[actix_web::test]
-async fn a_response_too_large_to_store_is_passed_through_and_its_key_released() {
-    let bank = Bank::new();
-    let app = test::init_service(payments_app(mw().max_response_body(64), bank.clone())).await;
-    for n in 1..=2 {
-        let req = post(Some("k"), "{}")
-            .insert_header(("x-big", "100"))
-            .to_request();
-        let (s, h, b) = read(test::call_service(&app, req).await).await;
-        assert_eq!(s, StatusCode::CREATED);
-        assert_eq!(b["id"], n);
-        assert!(!replayed(&h));
-    }
-    assert_eq!(bank.runs(), 2);
+/// What a retry of a request whose response could not be stored gets: a 500 problem
+/// saying so, marked as a replay.
+fn assert_unreplayable(s: StatusCode, h: &header::HeaderMap, p: &serde_json::Value) {
+    assert_problem(s, h, p, 500);
+    assert_eq!(p["type"], "urn:idempotent:problem:unreplayable-response");
+    assert!(replayed(h), "{p}");
 }
 
 #[actix_web::test]
-async fn streaming_responses_are_passed_through_and_not_stored() {
+async fn a_response_too_large_to_store_reaches_its_client_and_is_never_run_again() {
+    let bank = Bank::new();
+    let app = test::init_service(payments_app(mw().max_response_body(64), bank.clone())).await;
+    let big = || {
+        post(Some("k"), "{}")
+            .insert_header(("x-big", "100"))
+            .to_request()
+    };
+    let (s, h, b) = read(test::call_service(&app, big()).await).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(b["id"], 1);
+    assert_eq!(b["pad"].as_str().map(str::len), Some(100), "the whole body");
+    assert_eq!(h.get_all("set-cookie").count(), 2);
+    assert!(!replayed(&h));
+    let (s, h, p) = read(test::call_service(&app, big()).await).await;
+    assert_unreplayable(s, &h, &p);
+    assert!(p["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("answered 201")));
+    assert_eq!(bank.runs(), 1);
+
+    // A status that is not stored comes first: a large 503 frees the key, as a small one.
+    let unstored = || {
+        post(Some("k2"), "{}")
+            .insert_header(("x-big", "100"))
+            .insert_header(("x-status", "503"))
+            .to_request()
+    };
+    for _ in 0..2 {
+        let (s, h, _) = read(test::call_service(&app, unstored()).await).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!replayed(&h));
+    }
+    assert_eq!(bank.runs(), 3);
+}
+
+#[actix_web::test]
+async fn a_streaming_response_reaches_its_client_and_is_never_run_again() {
     let bank = Bank::new();
     let app = test::init_service(payments_app(mw(), bank.clone())).await;
-    for _ in 0..2 {
-        let req = post(Some("k"), "{}")
+    let stream = || {
+        post(Some("k"), "{}")
             .insert_header(("x-stream", "1"))
-            .to_request();
-        let resp = test::call_service(&app, req).await;
-        assert_eq!(
-            resp.headers().get(header::CONTENT_TYPE).unwrap(),
-            "text/event-stream"
-        );
-        assert_eq!(test::read_body(resp).await, "data: 1\n\ndata: 2\n\n");
-    }
-    assert_eq!(bank.runs(), 2);
+            .to_request()
+    };
+    let resp = test::call_service(&app, stream()).await;
+    assert_eq!(
+        resp.headers().get(header::CONTENT_TYPE).unwrap(),
+        "text/event-stream"
+    );
+    assert_eq!(test::read_body(resp).await, "data: 1\n\ndata: 2\n\n");
+    let (s, h, p) = read(test::call_service(&app, stream()).await).await;
+    assert_unreplayable(s, &h, &p);
+    assert_eq!(bank.runs(), 1);
 }
 
 #[actix_web::test]

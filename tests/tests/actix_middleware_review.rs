@@ -918,9 +918,9 @@ async fn the_tower_layer_and_the_middleware_agree_on_mismatches_and_tenants() {
 // ---------------------------------------------------------------------------------------
 
 /// The handler made its side effect, then its response body (of announced length) fails
-/// half-way: the client gets 502, nothing is stored, and the key is released, so a retry
-/// runs the handler a second time. (The gRPC layer keeps the key in this case, "never a
-/// second run"; the tower layer releases it as this middleware does.)
+/// half-way: the client gets 502, and that 502 is what the key keeps, so a retry gets it
+/// again rather than running the handler a second time (the first version released the
+/// key).
 #[actix_web::test]
 async fn a_response_that_breaks_half_way_is_not_run_again() {
     let runs = Arc::new(AtomicU32::new(0));

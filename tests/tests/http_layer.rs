@@ -304,8 +304,23 @@ async fn a_request_body_over_the_limit_is_413_and_the_handler_does_not_run() {
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
+/// What a retry of a request whose response could not be stored gets: a 500 problem
+/// saying so, marked as a replay.
+fn assert_unreplayable(status: StatusCode, headers: &http::HeaderMap, body: &Bytes) {
+    assert_problem(status, headers, body, StatusCode::INTERNAL_SERVER_ERROR);
+    let p = json(body);
+    assert_eq!(p["type"], "urn:idempotent:problem:unreplayable-response");
+    assert!(
+        p["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("answered 201")),
+        "{p}"
+    );
+    assert_eq!(headers["idempotent-replayed"], "true");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_response_too_large_to_store_is_passed_through_and_its_key_released() {
+async fn a_response_too_large_to_store_reaches_its_client_and_is_never_run_again() {
     let runs = Arc::new(AtomicU32::new(0));
     let svc = payments(
         layer().max_response_body(4),
@@ -319,12 +334,29 @@ async fn a_response_too_large_to_store_is_passed_through_and_its_key_released() 
         "passed unchanged"
     );
     assert_eq!(h.get_all("set-cookie").iter().count(), 2);
-    let (_, _, b) = send(&svc, post(Some("k"), "{}")).await;
-    assert_eq!(json(&b)["id"], 2, "not stored: the retry ran again");
+    assert!(h.get("idempotent-replayed").is_none());
+    let (s, h, b) = send(&svc, post(Some("k"), "{}")).await;
+    assert_unreplayable(s, &h, &b);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the retry ran again");
+
+    // A status that is not stored comes first: a large 503 frees the key, as a small one.
+    let runs = Arc::new(AtomicU32::new(0));
+    let svc = payments(
+        layer().max_response_body(4),
+        runs.clone(),
+        StatusCode::SERVICE_UNAVAILABLE,
+    );
+    for n in 1..=2 {
+        let (s, _, b) = send(&svc, post(Some("k"), "{}")).await;
+        assert_eq!(
+            (s, json(&b)["id"].as_u64()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some(n))
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streaming_responses_are_passed_through_and_not_stored() {
+async fn streaming_responses_reach_their_client_and_are_never_run_again() {
     let runs = Arc::new(AtomicU32::new(0));
     let counter = runs.clone();
     let handler = tower::service_fn(move |_req: Request<Full<Bytes>>| {
@@ -333,17 +365,20 @@ async fn streaming_responses_are_passed_through_and_not_stored() {
             let chunks = futures_util::stream::iter([Ok::<_, Infallible>(http_body::Frame::data(
                 Bytes::from(format!("chunk-{n}")),
             ))]);
-            Ok::<_, Infallible>(Response::new(StreamBody::new(chunks)))
+            let resp = Response::builder()
+                .status(StatusCode::CREATED)
+                .body(StreamBody::new(chunks))
+                .unwrap();
+            Ok::<_, Infallible>(resp)
         }
     });
     let svc = tower::util::BoxCloneSyncService::new(layer().layer(handler));
-    let (_, _, b1) = send(&svc, post(Some("k"), "{}")).await;
-    let (_, h2, b2) = send(&svc, post(Some("k"), "{}")).await;
-    assert_eq!(
-        (b1.as_ref(), b2.as_ref()),
-        (&b"chunk-0"[..], &b"chunk-1"[..])
-    );
-    assert!(h2.get("idempotent-replayed").is_none());
+    let (s, h, b) = send(&svc, post(Some("k"), "{}")).await;
+    assert_eq!((s, b.as_ref()), (StatusCode::CREATED, &b"chunk-0"[..]));
+    assert!(h.get("idempotent-replayed").is_none());
+    let (s, h, b) = send(&svc, post(Some("k"), "{}")).await;
+    assert_unreplayable(s, &h, &b);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the retry ran again");
 
     // A known length, but a streaming content type: not stored either.
     let runs = Arc::new(AtomicU32::new(0));
@@ -352,16 +387,23 @@ async fn streaming_responses_are_passed_through_and_not_stored() {
         let n = counter.fetch_add(1, Ordering::SeqCst);
         async move {
             let resp = Response::builder()
-                .header("content-type", "text/event-stream")
+                .status(StatusCode::CREATED)
+                .header("content-type", "text/event-stream; charset=utf-8")
                 .body(Full::new(Bytes::from(format!("data: {n}\n\n"))))
                 .unwrap();
             Ok::<_, Infallible>(resp)
         }
     });
     let svc = tower::util::BoxCloneSyncService::new(layer().layer(sse));
-    send(&svc, post(Some("k"), "{}")).await;
-    send(&svc, post(Some("k"), "{}")).await;
-    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    let (s, h, b) = send(&svc, post(Some("k"), "{}")).await;
+    assert_eq!((s, b.as_ref()), (StatusCode::CREATED, &b"data: 0\n\n"[..]));
+    assert_eq!(h[header::CONTENT_TYPE], "text/event-stream; charset=utf-8");
+    let (s, h, b) = send(&svc, post(Some("k"), "{}")).await;
+    assert_unreplayable(s, &h, &b);
+    assert!(json(&b)["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("text/event-stream")));
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the retry ran again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,8 +113,11 @@ impl IdempotencyMiddleware {
         self
     }
 
-    /// The largest response body stored; a larger response is passed through, not stored,
-    /// and its key released.
+    /// The largest response body stored (default 1 MiB). A larger response goes to its
+    /// client as it comes and is not stored; the handler ran, so its key is kept: a retry, or a duplicate that waited, gets a 500
+    /// problem saying the response cannot be replayed
+    /// ([`Problem::unreplayable_response`](crate::http::Problem::unreplayable_response)),
+    /// never a second run.
     pub fn max_response_body(mut self, bytes: usize) -> Self {
         self.config.max_response_body = bytes;
         self
@@ -155,8 +158,10 @@ impl IdempotencyMiddleware {
         self
     }
 
-    /// Another media type whose responses are streams, passed through and never stored
-    /// (`text/event-stream` is one by default).
+    /// Another media type whose responses are streams, sent on as they come and never
+    /// stored (`text/event-stream` is one by default). Responses of unknown length always
+    /// are. As for a response over the limit, the key is kept: a retry is told the
+    /// response cannot be replayed and does not run the handler again.
     pub fn streaming_content_type(mut self, media_type: impl Into<String>) -> Self {
         self.config
             .streaming_types

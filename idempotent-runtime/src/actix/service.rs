@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use super::middleware::Config;
 use crate::engine::Outcome;
 use crate::error::Error;
-use crate::http::stored::is_streaming_type;
+use crate::http::stored::{streaming_type, unstorable};
 use crate::http::{
     fingerprint_request, read_key, request_scope, KeyProblem, Problem, StoredResponse,
     IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
@@ -44,7 +44,8 @@ impl<S> std::fmt::Debug for IdempotencyService<S> {
 
 /// Why the engine's operation gave no response to store.
 enum Pass {
-    /// A response to send as it is and not store (5xx, 429, streaming, too large).
+    /// A response to send as it is and not store: a status a retry should run again
+    /// (5xx, 429 by default).
     Response(ServiceResponse),
     /// The inner service failed.
     Inner(actix_web::Error),
@@ -169,7 +170,9 @@ where
     // gets 409) and replays it. A local task: actix's services are not `Send`.
     let (tx, rx) = oneshot::channel();
     let cfg = config.clone();
-    let (to_run, to_answer) = (pending.clone(), answered.clone());
+    // The handler's own response, for this request, where it is not the one stored.
+    let first: Rc<RefCell<Option<ServiceResponse>>> = Rc::default();
+    let (to_run, to_answer, to_send) = (pending.clone(), answered.clone(), first.clone());
     actix_web::rt::spawn(async move {
         let mut call = cfg
             .engine
@@ -185,7 +188,7 @@ where
         let answer = call
             .run_with_outcome(|| {
                 let req = to_run.borrow_mut().take();
-                respond(cfg.clone(), inner, req, to_answer)
+                respond(cfg.clone(), inner, req, to_answer, to_send)
             })
             .await;
         let _ = tx.send(answer);
@@ -209,9 +212,10 @@ where
     };
     let retry_after = config.retry_after.as_secs().max(1);
     Ok(match answer {
-        Ok(Ok((stored, outcome))) => {
-            stored_response(http_req, &stored, outcome != Outcome::Executed)
-        }
+        Ok(Ok((stored, outcome))) => match first.borrow_mut().take() {
+            Some(resp) if outcome == Outcome::Executed => resp,
+            _ => stored_response(http_req, &stored, outcome != Outcome::Executed),
+        },
         Ok(Err(Pass::Response(resp))) => resp,
         Ok(Err(Pass::Inner(e))) => return Err(e),
         Ok(Err(Pass::Engine(e))) => problem(http_req, &Problem::from_engine(&e, retry_after)),
@@ -220,11 +224,17 @@ where
 }
 
 /// Runs the handler and turns its response into one to store, or one to pass through.
+///
+/// Once the handler has answered with a status to store, its key is kept: a response
+/// that cannot be stored (a stream, a body over the limit) goes on to this request as it
+/// comes (through `first`) while a problem saying it cannot be replayed is stored, so
+/// that neither a retry nor a duplicate waiting on the request runs the handler twice.
 async fn respond<S, B>(
     config: Rc<Config>,
     inner: Rc<S>,
     req: Option<ServiceRequest>,
     answered: Rc<RefCell<Option<HttpRequest>>>,
+    first: Rc<RefCell<Option<ServiceResponse>>>,
 ) -> Result<StoredResponse, Pass>
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
@@ -238,18 +248,23 @@ where
     let resp = inner.call(req).await.map_err(Pass::Inner)?;
     // Routed: the request may be shared now.
     *answered.borrow_mut() = Some(resp.request().clone());
+    if !(config.store_status)(resp.status().as_u16()) {
+        return Err(Pass::Response(resp.map_into_boxed_body()));
+    }
     let content_type = resp
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let streaming = is_streaming_type(content_type, &config.streaming_types);
-    let fits = match resp.response().body().size() {
-        BodySize::None => true,
-        BodySize::Sized(len) => len <= config.max_response_body as u64,
-        BodySize::Stream => false,
+    let streaming = streaming_type(content_type, &config.streaming_types);
+    let len = match resp.response().body().size() {
+        BodySize::None => Some(0),
+        BodySize::Sized(len) => Some(len),
+        BodySize::Stream => None,
     };
-    if !(config.store_status)(resp.status().as_u16()) || streaming || !fits {
-        return Err(Pass::Response(resp.map_into_boxed_body()));
+    if let Some(why) = unstorable(streaming, len, config.max_response_body) {
+        let answered = resp.status().as_u16();
+        *first.borrow_mut() = Some(resp.map_into_boxed_body());
+        return Ok(Problem::unreplayable_response(answered, &why).to_stored());
     }
     let (_, resp) = resp.into_parts();
     let status = resp.status().as_u16();

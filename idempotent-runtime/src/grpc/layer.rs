@@ -150,7 +150,9 @@ impl GrpcIdempotencyLayer {
     }
 
     /// The largest response the layer stores, in bytes, frames included; a larger one is
-    /// passed through as it comes, not stored, and its key released.
+    /// sent on to its caller as it comes and not stored. The method ran, so its key is
+    /// kept: a retry, or a duplicate that waited, gets `FAILED_PRECONDITION` saying the
+    /// response cannot be replayed, never a second run.
     pub fn max_response(mut self, bytes: usize) -> Self {
         self.config.max_response = bytes;
         self

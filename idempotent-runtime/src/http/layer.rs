@@ -107,8 +107,11 @@ impl IdempotencyLayer {
         self
     }
 
-    /// The largest response body stored (default 1 MiB). A larger response is passed to
-    /// the client unchanged and not stored, and the key is released: a retry runs again.
+    /// The largest response body stored (default 1 MiB). A larger response goes to its
+    /// client as it comes and is not stored; the handler ran, so its key is kept: a retry, or a duplicate that waited, gets a 500
+    /// problem saying the response cannot be replayed
+    /// ([`Problem::unreplayable_response`](crate::http::Problem::unreplayable_response)),
+    /// never a second run.
     pub fn max_response_body(mut self, bytes: usize) -> Self {
         self.config.max_response_body = bytes;
         self
@@ -154,7 +157,9 @@ impl IdempotencyLayer {
     }
 
     /// Responses of this content type are streamed to the client and never stored
-    /// (default: `text/event-stream`). Responses of unknown length always are.
+    /// (default: `text/event-stream`). Responses of unknown length always are. As for a
+    /// response over the limit, the key is kept: a retry is told the response cannot be
+    /// replayed and does not run the handler again.
     pub fn streaming_content_type(mut self, media_type: impl Into<String>) -> Self {
         self.config
             .streaming_types

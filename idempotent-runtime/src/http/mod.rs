@@ -34,7 +34,8 @@
 //! | The store does not answer | 503 with `Retry-After`; the handler does not run |
 //!
 //! Every error is `application/problem+json` (RFC 9457) with `type`, `title`, `status` and
-//! `detail`; none is stored, so the key stays usable.
+//! `detail`; none is stored, so the key stays usable, except the two that stand for a
+//! handler that ran (a response that breaks half-way, one that cannot be stored; below).
 //!
 //! **Key.** An RFC 8941 string (`"8e03978e-..."`, as the IETF draft has it) or a bare key
 //! of RFC 9110 `tchar`, `:`, `/` and `=` (`8e03978e-...`, as Stripe's clients send it:
@@ -52,9 +53,11 @@
 //! answer is what the key keeps: the handler ran, so a retry gets the 502 again rather
 //! than running it a second time.
 //!
-//! **What is passed through and not stored**, with its key released so a retry runs
-//! again: a response of unknown length (streamed), one whose content type is marked as
-//! streaming (`text/event-stream` by default), and one larger than the response limit.
+//! **What is sent on as it comes and not stored**: a response of unknown length
+//! (streamed), one whose content type is marked as streaming (`text/event-stream` by
+//! default), and one larger than the response limit. The handler ran, so its key is kept
+//! all the same: a retry, or a duplicate that waited, gets a 500 problem saying the
+//! response cannot be replayed ([`Problem::unreplayable_response`]), never a second run.
 //!
 //! **Fingerprint.** Method, path, query (configurable) and body; a JSON body is compared
 //! as canonical JSON, so field order, whitespace and string escapes do not matter, while

@@ -8,8 +8,10 @@ use crate::error::Error;
 
 /// An answer the HTTP layers give before or instead of running the handler (a bad key,
 /// a reused one, a duplicate in flight, the store down), as an `application/problem+json`
-/// body (RFC 9457) with `type`, `title`, `status` and `detail`. Never stored, so the key
-/// stays usable.
+/// body (RFC 9457) with `type`, `title`, `status` and `detail`. Not stored, so the key
+/// stays usable, except the two that stand for a handler that ran
+/// ([`Problem::broken_response`], [`Problem::unreplayable_response`]): those are what its
+/// key keeps.
 ///
 /// ```
 /// use idempotent_runtime::http::Problem;
@@ -114,6 +116,35 @@ impl Problem {
         )
     }
 
+    /// 500 for a request that ran but whose response cannot be replayed: `answered` is the
+    /// status the handler answered with, `why` says what the layer could not keep (a body
+    /// over its limit, a stream). The handler's own response went to the caller that ran
+    /// it; this is what the layers store for its key ([`Problem::to_stored`]), so that a
+    /// retry, or a duplicate that waited, is told so rather than running the handler a
+    /// second time. A server error, not a client's: the request was right, and a new key
+    /// would run it again.
+    ///
+    /// ```
+    /// use idempotent_runtime::http::Problem;
+    ///
+    /// let p = Problem::unreplayable_response(201, "its body is over 1048576 bytes");
+    /// assert_eq!((p.status(), p.retry_after()), (500, None));
+    /// let body: serde_json::Value = serde_json::from_slice(&p.body()).unwrap();
+    /// assert_eq!(body["type"], "urn:idempotent:problem:unreplayable-response");
+    /// assert!(body["detail"].as_str().unwrap().contains("answered 201"));
+    /// ```
+    pub fn unreplayable_response(answered: u16, why: &str) -> Self {
+        Self::new(
+            500,
+            "unreplayable-response",
+            "The response cannot be replayed",
+            format!(
+                "a request with this Idempotency-Key ran and answered {answered}, but its \
+                 response cannot be replayed ({why}); it is not run again with this key"
+            ),
+        )
+    }
+
     /// The problem for an engine refusal: 409 for a duplicate in flight and 503 for the
     /// store down (both with `retry_after` seconds), 422 for a reused key, 400 for an
     /// invalid one, 500 for anything else.
@@ -181,7 +212,8 @@ impl Problem {
     }
 
     /// The problem as a response to store for its key, for a problem that stands for a
-    /// request that ran (see [`Problem::broken_response`]).
+    /// request that ran (see [`Problem::broken_response`] and
+    /// [`Problem::unreplayable_response`]).
     pub fn to_stored(&self) -> StoredResponse {
         let retry_after = self.retry_after.map(|s| s.to_string());
         let mut headers: Vec<(&str, &[u8])> = vec![("content-type", Self::CONTENT_TYPE.as_bytes())];

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use ::http::header::CONTENT_TYPE;
@@ -20,7 +20,7 @@ use super::key::{read_key_in, KeyProblem, IDEMPOTENCY_KEY};
 use super::layer::Config;
 use super::problem::Problem;
 use super::scope::request_scope;
-use super::stored::{is_streaming_type, StoredResponse};
+use super::stored::{streaming_type, unstorable, StoredResponse};
 use crate::engine::Outcome;
 use crate::error::Error;
 
@@ -61,7 +61,8 @@ impl<S> IdempotencyService<S> {
 
 /// Why the engine's operation gave no storable response.
 enum Pass<E> {
-    /// A response to send as it is and not store (5xx, 429, streaming, too large).
+    /// A response to send as it is and not store: a status a retry should run again
+    /// (5xx, 429 by default).
     Response(Response<ResponseBody>),
     /// The inner service failed.
     Inner(E),
@@ -176,11 +177,17 @@ where
         call = call.ttl(ttl);
     }
     let cfg = config.clone();
+    let first = FirstAnswer::default();
+    let slot = first.clone();
     let answered = call
-        .run_to_completion_with_outcome(move || respond(cfg, inner, req))
+        .run_to_completion_with_outcome(move || respond(cfg, inner, req, slot))
         .await;
     match answered {
-        Ok((stored, outcome)) => Ok(full(stored.to_response(outcome != Outcome::Executed))),
+        Ok((stored, Outcome::Executed)) => Ok(match first.take() {
+            Some(resp) => resp,
+            None => full(stored.to_response(false)),
+        }),
+        Ok((stored, _)) => Ok(full(stored.to_response(true))),
         Err(Pass::Response(resp)) => Ok(resp),
         Err(Pass::Inner(e)) => Err(e),
         Err(Pass::Engine(e)) => {
@@ -195,11 +202,31 @@ fn scope(config: &Config, parts: &Parts) -> String {
     request_scope(config.scope.as_ref().and_then(|f| f(parts)).as_deref())
 }
 
+/// The response for the request that ran the handler, where it is not the one stored.
+#[derive(Clone, Default)]
+struct FirstAnswer(Arc<Mutex<Option<Response<ResponseBody>>>>);
+
+impl FirstAnswer {
+    fn set(&self, resp: Response<ResponseBody>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(resp);
+    }
+
+    fn take(&self) -> Option<Response<ResponseBody>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
 /// Runs the handler and turns its response into one to store, or one to pass through.
+///
+/// Once the handler has answered with a status to store, its key is kept: a response
+/// that cannot be stored (a stream, a body over the limit) goes on to this request as it
+/// comes (through `first`) while a problem saying it cannot be replayed is stored, so
+/// that neither a retry nor a duplicate waiting on the request runs the handler twice.
 async fn respond<S, ReqBody, ResBody>(
     config: Arc<Config>,
     mut inner: S,
     req: Request<ReqBody>,
+    first: FirstAnswer,
 ) -> Result<StoredResponse, Pass<S::Error>>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -207,18 +234,19 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let resp = inner.call(req).await.map_err(Pass::Inner)?;
+    if !(config.store_status)(resp.status()) {
+        return Err(Pass::Response(boxed(resp)));
+    }
     let content_type = resp
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let streaming = is_streaming_type(content_type, &config.streaming_types);
-    let fits = resp
-        .body()
-        .size_hint()
-        .exact()
-        .is_some_and(|len| len <= config.max_response_body as u64);
-    if !(config.store_status)(resp.status()) || streaming || !fits {
-        return Err(Pass::Response(boxed(resp)));
+    let streaming = streaming_type(content_type, &config.streaming_types);
+    let len = resp.body().size_hint().exact();
+    if let Some(why) = unstorable(streaming, len, config.max_response_body) {
+        let answered = resp.status().as_u16();
+        first.set(boxed(resp));
+        return Ok(Problem::unreplayable_response(answered, &why).to_stored());
     }
     let (parts, body) = resp.into_parts();
     match Limited::new(body, config.max_response_body).collect().await {

@@ -33,13 +33,32 @@ pub fn stored_by_default(status: u16) -> bool {
     !(status >= 500 || status == 429)
 }
 
-/// Whether a response's `Content-Type` names one of `streaming` (lower-case media types,
-/// parameters ignored): a stream, passed through and never stored by the HTTP layers.
+/// The media type of a response's `Content-Type` when it is one of `streaming`
+/// (lower-case media types, parameters ignored): a stream, passed on as it comes and never
+/// stored by the HTTP layers.
 #[cfg(any(feature = "tower", feature = "actix"))]
-pub(crate) fn is_streaming_type(content_type: Option<&str>, streaming: &[String]) -> bool {
-    content_type
-        .and_then(|ct| ct.split(';').next())
-        .is_some_and(|media| streaming.contains(&media.trim().to_ascii_lowercase()))
+pub(crate) fn streaming_type<'a>(
+    content_type: Option<&str>,
+    streaming: &'a [String],
+) -> Option<&'a str> {
+    let media = content_type?.split(';').next()?.trim().to_ascii_lowercase();
+    streaming.iter().find(|s| **s == media).map(String::as_str)
+}
+
+/// Why a response the layer would store cannot be: a stream, or a body over the limit.
+/// `None` when it can be read and stored.
+#[cfg(any(feature = "tower", feature = "actix"))]
+pub(crate) fn unstorable(
+    streaming: Option<&str>,
+    len: Option<u64>,
+    limit: usize,
+) -> Option<String> {
+    match (streaming, len) {
+        (Some(media), _) => Some(format!("it is a stream ({media})")),
+        (None, None) => Some("its length was not known in advance: a stream".to_owned()),
+        (None, Some(len)) if len > limit as u64 => Some(format!("its body is over {limit} bytes")),
+        (None, Some(_)) => None,
+    }
 }
 
 /// Text when it is UTF-8 (a JSON body, most header values), bytes otherwise. Tagged,
