@@ -432,3 +432,158 @@ mod actix {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The status the problem names, and the limit's edge
+// ---------------------------------------------------------------------------------------
+
+/// A handler answering `x-status` (default 201) with `x-len` bytes of known length, or,
+/// with `x-stream`, a stream of unknown length.
+fn sized_handler(runs: Runs) -> impl Fn(&http::HeaderMap) -> Response<ResponseBody> + Clone {
+    move |h: &http::HeaderMap| {
+        runs.next();
+        let num = |name: &str| -> Option<u16> { h.get(name)?.to_str().ok()?.parse().ok() };
+        let status = StatusCode::from_u16(num("x-status").unwrap_or(201)).expect("status");
+        let body = Bytes::from("x".repeat(usize::from(num("x-len").unwrap_or(1))));
+        let body: ResponseBody = if h.contains_key("x-stream") {
+            let frames = [Ok(http_body::Frame::data(body))];
+            StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+        } else {
+            Full::new(body)
+                .map_err(|never| match never {})
+                .boxed_unsync()
+        };
+        Response::builder()
+            .status(status)
+            .body(body)
+            .expect("response")
+    }
+}
+
+fn sized_request(key: &str, headers: &[(&'static str, String)]) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(Method::POST)
+        .uri("/payments")
+        .header("idempotency-key", key);
+    for (name, value) in headers {
+        b = b.header(*name, value);
+    }
+    b.body(Full::new(Bytes::new())).expect("request")
+}
+
+/// The problem names the status the handler answered, whatever it was (a stored 4xx
+/// too); a body of exactly `max_response_body` bytes is stored and replayed, one byte more
+/// is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tower_the_problem_names_the_handlers_status_and_the_limit_is_inclusive() {
+    let runs = Runs::default();
+    let answer = sized_handler(runs.clone());
+    let handler = tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let resp = answer(req.headers());
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    let svc: Handler = tower::util::BoxCloneSyncService::new(
+        IdempotencyLayer::new(Idempotency::memory())
+            .max_response_body(LIMIT)
+            .layer(handler),
+    );
+    let send = |key, headers: Vec<_>| {
+        let req = sized_request(key, &headers);
+        let svc = svc.clone();
+        async move {
+            let (status, replayed, _, body) = tower_send(svc, req).await;
+            (status, replayed, body)
+        }
+    };
+    the_status_named_and_the_limits_edge(send, &runs).await;
+}
+
+/// The same through the actix-web middleware.
+#[actix_web::test]
+async fn actix_the_problem_names_the_handlers_status_and_the_limit_is_inclusive() {
+    use actix_web::{test, web, App, HttpRequest, HttpResponse};
+    use idempotent_runtime::actix::IdempotencyMiddleware;
+
+    let runs = Runs::default();
+    let counted = runs.clone();
+    let app = test::init_service(
+        App::new()
+            .wrap(IdempotencyMiddleware::new(Idempotency::memory()).max_response_body(LIMIT))
+            .default_service(web::to(move |req: HttpRequest| {
+                counted.next();
+                let num = |name: &str| -> Option<u16> {
+                    req.headers().get(name)?.to_str().ok()?.parse().ok()
+                };
+                let status = actix_web::http::StatusCode::from_u16(num("x-status").unwrap_or(201))
+                    .expect("status");
+                let body = web::Bytes::from("x".repeat(usize::from(num("x-len").unwrap_or(1))));
+                let stream = req.headers().contains_key("x-stream");
+                async move {
+                    let mut resp = HttpResponse::build(status);
+                    if stream {
+                        let chunks = [Ok::<_, actix_web::Error>(body)];
+                        resp.streaming(futures_util::stream::iter(chunks))
+                    } else {
+                        resp.body(body)
+                    }
+                }
+            })),
+    )
+    .await;
+    let call = |key: &str, headers: &[(&'static str, String)]| {
+        let mut r = test::TestRequest::post()
+            .uri("/payments")
+            .insert_header(("idempotency-key", key.to_owned()));
+        for (name, value) in headers {
+            r = r.insert_header((*name, value.clone()));
+        }
+        r.to_request()
+    };
+    let app = &app;
+    let send = |key, headers: Vec<_>| {
+        let req = call(key, &headers);
+        async move {
+            let resp = test::call_service(app, req).await;
+            let status = resp.status().as_u16();
+            let replayed = resp.headers().contains_key("idempotent-replayed");
+            (status, replayed, test::read_body(resp).await)
+        }
+    };
+    the_status_named_and_the_limits_edge(send, &runs).await;
+}
+
+/// A streamed 400's key answers with a problem naming 400; a body of exactly [`LIMIT`]
+/// bytes is stored and replayed, and one of a byte more answers the problem. `send` sends
+/// a request with a key and headers; the handler answers as `sized_handler` does.
+async fn the_status_named_and_the_limits_edge<F, Fut>(send: F, runs: &Runs)
+where
+    F: Fn(&'static str, Vec<(&'static str, String)>) -> Fut,
+    Fut: std::future::Future<Output = (u16, bool, Bytes)>,
+{
+    let streamed_400 = || vec![("x-status", "400".to_owned()), ("x-stream", "1".to_owned())];
+    assert_eq!(send("s", streamed_400()).await.0, 400);
+    let (status, replayed, body) = send("s", streamed_400()).await;
+    assert_eq!(status, 500);
+    assert!(replayed);
+    let p: serde_json::Value = serde_json::from_slice(&body).expect("problem");
+    assert!(
+        p["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("answered 400")),
+        "{p}"
+    );
+    assert_eq!(runs.count(), 1);
+
+    let at_limit = || vec![("x-len", LIMIT.to_string())];
+    let over = || vec![("x-len", (LIMIT + 1).to_string())];
+    for _ in 0..2 {
+        let (status, _, body) = send("at", at_limit()).await;
+        assert_eq!((status, body.len()), (201, LIMIT), "stored and replayed");
+    }
+    assert_eq!(runs.count(), 2, "a body at the limit is stored");
+    let (status, _, body) = send("over", over()).await;
+    assert_eq!((status, body.len()), (201, LIMIT + 1));
+    let (status, replayed, body) = send("over", over()).await;
+    assert_unreplayable("one byte over the limit", status, replayed, &body);
+    assert_eq!(runs.count(), 3);
+}

@@ -30,7 +30,7 @@
 //! | First request with a key | the handler's response, stored |
 //! | Same key, same request, after completion | the stored status, headers and body, plus `Idempotent-Replayed: true` |
 //! | Same key, different method, path, query or body | 422 |
-//! | Same key while the first request runs | 409 with `Retry-After`, or (with `wait_for_in_flight()`) the first request's response once it completes |
+//! | Same key while the first request runs | 409 with `Retry-After`, or (with `wait_for_in_flight()`) the first request's response once it completes (what its key keeps: for a response that cannot be stored, the 500 below) |
 //! | The store does not answer | 503 with `Retry-After`; the handler does not run |
 //!
 //! Every error is `application/problem+json` (RFC 9457) with `type`, `title`, `status` and
@@ -58,6 +58,7 @@
 //! default), and one larger than the response limit. The handler ran, so its key is kept
 //! all the same: a retry, or a duplicate that waited, gets a 500 problem saying the
 //! response cannot be replayed ([`Problem::unreplayable_response`]), never a second run.
+//! As a stored response does, the response starts once that problem is stored.
 //!
 //! **Fingerprint.** Method, path, query (configurable) and body; a JSON body is compared
 //! as canonical JSON, so field order, whitespace and string escapes do not matter, while
