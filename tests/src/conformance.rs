@@ -254,6 +254,48 @@ pub async fn renew_keeps_a_live_claim_past_its_first_lease<H: Harness>(h: &H) {
     );
 }
 
+/// A renewal sets the whole lease it is given, from when it is made, whatever lease the
+/// claim was made with: a store that kept less (a part of it, or the claim's first lease)
+/// would let a live holder's key lapse under it, and a duplicate run beside it.
+pub async fn a_renewal_sets_the_whole_lease_it_is_given<H: Harness>(h: &H) {
+    let store = h.store().await;
+    let k = key("conf", "renew-length");
+    let lease = h.lease();
+    let token = acquire(&store, &k, None, lease).await;
+    let longer = lease * 4;
+    assert_eq!(
+        store.renew(&k, token, longer).await.expect("renew"),
+        Fence::Held
+    );
+    let found = store
+        .inspect(&k)
+        .await
+        .expect("inspect")
+        .expect("a claim in progress is a live record");
+    // A whole lease of slack for the time between the renewal and the look.
+    assert!(
+        found.time_left > lease * 3 && found.time_left <= longer,
+        "renewed for {longer:?}, {:?} left",
+        found.time_left
+    );
+    // Past the claim's first lease, the renewed one holds.
+    h.advance(lease + lease / 2).await;
+    assert!(matches!(
+        store
+            .claim(&k, FencingToken::mint(), None, lease)
+            .await
+            .expect("claim"),
+        Claim::InProgress(_)
+    ));
+    assert_eq!(
+        store
+            .complete(&k, token, bytes("1"), TTL)
+            .await
+            .expect("complete"),
+        Fence::Held
+    );
+}
+
 /// After its lease a claim is taken over with a new token; the old holder can then
 /// neither complete, renew nor release.
 pub async fn an_expired_lease_is_taken_over_and_the_old_holder_is_fenced<H: Harness>(h: &H) {

@@ -23,7 +23,9 @@ pub struct FaultyStore<S> {
     down: Arc<AtomicBool>,
     claims: Arc<AtomicU64>,
     renewals: Arc<AtomicU64>,
+    renewal_leases: Arc<Mutex<Vec<Duration>>>,
     completions: Arc<AtomicU64>,
+    completions_fail: Arc<AtomicBool>,
     holds: Arc<Mutex<Vec<Hold>>>,
     peek: bool,
     misanswer: Arc<AtomicBool>,
@@ -91,7 +93,9 @@ impl<S: Store + Clone> FaultyStore<S> {
             down: Arc::new(AtomicBool::new(false)),
             claims: Arc::new(AtomicU64::new(0)),
             renewals: Arc::new(AtomicU64::new(0)),
+            renewal_leases: Arc::default(),
             completions: Arc::new(AtomicU64::new(0)),
+            completions_fail: Arc::new(AtomicBool::new(false)),
             holds: Arc::new(Mutex::new(Vec::new())),
             peek: true,
             misanswer: Arc::new(AtomicBool::new(false)),
@@ -168,6 +172,20 @@ impl<S: Store + Clone> FaultyStore<S> {
         self.renewals.load(Ordering::SeqCst)
     }
 
+    /// While on, completions fail as an unreachable server's would, and every other
+    /// operation answers: a store that keeps a claim but cannot take its result.
+    pub fn set_completions_failing(&self, on: bool) {
+        self.completions_fail.store(on, Ordering::SeqCst);
+    }
+
+    /// The lease each renewal that reached the store asked for, in order.
+    pub fn renewal_leases(&self) -> Vec<Duration> {
+        self.renewal_leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn check(&self, op: &'static str) -> Result<(), StoreError> {
         if self.down.load(Ordering::SeqCst) {
             Err(StoreError::new(op, Unreachable))
@@ -203,6 +221,10 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         lease: Duration,
     ) -> Result<Fence, StoreError> {
         self.renewals.fetch_add(1, Ordering::SeqCst);
+        self.renewal_leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(lease);
         self.stop(Stop::Renewal).await;
         self.check("renew")?;
         self.inner.renew(key, token, lease).await
@@ -218,6 +240,9 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         self.completions.fetch_add(1, Ordering::SeqCst);
         self.stop(Stop::Completion).await;
         self.check("complete")?;
+        if self.completions_fail.load(Ordering::SeqCst) {
+            return Err(StoreError::new("complete", Unreachable));
+        }
         let fence = self.inner.complete(key, token, result, ttl).await?;
         let lost = {
             let mut holds = self.holds.lock().expect("holds");

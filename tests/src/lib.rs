@@ -115,6 +115,7 @@ macro_rules! store_conformance {
             release_by_the_holder_frees_the_key,
             release_with_another_token_changes_nothing,
             renew_keeps_a_live_claim_past_its_first_lease,
+            a_renewal_sets_the_whole_lease_it_is_given,
             an_expired_lease_is_taken_over_and_the_old_holder_is_fenced,
             a_lapsed_claim_cannot_be_renewed,
             results_expire_after_their_ttl,
