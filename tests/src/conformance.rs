@@ -41,6 +41,25 @@ async fn acquire<S: Store>(
     }
 }
 
+/// Asserts that `token` still holds `k`: another claim finds it in progress, and the
+/// holder then completes it.
+async fn still_held_by<S: Store>(store: &S, k: &StoreKey, token: FencingToken, lease: Duration) {
+    assert!(matches!(
+        store
+            .claim(k, FencingToken::mint(), None, lease)
+            .await
+            .expect("claim"),
+        Claim::InProgress(_)
+    ));
+    assert_eq!(
+        store
+            .complete(k, token, bytes("1"), TTL)
+            .await
+            .expect("complete"),
+        Fence::Held
+    );
+}
+
 /// A free key is acquired, and the answer carries a token.
 pub async fn claim_on_a_free_key_acquires<H: Harness>(h: &H) {
     let store = h.store().await;
@@ -207,20 +226,7 @@ pub async fn release_with_another_token_changes_nothing<H: Harness>(h: &H) {
         store.release(&k, other).await.expect("release"),
         Fence::Lost
     );
-    assert!(matches!(
-        store
-            .claim(&k, FencingToken::mint(), None, h.lease())
-            .await
-            .expect("claim"),
-        Claim::InProgress(_)
-    ));
-    assert_eq!(
-        store
-            .complete(&k, token, bytes("1"), TTL)
-            .await
-            .expect("complete"),
-        Fence::Held
-    );
+    still_held_by(&store, &k, token, h.lease()).await;
 }
 
 /// A renewed claim outlives its first lease.
@@ -238,20 +244,7 @@ pub async fn renew_keeps_a_live_claim_past_its_first_lease<H: Harness>(h: &H) {
         );
     }
     // Two full leases have passed since the claim; it still holds.
-    assert!(matches!(
-        store
-            .claim(&k, FencingToken::mint(), None, lease)
-            .await
-            .expect("claim"),
-        Claim::InProgress(_)
-    ));
-    assert_eq!(
-        store
-            .complete(&k, token, bytes("1"), TTL)
-            .await
-            .expect("complete"),
-        Fence::Held
-    );
+    still_held_by(&store, &k, token, lease).await;
 }
 
 /// A renewal sets the whole lease it is given, from when it is made, whatever lease the
@@ -280,20 +273,7 @@ pub async fn a_renewal_sets_the_whole_lease_it_is_given<H: Harness>(h: &H) {
     );
     // Past the claim's first lease, the renewed one holds.
     h.advance(lease + lease / 2).await;
-    assert!(matches!(
-        store
-            .claim(&k, FencingToken::mint(), None, lease)
-            .await
-            .expect("claim"),
-        Claim::InProgress(_)
-    ));
-    assert_eq!(
-        store
-            .complete(&k, token, bytes("1"), TTL)
-            .await
-            .expect("complete"),
-        Fence::Held
-    );
+    still_held_by(&store, &k, token, lease).await;
 }
 
 /// After its lease a claim is taken over with a new token; the old holder can then

@@ -10,6 +10,17 @@ use idempotent_runtime::{Error, Idempotency};
 use idempotent_tests::{FaultyStore, Stop};
 use tokio::time::Instant;
 
+/// An engine with `lease` on a memory store behind a [`FaultyStore`].
+fn engine(lease: Duration) -> (FaultyStore<MemoryStore>, Idempotency) {
+    let store = FaultyStore::new(MemoryStore::new());
+    let idem = Idempotency::builder()
+        .store(store.clone())
+        .lease(lease)
+        .build()
+        .unwrap();
+    (store, idem)
+}
+
 // Paused time: the store's answer is late by exactly what the test says, and the next
 // renewal's send time is read without a scheduler's delay in it.
 #[tokio::test(start_paused = true)]
@@ -18,12 +29,7 @@ async fn a_renewal_answered_late_does_not_delay_the_next() {
     let every = lease / 3;
     // Within the half of a third of the lease the engine waits for a renewal's answer.
     let late = Duration::from_millis(400);
-    let store = FaultyStore::new(MemoryStore::new());
-    let idem = Idempotency::builder()
-        .store(store.clone())
-        .lease(lease)
-        .build()
-        .unwrap();
+    let (store, idem) = engine(lease);
     let mut first = store.hold(Stop::Renewal);
     let mut second = store.hold(Stop::Renewal);
     let mut third = store.hold(Stop::Renewal);
@@ -67,12 +73,7 @@ async fn a_renewal_answered_late_does_not_delay_the_next() {
 #[tokio::test(start_paused = true)]
 async fn every_renewal_asks_for_the_whole_lease() {
     let lease = Duration::from_secs(3);
-    let store = FaultyStore::new(MemoryStore::new());
-    let idem = Idempotency::builder()
-        .store(store.clone())
-        .lease(lease)
-        .build()
-        .unwrap();
+    let (store, idem) = engine(lease);
     let slow = move || async move {
         tokio::time::sleep(lease + lease / 2).await;
         Ok::<_, Error>(1u32)
