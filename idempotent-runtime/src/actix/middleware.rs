@@ -114,8 +114,9 @@ impl IdempotencyMiddleware {
     }
 
     /// The largest response body stored (default 1 MiB). A larger response goes to its
-    /// client as it comes and is not stored; the handler ran, so its key is kept: a retry, or a duplicate that waited, gets a 500
-    /// problem saying the response cannot be replayed
+    /// client as it comes and is not stored; the handler ran, so its key is kept: a
+    /// retry, or a duplicate that waited, gets a 500 problem saying the response cannot
+    /// be replayed
     /// ([`Problem::unreplayable_response`](crate::http::Problem::unreplayable_response)),
     /// never a second run.
     pub fn max_response_body(mut self, bytes: usize) -> Self {

@@ -18,7 +18,8 @@ use tokio::sync::oneshot;
 use super::middleware::Config;
 use crate::engine::Outcome;
 use crate::error::Error;
-use crate::http::stored::{streaming_type, unstorable};
+use crate::http::first_answer::FirstAnswer;
+use crate::http::stored::unstorable;
 use crate::http::{
     fingerprint_request, read_key, request_scope, KeyProblem, Problem, StoredResponse,
     IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
@@ -171,7 +172,7 @@ where
     let (tx, rx) = oneshot::channel();
     let cfg = config.clone();
     // The handler's own response, for this request, where it is not the one stored.
-    let first: Rc<RefCell<Option<ServiceResponse>>> = Rc::default();
+    let first = FirstAnswer::default();
     let (to_run, to_answer, to_send) = (pending.clone(), answered.clone(), first.clone());
     actix_web::rt::spawn(async move {
         let mut call = cfg
@@ -212,10 +213,11 @@ where
     };
     let retry_after = config.retry_after.as_secs().max(1);
     Ok(match answer {
-        Ok(Ok((stored, outcome))) => match first.borrow_mut().take() {
-            Some(resp) if outcome == Outcome::Executed => resp,
-            _ => stored_response(http_req, &stored, outcome != Outcome::Executed),
+        Ok(Ok((stored, Outcome::Executed))) => match first.take() {
+            Some(resp) => resp,
+            None => stored_response(http_req, &stored, false),
         },
+        Ok(Ok((stored, _))) => stored_response(http_req, &stored, true),
         Ok(Err(Pass::Response(resp))) => resp,
         Ok(Err(Pass::Inner(e))) => return Err(e),
         Ok(Err(Pass::Engine(e))) => problem(http_req, &Problem::from_engine(&e, retry_after)),
@@ -234,7 +236,7 @@ async fn respond<S, B>(
     inner: Rc<S>,
     req: Option<ServiceRequest>,
     answered: Rc<RefCell<Option<HttpRequest>>>,
-    first: Rc<RefCell<Option<ServiceResponse>>>,
+    first: FirstAnswer<ServiceResponse>,
 ) -> Result<StoredResponse, Pass>
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
@@ -255,16 +257,15 @@ where
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let streaming = streaming_type(content_type, &config.streaming_types);
     let len = match resp.response().body().size() {
         BodySize::None => Some(0),
         BodySize::Sized(len) => Some(len),
         BodySize::Stream => None,
     };
-    if let Some(why) = unstorable(streaming, len, config.max_response_body) {
-        let answered = resp.status().as_u16();
-        *first.borrow_mut() = Some(resp.map_into_boxed_body());
-        return Ok(Problem::unreplayable_response(answered, &why).to_stored());
+    let (streaming, limit) = (&config.streaming_types, config.max_response_body);
+    if let Some(problem) = unstorable(resp.status().as_u16(), content_type, len, streaming, limit) {
+        first.set(resp.map_into_boxed_body());
+        return Ok(problem);
     }
     let (_, resp) = resp.into_parts();
     let status = resp.status().as_u16();

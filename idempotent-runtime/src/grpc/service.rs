@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use ::http::header::CONTENT_TYPE;
@@ -21,6 +21,7 @@ use super::status::{self, answer};
 use super::stored::{Buffered, StoredCall};
 use crate::engine::Outcome;
 use crate::error::Error;
+use crate::http::first_answer::FirstAnswer;
 use crate::http::key::read_key_in;
 use crate::http::scope::tenant_scope;
 use crate::http::BoxError;
@@ -219,20 +220,6 @@ where
     }
 }
 
-/// The response for the caller that ran the method, where it is not the one stored.
-#[derive(Clone, Default)]
-struct FirstAnswer(Arc<Mutex<Option<Response<tonic::body::Body>>>>);
-
-impl FirstAnswer {
-    fn set(&self, resp: Response<tonic::body::Body>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(resp);
-    }
-
-    fn take(&self) -> Option<Response<tonic::body::Body>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}
-
 /// Whether a call is gRPC-Web (`application/grpc-web`, `application/grpc-web-text`, ...).
 fn is_grpc_web(headers: &HeaderMap) -> bool {
     headers
@@ -255,7 +242,7 @@ async fn respond<S, ResBody>(
     config: Arc<Config>,
     mut inner: S,
     req: Request<tonic::body::Body>,
-    first: FirstAnswer,
+    first: FirstAnswer<Response<tonic::body::Body>>,
 ) -> Result<StoredCall, Pass<S::Error>>
 where
     S: Service<Request<tonic::body::Body>, Response = Response<ResBody>>,

@@ -186,6 +186,8 @@
 
 mod canonical_json;
 mod fingerprint;
+#[cfg(any(feature = "tower", feature = "actix"))]
+pub(crate) mod first_answer;
 pub(crate) mod key;
 #[cfg(feature = "tower")]
 mod layer;

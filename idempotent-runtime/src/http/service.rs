@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use ::http::header::CONTENT_TYPE;
@@ -16,11 +16,12 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower::Service;
 
 use super::fingerprint;
+use super::first_answer::FirstAnswer;
 use super::key::{read_key_in, KeyProblem, IDEMPOTENCY_KEY};
 use super::layer::Config;
 use super::problem::Problem;
 use super::scope::request_scope;
-use super::stored::{streaming_type, unstorable, StoredResponse};
+use super::stored::{unstorable, StoredResponse};
 use crate::engine::Outcome;
 use crate::error::Error;
 
@@ -202,20 +203,6 @@ fn scope(config: &Config, parts: &Parts) -> String {
     request_scope(config.scope.as_ref().and_then(|f| f(parts)).as_deref())
 }
 
-/// The response for the request that ran the handler, where it is not the one stored.
-#[derive(Clone, Default)]
-struct FirstAnswer(Arc<Mutex<Option<Response<ResponseBody>>>>);
-
-impl FirstAnswer {
-    fn set(&self, resp: Response<ResponseBody>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(resp);
-    }
-
-    fn take(&self) -> Option<Response<ResponseBody>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}
-
 /// Runs the handler and turns its response into one to store, or one to pass through.
 ///
 /// Once the handler has answered with a status to store, its key is kept: a response
@@ -226,7 +213,7 @@ async fn respond<S, ReqBody, ResBody>(
     config: Arc<Config>,
     mut inner: S,
     req: Request<ReqBody>,
-    first: FirstAnswer,
+    first: FirstAnswer<Response<ResponseBody>>,
 ) -> Result<StoredResponse, Pass<S::Error>>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -241,12 +228,11 @@ where
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let streaming = streaming_type(content_type, &config.streaming_types);
     let len = resp.body().size_hint().exact();
-    if let Some(why) = unstorable(streaming, len, config.max_response_body) {
-        let answered = resp.status().as_u16();
+    let (streaming, limit) = (&config.streaming_types, config.max_response_body);
+    if let Some(problem) = unstorable(resp.status().as_u16(), content_type, len, streaming, limit) {
         first.set(boxed(resp));
-        return Ok(Problem::unreplayable_response(answered, &why).to_stored());
+        return Ok(problem);
     }
     let (parts, body) = resp.into_parts();
     match Limited::new(body, config.max_response_body).collect().await {

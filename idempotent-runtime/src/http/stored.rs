@@ -3,6 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(any(feature = "tower", feature = "actix"))]
+use super::problem::Problem;
+
 /// The header a replayed response carries.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 
@@ -33,32 +36,31 @@ pub fn stored_by_default(status: u16) -> bool {
     !(status >= 500 || status == 429)
 }
 
-/// The media type of a response's `Content-Type` when it is one of `streaming`
-/// (lower-case media types, parameters ignored): a stream, passed on as it comes and never
-/// stored by the HTTP layers.
-#[cfg(any(feature = "tower", feature = "actix"))]
-pub(crate) fn streaming_type<'a>(
-    content_type: Option<&str>,
-    streaming: &'a [String],
-) -> Option<&'a str> {
-    let media = content_type?.split(';').next()?.trim().to_ascii_lowercase();
-    streaming.iter().find(|s| **s == media).map(String::as_str)
-}
-
-/// Why a response the layer would store cannot be: a stream, or a body over the limit.
-/// `None` when it can be read and stored.
+/// What the HTTP layers store for a handler that answered `status` with a response they
+/// cannot store, or `None` when it can be read and stored: a stream (a `content_type`
+/// among `streaming`, lower-case media types with parameters ignored, or a body of no
+/// known `len`) or a body over `limit` bytes. The handler ran, so its key keeps this
+/// problem ([`Problem::unreplayable_response`]) while its own response goes on as it
+/// comes, and no retry runs it again.
 #[cfg(any(feature = "tower", feature = "actix"))]
 pub(crate) fn unstorable(
-    streaming: Option<&str>,
+    status: u16,
+    content_type: Option<&str>,
     len: Option<u64>,
+    streaming: &[String],
     limit: usize,
-) -> Option<String> {
-    match (streaming, len) {
-        (Some(media), _) => Some(format!("it is a stream ({media})")),
-        (None, None) => Some("its length was not known in advance: a stream".to_owned()),
-        (None, Some(len)) if len > limit as u64 => Some(format!("its body is over {limit} bytes")),
-        (None, Some(_)) => None,
-    }
+) -> Option<StoredResponse> {
+    let media = content_type
+        .and_then(|ct| ct.split(';').next())
+        .map(|media| media.trim().to_ascii_lowercase())
+        .filter(|media| streaming.contains(media));
+    let why = match (media, len) {
+        (Some(media), _) => format!("it is a stream ({media})"),
+        (None, None) => "its length was not known in advance: a stream".to_owned(),
+        (None, Some(len)) if len > limit as u64 => format!("its body is over {limit} bytes"),
+        (None, Some(_)) => return None,
+    };
+    Some(Problem::unreplayable_response(status, &why).to_stored())
 }
 
 /// Text when it is UTF-8 (a JSON body, most header values), bytes otherwise. Tagged,
